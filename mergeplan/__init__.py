@@ -1,0 +1,1 @@
+"""mergeplan: merge fine-tuned LLM experts."""

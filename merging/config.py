@@ -1,0 +1,92 @@
+"""Merge configuration as data: pydantic models loaded from YAML, every error naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from merging.errors import ConfigError
+
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ExpertRef(BaseModel):
+    """One expert checkpoint and its weight in the merge."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, weight: float) -> float:
+        if weight != weight or weight in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+        return weight
+
+
+class MergeConfig(BaseModel):
+    """What to merge and how; `params` are validated by the chosen method."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: Path
+    experts: list[ExpertRef] = Field(min_length=1)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    dtype: OutputDtype | None = None
+    seed: int = 0
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    max_shard_size: int | str = "5GB"
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _expert_paths(cls, experts: Any) -> Any:
+        if isinstance(experts, list):
+            return [{"path": e} if isinstance(e, str | Path) else e for e in experts]
+        return experts
+
+    def resolved_against(self, folder: Path) -> MergeConfig:
+        """The same config with relative paths taken from `folder` (the YAML file's folder)."""
+        return self.model_copy(update={
+            "base": folder / self.base,
+            "experts": [e.model_copy(update={"path": folder / e.path}) for e in self.experts],
+        })
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the first offending field, e.g. 'merge.yaml: params.density: ...'."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "is required"
+    elif first["type"] == "extra_forbidden":
+        message = "is not a known field"
+    elif first["type"] == "too_short" and field == "experts":
+        message = "is empty; list at least one expert checkpoint folder"
+    return f"{source}: {field}: {message}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with base, experts, method")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from exc
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a merge YAML file; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_config(data, str(path)).resolved_against(path.parent)

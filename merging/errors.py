@@ -1,0 +1,16 @@
+"""One exception type per family of failure, each carrying a one-line message for the user.
+
+The CLI prints the message and exits with status 2; no traceback is shown for these.
+"""
+
+
+class MergeplanError(Exception):
+    """Base of every error mergeplan reports to a user as one line."""
+
+
+class ConfigError(MergeplanError):
+    """A configuration file or parameter is invalid."""
+
+
+class CheckpointError(MergeplanError):
+    """A checkpoint folder or safetensors file is missing, unsafe, corrupt or incompatible."""

@@ -1,0 +1,182 @@
+"""The merge API: validate a config, check the checkpoints, stream the merge, optionally keep its state.
+
+`merge` runs a batch merge of K experts; with `save_state` it also keeps the method's accumulators, so that
+`add_experts` can later merge expert K+1 by reading only that expert (plus the base and the state).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from merging.checkpoint import CheckpointReader, CheckpointWriter, check_compatible, parse_size
+from merging.config import ExpertRef, MergeConfig, load_config
+from merging.errors import CheckpointError, ConfigError
+from merging.methods import MergeMethod, build_method
+from merging.streaming import WeightedExpert, state_key, stream_merge
+
+log = logging.getLogger("mergeplan")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STATE_FILE = "state.json"
+STATE_PREFIX = "accumulators"
+STATE_FORMAT = 1
+
+
+@dataclass
+class PreparedMerge:
+    config: MergeConfig
+    base: CheckpointReader
+    method: MergeMethod
+    experts: list[WeightedExpert]
+    merged_names: set[str]
+    source: str
+
+    @property
+    def total_weight(self) -> float:
+        return sum(e.weight for e in self.config.experts)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.config.dtype] if self.config.dtype else None
+
+    @property
+    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        requested = self.dtype
+        return [(name, requested if requested is not None and info.dtype.is_floating_point else info.dtype,
+                 info.shape) for name, info in self.base.tensors.items()]
+
+    @property
+    def state_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(state_key(key, name), torch.float32, info.shape)
+                for name, info in self.base.tensors.items() if name in self.merged_names
+                for key in self.method.state_names]
+
+    def base_fingerprint(self) -> str:
+        return hashlib.sha256(self.base.fingerprint().encode()).hexdigest()
+
+
+def _check_weights(config: MergeConfig, method: MergeMethod, source: str) -> None:
+    for i, expert in enumerate(config.experts):
+        if expert.weight < 0 and not method.allows_negative_weights:
+            raise ConfigError(f"{source}: experts.{i}.weight: {expert.weight} is negative; only "
+                              "task_arithmetic accepts negative weights")
+        if expert.weight == 0 and not method.allows_negative_weights:
+            raise ConfigError(f"{source}: experts.{i}.weight: must be positive for {method.name}")
+    if getattr(method.params, "normalize", False) and sum(e.weight for e in config.experts) == 0:
+        raise ConfigError(f"{source}: experts: the weights sum to 0, so they cannot be normalized")
+
+
+def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
+                  seen: list[Path]) -> list[WeightedExpert]:
+    experts = []
+    for offset, ref in enumerate(config.experts[start_index:]):
+        resolved = ref.path.resolve()
+        if resolved in seen:
+            log.warning("expert %s is listed more than once; it counts once per listing", ref.path)
+        seen.append(resolved)
+        reader = CheckpointReader(ref.path)
+        check_compatible(base, reader)
+        experts.append(WeightedExpert(reader, ref.weight, start_index + offset))
+    return experts
+
+
+def prepare(config: MergeConfig, source: str = "config", first_new_expert: int = 0) -> PreparedMerge:
+    """Validate everything that can be checked before any tensor is merged; open the checkpoints."""
+    method = build_method(config.method, config.params, config.seed, source)
+    _check_weights(config, method, source)
+    try:
+        parse_size(config.max_shard_size)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: max_shard_size: {exc}") from exc
+    base = CheckpointReader(config.base)
+    seen = [ref.path.resolve() for ref in config.experts[:first_new_expert]]
+    experts = _open_experts(config, base, first_new_expert, seen)
+    merged = {n for n in base.names() if any(fnmatch.fnmatchcase(n, p) for p in config.include)}
+    if not merged:
+        raise ConfigError(f"{source}: include: patterns {config.include} match no tensor of {config.base}")
+    return PreparedMerge(config, base, method, experts, merged, source)
+
+
+def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
+    writer.copy_companions(plan.base.folder)
+    model_config = dict(plan.base.config)
+    if plan.config.dtype:
+        model_config["dtype"] = plan.config.dtype
+        if "torch_dtype" in model_config:
+            model_config["torch_dtype"] = plan.config.dtype
+    writer.write_json("config.json", model_config)
+    absolute = plan.config.model_copy(update={
+        "base": plan.config.base.resolve(),
+        "experts": [e.model_copy(update={"path": e.path.resolve()}) for e in plan.config.experts]})
+    writer.write_text("merge_config.yaml",
+                      yaml.safe_dump(absolute.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointReader | None,
+         state_dir: Path | None) -> Path:
+    shard_size = parse_size(plan.config.max_shard_size)
+    writer = CheckpointWriter(out, plan.layout, max_shard_size=shard_size, overwrite=overwrite)
+    state_writer = None
+    if state_dir is not None:
+        state_writer = CheckpointWriter(state_dir, plan.state_layout, max_shard_size=shard_size,
+                                        overwrite=state_in is not None or overwrite, prefix=STATE_PREFIX)
+    # The state is entered first so that it is renamed into place last: only after the output exists.
+    with ExitStack() as stack:
+        if state_writer is not None:
+            stack.enter_context(state_writer)
+        stack.enter_context(writer)
+        stream_merge(plan.base, plan.experts, plan.method, plan.merged_names, plan.total_weight,
+                     writer, plan.dtype, state_in, state_writer)
+        if state_writer is not None:
+            state_writer.write_json(STATE_FILE, {
+                "format": STATE_FORMAT,
+                "config": plan.config.model_dump(mode="json", by_alias=True),
+                "base_fingerprint": plan.base_fingerprint(),
+            })
+        _write_companions(plan, writer)
+    log.info("merged %d experts with %s into %s", len(plan.config.experts), plan.method.name, out)
+    return out
+
+
+def merge(config: MergeConfig | str | Path, out: str | Path, *, overwrite: bool = False,
+          save_state: str | Path | None = None) -> Path:
+    """Merge a config's experts into the checkpoint folder `out`; returns `out`.
+
+    `config` is a MergeConfig or the path of a YAML file. With `save_state`, the method's accumulators
+    are saved there for `add_experts`.
+    """
+    source = str(config) if isinstance(config, str | Path) else "config"
+    config = load_config(config) if isinstance(config, str | Path) else config
+    plan = prepare(config, source)
+    return _run(plan, Path(out), overwrite, None, Path(save_state) if save_state else None)
+
+
+def add_experts(state_dir: str | Path, experts: list[ExpertRef | str | Path], out: str | Path, *,
+                overwrite: bool = False) -> Path:
+    """Merge saved accumulators with new experts into `out`, reading only the new experts; the state in
+    `state_dir` is updated in place to include them. Equals a batch merge of all experts."""
+    state_dir = Path(state_dir)
+    state_in = CheckpointReader(state_dir, prefix=STATE_PREFIX, config_name=STATE_FILE)
+    source = str(state_dir / STATE_FILE)
+    if state_in.config.get("format") != STATE_FORMAT or "config" not in state_in.config:
+        raise CheckpointError(f"{source}: not a mergeplan merge state (format {STATE_FORMAT})")
+    previous = MergeConfig.model_validate(state_in.config["config"])
+    if not experts:
+        raise ConfigError("no new expert given; name at least one checkpoint folder to add")
+    new_refs = [e if isinstance(e, ExpertRef) else ExpertRef(path=Path(e)) for e in experts]
+    config = previous.model_copy(update={"experts": previous.experts + new_refs})
+    plan = prepare(config, source, first_new_expert=len(previous.experts))
+    if plan.base_fingerprint() != state_in.config.get("base_fingerprint"):
+        raise CheckpointError(f"{source}: the base {config.base} changed shape or config since this state "
+                              "was saved; run a full merge again")
+    expected = {name for name, _, _ in plan.state_layout}
+    if set(state_in.tensors) != expected:
+        raise CheckpointError(f"{source}: accumulators do not match the base's tensors; run a full merge again")
+    return _run(plan, Path(out), overwrite, state_in, state_dir)

@@ -1,0 +1,12 @@
+"""average: θ0 + Σ wi τi / Σ wi, the weighted mean of the experts."""
+
+import torch
+
+from merging.methods.base import State, WeightedSum
+
+
+class Average(WeightedSum):
+    name = "average"
+
+    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+        return state["sum"] / total_weight

@@ -1,0 +1,68 @@
+"""The one interface every merge method implements, as a fold over experts.
+
+A method keeps per-tensor accumulators (`state`). Each expert's task vector is optionally sparsified,
+then folded in with `add`; `delta` turns the accumulators into the merged task vector. A batch merge of
+K experts and an incremental merge that adds expert K+1 to saved accumulators run the same operations,
+so their results are identical.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+State = dict[str, torch.Tensor]
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ScaledParams(MethodParams):
+    scale: float = Field(1.0, alias="lambda", description="global scale λ of the merged task vector")
+
+
+class LinearParams(ScaledParams):
+    normalize: bool = Field(False, description="divide the weighted sum by the sum of weights")
+
+
+class DensityParams(ScaledParams):
+    density: float = Field(gt=0, le=1, description="fraction of each task vector's entries kept")
+
+
+class MergeMethod(ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    state_names: ClassVar[tuple[str, ...]]
+    allows_negative_weights: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, seed: int = 0):
+        self.params = params
+        self.seed = seed
+
+    def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
+        """The part of one expert's task vector that enters the merge (all of it by default)."""
+        return delta
+
+    def new_state(self, like: torch.Tensor) -> State:
+        return {key: torch.zeros_like(like, dtype=torch.float32) for key in self.state_names}
+
+    @abstractmethod
+    def add(self, state: State, delta: torch.Tensor, weight: float) -> None:
+        """Fold one expert's (sparsified, float32) task vector into the accumulators, in place."""
+
+    @abstractmethod
+    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+        """The merged task vector from the accumulators; total_weight is the sum of all experts' weights."""
+
+
+class WeightedSum(MergeMethod):
+    """Accumulates S = Σ wi τi: the shared state of the linear methods."""
+
+    state_names = ("sum",)
+
+    def add(self, state: State, delta: torch.Tensor, weight: float) -> None:
+        state["sum"].add_(delta, alpha=weight)

@@ -1,0 +1,21 @@
+"""dare_linear: DARE drop-and-rescale of each task vector, then task arithmetic."""
+
+import torch
+from pydantic import Field
+
+from merging.methods.base import LinearParams
+from merging.methods.sparsify import dare_drop
+from merging.methods.task_arithmetic import TaskArithmetic
+
+
+class DareLinearParams(LinearParams):
+    density: float = Field(gt=0, le=1, description="probability of keeping each entry")
+
+
+class DareLinear(TaskArithmetic):
+    name = "dare_linear"
+    Params = DareLinearParams
+    allows_negative_weights = False
+
+    def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
+        return dare_drop(delta, self.params.density, self.seed, tensor_name, expert_index)

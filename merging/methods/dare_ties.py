@@ -1,0 +1,13 @@
+"""dare_ties: DARE drop-and-rescale of each task vector, then the TIES sign election and disjoint mean."""
+
+import torch
+
+from merging.methods.sparsify import dare_drop
+from merging.methods.ties import Ties
+
+
+class DareTies(Ties):
+    name = "dare_ties"
+
+    def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
+        return dare_drop(delta, self.params.density, self.seed, tensor_name, expert_index)

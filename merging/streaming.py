@@ -1,0 +1,95 @@
+"""The per-tensor merge loop: read ahead on a thread, fold experts in float32, write each tensor at once.
+
+Memory stays per tensor: the base tensor, the method's accumulators, and at most `READ_AHEAD` raw tensors
+read ahead; a written tensor is on disk, not in a shard buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from merging.checkpoint import CheckpointReader, CheckpointWriter
+from merging.errors import CheckpointError
+from merging.methods import MergeMethod
+
+log = logging.getLogger("mergeplan")
+READ_AHEAD = 2
+
+
+@dataclass(frozen=True)
+class WeightedExpert:
+    reader: CheckpointReader
+    weight: float
+    index: int  # position in the merge, fixed for the merge's lifetime: DARE seeds depend on it
+
+
+def state_key(accumulator: str, tensor_name: str) -> str:
+    return f"{accumulator}:{tensor_name}"
+
+
+def read_ahead(jobs: Iterable[Callable[[], torch.Tensor]], depth: int = READ_AHEAD) -> Iterator[torch.Tensor]:
+    """Run zero-argument read jobs on one background thread, `depth` ahead, yielding results in order."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeplan-read") as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    return requested if requested is not None and stored.is_floating_point else stored
+
+
+def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: MergeMethod,
+                 merged_names: set[str], total_weight: float, writer: CheckpointWriter,
+                 dtype: torch.dtype | None = None, state_in: CheckpointReader | None = None,
+                 state_out: CheckpointWriter | None = None) -> None:
+    """Merge every tensor of `base` into `writer`; tensors outside `merged_names` are copied from the base.
+
+    With `state_in`, the method's accumulators start from a saved state instead of zeros (incremental
+    merge); with `state_out`, the accumulators after folding `experts` are saved.
+    """
+    names = base.names()
+
+    def jobs() -> Iterator[Callable[[], torch.Tensor]]:
+        for name in names:
+            yield lambda name=name: base.read(name)
+            if name in merged_names:
+                if state_in is not None:
+                    for key in method.state_names:
+                        yield lambda key=key, name=name: state_in.read(state_key(key, name))
+                for expert in experts:
+                    yield lambda reader=expert.reader, name=name: reader.read(name)
+
+    tensors = read_ahead(jobs())
+    for name in names:
+        stored = next(tensors)
+        target = output_dtype(stored.dtype, dtype)
+        if name not in merged_names:
+            writer.write(name, stored.to(target))
+            continue
+        base_tensor = stored.float()
+        if state_in is not None:
+            state = {key: next(tensors) for key in method.state_names}
+        else:
+            state = method.new_state(base_tensor)
+        for expert in experts:
+            delta = next(tensors).float() - base_tensor
+            if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
+                raise CheckpointError(f"{expert.reader.folder}: tensor {name} contains NaN or Inf; "
+                                      "fix or re-export that expert")
+            method.add(state, method.sparsify(delta, name, expert.index), expert.weight)
+        if state_out is not None:
+            for key, value in state.items():
+                state_out.write(state_key(key, name), value)
+        merged = base_tensor + method.delta(state, total_weight)
+        writer.write(name, merged.to(target))
