@@ -1,0 +1,426 @@
+"""Benchmark: mergeplan vs mergekit on identical random Llama checkpoints (CPU).
+
+For each model size, expert count K and method, both command-line tools merge the same base + K experts as
+child processes. We record each child's wall time and peak RSS, check that the two outputs agree tensor by
+tensor, and print a markdown table (also written to WORKDIR/merge_speed.md).
+
+This is a benchmark, not a test: nothing is asserted about the timings.
+
+    .venv/bin/python bench/merge_speed.py                       # 270m and 135m, K = 3 and 8, both methods
+    .venv/bin/python bench/merge_speed.py --sizes tiny --experts 2,3   # a quick end-to-end smoke run
+
+Measurement notes
+- Peak RSS is the child's ru_maxrss from os.wait4. It counts resident pages of memory-mapped files too:
+  mergekit reads safetensors through mmap, mergeplan with pread into private buffers, so the table also
+  has a sampled peak of anonymous memory (RssAnon from /proc, polled every 20 ms; Linux only).
+- The inputs are read once before each case so that both tools start with a warm page cache, and the two
+  tools alternate which one runs first from one repeat to the next.
+- mergekit is LGPL; it is only run through its `mergekit-yaml` command, never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from merging.checkpoint import CheckpointReader
+from merging.methods.sparsify import magnitude_trim
+from merging.synthetic import llama_config, write_random_base, write_random_expert
+
+REPO = Path(__file__).resolve().parent.parent
+OURS_CLI = REPO / ".venv" / "bin" / "mergeplan"
+MERGEKIT_CLI = REPO / ".venv-bench" / "bin" / "mergekit-yaml"
+BASE_SEED = 0
+EXPERT_SCALE = 0.1
+SHARD_BYTES = 200_000_000  # 200 MB shards for inputs and both outputs
+DENSITY = 0.5
+LAMBDA = 1.0
+RTOL, ATOL = 1e-2, 1e-5  # about one bf16 ulp (2^-8 relative) with headroom
+POLL_SECONDS = 0.02
+
+SIZES: dict[str, dict] = {
+    "270m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=16, vocab_size=32000),
+    "135m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=16, vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=1000),
+}
+METHODS = ("task_arithmetic", "ties")
+# Why ties is not bit-identical to mergekit (verified on the tiny preset; neither is float rounding):
+KNOWN_DIFFERENCES = """\
+Known differences (ties only; task_arithmetic is bit-identical):
+- Trim ties: bf16 deltas take few distinct values, so hundreds of entries per tensor share the k-th
+  largest magnitude. mergeplan keeps those in index order (a stable descending sort); mergekit keeps
+  whichever its default, unstable `argsort` puts first. 1-4% of output entries differ (more with more
+  experts), each by up to about one trimmed delta.
+- Sign election when Σ trim(τi) is exactly 0 with nonzero entries (e.g. +x and -x): mergeplan elects no
+  sign and leaves the base (our spec); mergekit elects + and takes the mean of the positive entries.
+  About 0.4-0.6% of output entries on these synthetic bf16 experts.
+The equality check therefore counts these entries apart (computed from the inputs): outside them the two
+outputs must agree to float tolerance, and the share of entries that differ inside them is reported.
+"""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def size_config(size: str) -> dict:
+    return llama_config(**SIZES[size], tie_word_embeddings=False, dtype="bfloat16")
+
+
+def parameter_count(folder: Path) -> int:
+    reader = CheckpointReader(folder)
+    return sum(int(torch.Size(info.shape).numel()) for info in reader.tensors.values())
+
+
+def ensure_checkpoints(models_dir: Path, size: str, num_experts: int) -> tuple[Path, list[Path]]:
+    """Base + experts 1..num_experts for `size`; folders already there (same config) are reused."""
+    config = size_config(size)
+    folder = models_dir / size
+    base = folder / "base"
+    experts = [folder / f"expert-{seed:02d}" for seed in range(1, num_experts + 1)]
+    if base.exists() and CheckpointReader(base).config != config:
+        sys.exit(f"{base} holds a checkpoint with another config; delete {folder} to rebuild it")
+    if not base.exists():
+        print(f"writing {base}", flush=True)
+        write_random_base(base, config, seed=BASE_SEED, max_shard_size=SHARD_BYTES)
+    for seed, expert in enumerate(experts, start=1):
+        if not expert.exists():
+            print(f"writing {expert}", flush=True)
+            write_random_expert(base, expert, seed=seed, scale=EXPERT_SCALE, max_shard_size=SHARD_BYTES)
+    return base, experts
+
+
+def warm_page_cache(folders: list[Path]) -> None:
+    """Read every input file once, so neither tool pays for a cold cache the other did not."""
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            with open(path, "rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
+
+
+# ---------------------------------------------------------------- configs
+
+
+def ours_yaml(base: Path, experts: list[Path], method: str) -> dict:
+    params = {"lambda": LAMBDA} if method == "task_arithmetic" else {"density": DENSITY, "lambda": LAMBDA}
+    return {"base": str(base), "experts": [str(e) for e in experts], "method": method, "params": params,
+            "dtype": "bfloat16", "max_shard_size": SHARD_BYTES}
+
+
+def mergekit_yaml(base: Path, experts: list[Path], method: str) -> dict:
+    """The mergekit config with our semantics: weight 1 per expert, float32 compute, bf16 output.
+
+    task_arithmetic: mergekit's default normalize=false is ours (θ0 + λ Σ τi).
+    ties: mergekit's default normalize=true gives the disjoint mean; density is a per-model parameter.
+    """
+    model_params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": DENSITY}
+    normalize = method == "ties"
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e), "parameters": dict(model_params)} for e in experts],
+        "parameters": {"lambda": LAMBDA, "normalize": normalize},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+
+
+def ours_command(config: Path, out: Path) -> list[str]:
+    return [str(OURS_CLI), "-q", "merge", str(config), str(out), "--overwrite"]
+
+
+def mergekit_command(config: Path, out: Path) -> list[str]:
+    return [str(MERGEKIT_CLI), str(config), str(out), "--no-cuda", "--no-copy-tokenizer",
+            "--no-write-model-card", "--out-shard-size", str(SHARD_BYTES // 2), "--quiet"]
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+    peak_anon_mb: float | None
+
+
+def _rss_anon_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _poll_anon(pid: int, done: threading.Event, peak: list[int]) -> None:
+    while not done.is_set():
+        kib = _rss_anon_kib(pid)
+        if kib is not None:
+            peak[0] = max(peak[0], kib)
+        done.wait(POLL_SECONDS)
+
+
+def run_child(command: list[str], log: Path) -> Run:
+    """Run a command; its wall time, peak RSS (ru_maxrss of that child) and sampled peak RssAnon."""
+    with open(log, "w") as log_file:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        done, peak = threading.Event(), [0]
+        poller = threading.Thread(target=_poll_anon, args=(process.pid, done, peak), daemon=True)
+        poller.start()
+        _, status, rusage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        done.set()
+        poller.join()
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{command[0]} exited with {process.returncode}; log {log}:\n{tail}")
+    anon = peak[0] / 1024 if peak[0] else None
+    return Run(seconds, rusage.ru_maxrss / 1024, anon)
+
+
+# ---------------------------------------------------------------- equality
+
+
+@dataclass
+class Comparison:
+    max_abs_diff: float = 0.0
+    mismatched: int = 0  # entries with |a - b| > ATOL + RTOL·|b|, outside the undefined ones
+    unequal: int = 0  # entries that are not bit-identical
+    total: int = 0
+    undefined: int = 0  # ties entries where the two tools' rules legitimately differ (see KNOWN_DIFFERENCES)
+    undefined_mismatched: int = 0
+    problems: list[str] = field(default_factory=list)  # missing tensors, shape or dtype differences
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and self.mismatched == 0
+
+
+def ties_undefined_entries(base: torch.Tensor, experts: list[torch.Tensor], density: float) -> torch.Tensor:
+    """Entries where TIES' result depends on a rule the maths leaves open: an expert's magnitude ties with
+    its trim threshold and the tie-break decides whether it is kept, or the kept deltas sum to exactly 0."""
+    undefined = torch.zeros(base.shape, dtype=torch.bool)
+    elected = torch.zeros(base.shape)
+    nonzero = torch.zeros(base.shape, dtype=torch.bool)
+    for expert in experts:
+        delta = expert.float() - base.float()
+        trimmed = magnitude_trim(delta, density)
+        kept = trimmed != 0
+        if kept.any():
+            threshold = delta.abs()[kept].min()
+            at_threshold = delta.abs() == threshold
+            if int((delta.abs() >= threshold).sum()) > int(kept.sum()):
+                undefined |= at_threshold
+        elected += trimmed
+        nonzero |= kept
+    return undefined | ((elected == 0) & nonzero)
+
+
+def compare_outputs(ours: Path, theirs: Path, ties_inputs: tuple[Path, list[Path]] | None = None) -> Comparison:
+    """Compare every tensor of two checkpoint folders, one tensor at a time. With `ties_inputs` (base and
+    experts), entries whose TIES result is undefined by the maths are counted apart."""
+    a, b = CheckpointReader(ours), CheckpointReader(theirs)
+    inputs = None
+    if ties_inputs is not None:
+        inputs = (CheckpointReader(ties_inputs[0]), [CheckpointReader(e) for e in ties_inputs[1]])
+    result = Comparison()
+    for name in sorted(set(a.names()) ^ set(b.names())):
+        result.problems.append(f"{name} only in {'ours' if name in a.tensors else 'mergekit'}")
+    for name in sorted(set(a.names()) & set(b.names())):
+        x, y = a.read(name), b.read(name)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            result.problems.append(f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
+            continue
+        x, y = x.float(), y.float()
+        diff = (x - y).abs()
+        beyond = diff > ATOL + RTOL * y.abs()
+        if inputs is not None:
+            undefined = ties_undefined_entries(inputs[0].read(name), [e.read(name) for e in inputs[1]], DENSITY)
+            result.undefined += int(undefined.sum())
+            result.undefined_mismatched += int((beyond & undefined).sum())
+            beyond &= ~undefined
+            diff = diff.masked_fill(undefined, 0)
+        result.max_abs_diff = max(result.max_abs_diff, float(diff.max()))
+        result.mismatched += int(beyond.sum())
+        result.unequal += int((x != y).sum())
+        result.total += x.numel()
+    return result
+
+
+def describe(comparison: Comparison) -> str:
+    verdict = "PASS" if comparison.passed else "FAIL"
+    share = comparison.mismatched / max(comparison.total, 1)
+    text = (f"{verdict}: max |diff| {comparison.max_abs_diff:.3g}, {share:.2e} of entries beyond tolerance, "
+            f"{comparison.unequal} of {comparison.total} not bit-identical")
+    if comparison.undefined:
+        text += (f"; {comparison.undefined} entries ({comparison.undefined / comparison.total:.2%}) undefined by "
+                 f"the maths (threshold ties, zero sign sums), {comparison.undefined_mismatched} of them differ")
+    if comparison.problems:
+        text += f"; {len(comparison.problems)} problems, e.g. {comparison.problems[0]}"
+    return text
+
+
+# ---------------------------------------------------------------- one case
+
+
+@dataclass
+class CaseResult:
+    size: str
+    params: int
+    num_experts: int
+    method: str
+    ours: list[Run]
+    mergekit: list[Run]
+    comparison: Comparison
+
+
+def median_of(runs: list[Run], attribute: str) -> float | None:
+    values = [getattr(r, attribute) for r in runs if getattr(r, attribute) is not None]
+    return statistics.median(values) if values else None
+
+
+def run_case(case_dir: Path, base: Path, experts: list[Path], method: str, repeats: int,
+             keep_outputs: bool) -> tuple[list[Run], list[Run], Comparison]:
+    case_dir.mkdir(parents=True, exist_ok=True)
+    ours_cfg, mk_cfg = case_dir / "mergeplan.yaml", case_dir / "mergekit.yaml"
+    ours_cfg.write_text(yaml.safe_dump(ours_yaml(base, experts, method), sort_keys=False))
+    mk_cfg.write_text(yaml.safe_dump(mergekit_yaml(base, experts, method), sort_keys=False))
+    ours_out, mk_out = case_dir / "out-mergeplan", case_dir / "out-mergekit"
+    tools = {
+        "mergeplan": (ours_command(ours_cfg, ours_out), ours_out),
+        "mergekit": (mergekit_command(mk_cfg, mk_out), mk_out),
+    }
+    runs: dict[str, list[Run]] = {"mergeplan": [], "mergekit": []}
+    warm_page_cache([base, *experts])
+    for repeat in range(repeats):
+        order = ["mergeplan", "mergekit"] if repeat % 2 == 0 else ["mergekit", "mergeplan"]
+        for tool in order:
+            command, out = tools[tool]
+            shutil.rmtree(out, ignore_errors=True)  # same starting point for both (not timed)
+            run = run_child(command, case_dir / f"{tool}-{repeat}.log")
+            runs[tool].append(run)
+            print(f"    {tool:9s} repeat {repeat}: {run.seconds:7.2f} s, peak RSS {run.peak_rss_mb:7.0f} MB",
+                  flush=True)
+    comparison = compare_outputs(ours_out, mk_out, (base, experts) if method == "ties" else None)
+    print(f"    equality: {describe(comparison)}", flush=True)
+    if not keep_outputs:
+        shutil.rmtree(ours_out, ignore_errors=True)
+        shutil.rmtree(mk_out, ignore_errors=True)
+    return runs["mergeplan"], runs["mergekit"], comparison
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+
+def markdown_table(results: list[CaseResult], repeats: int) -> str:
+    header = ("| size | params | K | method | ours s | mergekit s | time ratio | ours peak RSS MB | "
+              "mergekit peak RSS MB | RSS ratio | ours peak anon MB | mergekit peak anon MB | equal (max diff) |")
+    lines = [f"Medians over {repeats} repeat(s); ratios are ours / mergekit. CPU, bf16 in and out, "
+             f"float32 compute. Tolerance: |diff| <= {ATOL:g} + {RTOL:g}·|mergekit|.", "",
+             header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        ours_s, mk_s = median_of(r.ours, "seconds"), median_of(r.mergekit, "seconds")
+        ours_rss, mk_rss = median_of(r.ours, "peak_rss_mb"), median_of(r.mergekit, "peak_rss_mb")
+        ours_anon, mk_anon = median_of(r.ours, "peak_anon_mb"), median_of(r.mergekit, "peak_anon_mb")
+        c = r.comparison
+        equal = f"{'PASS' if c.passed else 'FAIL'} ({c.max_abs_diff:.2g})"
+        if c.mismatched:
+            equal += f", {c.mismatched / max(c.total, 1):.1e} beyond tol"
+        if c.undefined:
+            equal += f"; {c.undefined_mismatched / c.total:.1%} differ where undefined"
+        lines.append(f"| {r.size} | {r.params / 1e6:.0f}M | {r.num_experts} | {r.method} | {_fmt(ours_s, 2)} | "
+                     f"{_fmt(mk_s, 2)} | {_ratio(ours_s, mk_s)} | {_fmt(ours_rss, 0)} | {_fmt(mk_rss, 0)} | "
+                     f"{_ratio(ours_rss, mk_rss)} | {_fmt(ours_anon, 0)} | {_fmt(mk_anon, 0)} | {equal} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=_csv, default=_csv("270m,135m"),
+                        help=f"comma-separated, from {', '.join(SIZES)} (default 270m,135m)")
+    parser.add_argument("--experts", type=lambda s: [int(k) for k in _csv(s)], default=[3, 8],
+                        help="comma-separated expert counts K (default 3,8)")
+    parser.add_argument("--methods", type=_csv, default=list(METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS)} (default both)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per tool and case; medians are reported")
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out",
+                        help="checkpoints, configs, logs and the report (default bench/out)")
+    parser.add_argument("--keep-outputs", action="store_true", help="keep the merged checkpoints")
+    args = parser.parse_args(argv)
+    for size in args.sizes:
+        if size not in SIZES:
+            parser.error(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
+    for method in args.methods:
+        if method not in METHODS:
+            parser.error(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not args.experts or min(args.experts) < 1 or args.repeats < 1:
+        parser.error("--experts and --repeats must be positive")
+    for cli in (OURS_CLI, MERGEKIT_CLI):
+        if not cli.exists():
+            parser.error(f"{cli} is missing; install the venvs first")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir: Path = args.workdir.resolve()
+    results: list[CaseResult] = []
+    for size in args.sizes:
+        base, experts = ensure_checkpoints(workdir / "models", size, max(args.experts))
+        params = parameter_count(base)
+        print(f"{size}: {params / 1e6:.1f}M parameters", flush=True)
+        for num_experts in args.experts:
+            for method in args.methods:
+                print(f"  {size} K={num_experts} {method}", flush=True)
+                case_dir = workdir / "runs" / size / f"k{num_experts}" / method
+                ours, mergekit, comparison = run_case(case_dir, base, experts[:num_experts], method,
+                                                      args.repeats, args.keep_outputs)
+                results.append(CaseResult(size, params, num_experts, method, ours, mergekit, comparison))
+    table = markdown_table(results, args.repeats)
+    print()
+    print(table)
+    report = workdir / "merge_speed.md"
+    notes = KNOWN_DIFFERENCES if "ties" in args.methods else ""
+    if notes:
+        print(notes)
+    report.write_text("# mergeplan vs mergekit: merge speed and memory\n\n" + table + "\n" + notes)
+    print(f"written to {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
