@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from merging.checkpoint import CheckpointReader
-from merging.methods.sparsify import magnitude_trim
+from merging.methods.sparsify import magnitude_trim_
 from merging.synthetic import llama_config, write_random_base, write_random_expert
 
 REPO = Path(__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def ties_undefined_entries(base: torch.Tensor, experts: list[torch.Tensor], dens
     nonzero = torch.zeros(base.shape, dtype=torch.bool)
     for expert in experts:
         delta = expert.float() - base.float()
-        trimmed = magnitude_trim(delta, density)
+        trimmed = magnitude_trim_(delta.clone(), density)
         kept = trimmed != 0
         if kept.any():
             threshold = delta.abs()[kept].min()

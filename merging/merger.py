@@ -98,7 +98,9 @@ def prepare(config: MergeConfig, source: str = "config", first_new_expert: int =
     base = CheckpointReader(config.base)
     seen = [ref.path.resolve() for ref in config.experts[:first_new_expert]]
     experts = _open_experts(config, base, first_new_expert, seen)
-    merged = {n for n in base.names() if any(fnmatch.fnmatchcase(n, p) for p in config.include)}
+    # integer and boolean tensors (buffers, masks) are never averaged: they are copied from the base
+    merged = {name for name, info in base.tensors.items() if info.dtype.is_floating_point
+              and any(fnmatch.fnmatchcase(name, pattern) for pattern in config.include)}
     if not merged:
         raise ConfigError(f"{source}: include: patterns {config.include} match no tensor of {config.base}")
     return PreparedMerge(config, base, method, experts, merged, source)

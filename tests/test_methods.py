@@ -6,14 +6,14 @@ import torch
 
 from merging.errors import ConfigError
 from merging.methods import METHODS, build_method
-from merging.methods.sparsify import dare_drop, magnitude_trim, top_magnitude_mask
+from merging.methods.sparsify import dare_drop_, magnitude_trim_, top_magnitude_mask
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
 
 def fold(method_name, params, base, experts, weights, seed=0, name=NAME):
     method = build_method(method_name, params, seed)
-    state = method.new_state(base)
+    state = {key: torch.zeros_like(base) for key in method.state_names}
     for index, (expert, weight) in enumerate(zip(experts, weights, strict=True)):
         method.add(state, method.sparsify(expert - base, name, index), weight)
     return base + method.delta(state, sum(weights))
@@ -46,10 +46,10 @@ def test_top_magnitude_mask_equals_stable_sort_with_many_ties(size, density):
 
 def test_magnitude_trim_edge_cases():
     delta = torch.tensor([0.5, -2.0, 1.0, 0.0])
-    assert torch.equal(magnitude_trim(delta, 0.5), torch.tensor([0.0, -2.0, 1.0, 0.0]))
-    assert torch.equal(magnitude_trim(delta, 1.0), delta)
-    assert torch.equal(magnitude_trim(delta, 0.2), torch.zeros(4))  # int(0.8) = 0 entries kept
-    assert torch.equal(magnitude_trim(torch.zeros(5), 0.4), torch.zeros(5))
+    assert torch.equal(magnitude_trim_(delta.clone(), 0.5), torch.tensor([0.0, -2.0, 1.0, 0.0]))
+    assert torch.equal(magnitude_trim_(delta.clone(), 1.0), delta)
+    assert torch.equal(magnitude_trim_(delta.clone(), 0.2), torch.zeros(4))  # int(0.8) = 0 entries kept
+    assert torch.equal(magnitude_trim_(torch.zeros(5), 0.4), torch.zeros(5))
 
 
 def test_average_and_task_arithmetic_match_spec(tensors):
@@ -97,11 +97,11 @@ def test_dare_methods_match_spec(tensors, method):
 
 def test_dare_is_seeded_per_tensor_and_expert_not_by_call_order():
     delta = torch.ones(200, 100)
-    first = dare_drop(delta, 0.25, 3, "a", 0)
-    dare_drop(delta, 0.25, 3, "b", 0)  # another tensor in between changes nothing
-    assert torch.equal(first, dare_drop(delta, 0.25, 3, "a", 0))
-    assert not torch.equal(first, dare_drop(delta, 0.25, 4, "a", 0))
-    assert not torch.equal(first, dare_drop(delta, 0.25, 3, "a", 1))
+    first = dare_drop_(delta.clone(), 0.25, 3, "a", 0)
+    dare_drop_(delta.clone(), 0.25, 3, "b", 0)  # another tensor in between changes nothing
+    assert torch.equal(first, dare_drop_(delta.clone(), 0.25, 3, "a", 0))
+    assert not torch.equal(first, dare_drop_(delta.clone(), 0.25, 4, "a", 0))
+    assert not torch.equal(first, dare_drop_(delta.clone(), 0.25, 3, "a", 1))
     assert set(first.unique().tolist()) == {0.0, 4.0}  # kept entries divided by the density
     assert abs(float((first != 0).float().mean()) - 0.25) < 0.02
 

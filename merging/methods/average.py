@@ -9,4 +9,4 @@ class Average(WeightedSum):
     name = "average"
 
     def delta(self, state: State, total_weight: float) -> torch.Tensor:
-        return state["sum"] / total_weight
+        return state["sum"].div_(total_weight)

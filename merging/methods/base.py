@@ -1,6 +1,7 @@
 """The one interface every merge method implements, as a fold over experts.
 
-A method keeps per-tensor accumulators (`state`). Each expert's task vector is optionally sparsified,
+A method keeps per-tensor accumulators (`state`: float32 tensors named `state_names`, starting at zero).
+Each expert's task vector is optionally sparsified (in place or not: the caller's buffer is scratch),
 then folded in with `add`; `delta` turns the accumulators into the merged task vector. A batch merge of
 K experts and an incremental merge that adds expert K+1 to saved accumulators run the same operations,
 so their results are identical.
@@ -47,16 +48,14 @@ class MergeMethod(ABC):
         """The part of one expert's task vector that enters the merge (all of it by default)."""
         return delta
 
-    def new_state(self, like: torch.Tensor) -> State:
-        return {key: torch.zeros_like(like, dtype=torch.float32) for key in self.state_names}
-
     @abstractmethod
     def add(self, state: State, delta: torch.Tensor, weight: float) -> None:
         """Fold one expert's (sparsified, float32) task vector into the accumulators, in place."""
 
     @abstractmethod
     def delta(self, state: State, total_weight: float) -> torch.Tensor:
-        """The merged task vector from the accumulators; total_weight is the sum of all experts' weights."""
+        """The merged task vector from the accumulators; total_weight is the sum of all experts' weights.
+        It may reuse the accumulators' memory: the state is not used afterwards."""
 
 
 class WeightedSum(MergeMethod):

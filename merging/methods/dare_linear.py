@@ -4,7 +4,7 @@ import torch
 from pydantic import Field
 
 from merging.methods.base import LinearParams
-from merging.methods.sparsify import dare_drop
+from merging.methods.sparsify import dare_drop_
 from merging.methods.task_arithmetic import TaskArithmetic
 
 
@@ -18,4 +18,4 @@ class DareLinear(TaskArithmetic):
     allows_negative_weights = False
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return dare_drop(delta, self.params.density, self.seed, tensor_name, expert_index)
+        return dare_drop_(delta, self.params.density, self.seed, tensor_name, expert_index)

@@ -2,7 +2,7 @@
 
 import torch
 
-from merging.methods.sparsify import dare_drop
+from merging.methods.sparsify import dare_drop_
 from merging.methods.ties import Ties
 
 
@@ -10,4 +10,4 @@ class DareTies(Ties):
     name = "dare_ties"
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return dare_drop(delta, self.params.density, self.seed, tensor_name, expert_index)
+        return dare_drop_(delta, self.params.density, self.seed, tensor_name, expert_index)

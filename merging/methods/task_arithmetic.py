@@ -12,4 +12,4 @@ class TaskArithmetic(WeightedSum):
 
     def delta(self, state: State, total_weight: float) -> torch.Tensor:
         scale = self.params.scale / total_weight if self.params.normalize else self.params.scale
-        return state["sum"] * scale
+        return state["sum"].mul_(scale)
