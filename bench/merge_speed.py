@@ -10,9 +10,9 @@ This is a benchmark, not a test: nothing is asserted about the timings.
     .venv/bin/python bench/merge_speed.py --sizes tiny --experts 2,3   # a quick end-to-end smoke run
 
 Measurement notes
-- Peak RSS is the child's ru_maxrss from os.wait4. It counts resident pages of memory-mapped files too:
-  mergekit reads safetensors through mmap, mergeplan with pread into private buffers, so the table also
-  has a sampled peak of anonymous memory (RssAnon from /proc, polled every 20 ms; Linux only).
+- Peak RSS is the child's VmHWM from /proc, polled every 20 ms (Linux only). It counts resident pages of
+  memory-mapped files too: mergekit reads safetensors through mmap, mergeplan with pread into private
+  buffers, so the table also has the sampled peak of anonymous memory (RssAnon).
 - The inputs are read once before each case so that both tools start with a warm page cache, and the two
   tools alternate which one runs first from one repeat to the next.
 - mergekit is LGPL; it is only run through its `mergekit-yaml` command, never imported.
@@ -21,7 +21,6 @@ Measurement notes
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -158,43 +157,48 @@ class Run:
     peak_anon_mb: float | None
 
 
-def _rss_anon_kib(pid: int) -> int | None:
+def _memory_kib(pid: int) -> tuple[int, int] | None:
+    """(VmHWM, RssAnon) of a live process: its peak resident set so far, and its anonymous memory now."""
+    fields = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    fields[key] = int(value.split()[0])
     except OSError:
-        pass
-    return None
+        return None
+    return (fields["VmHWM"], fields["RssAnon"]) if len(fields) == 2 else None
 
 
-def _poll_anon(pid: int, done: threading.Event, peak: list[int]) -> None:
+def _poll_memory(pid: int, done: threading.Event, peak: list[int]) -> None:
     while not done.is_set():
-        kib = _rss_anon_kib(pid)
-        if kib is not None:
-            peak[0] = max(peak[0], kib)
+        sample = _memory_kib(pid)
+        if sample is not None:
+            peak[0], peak[1] = max(peak[0], sample[0]), max(peak[1], sample[1])
         done.wait(POLL_SECONDS)
 
 
 def run_child(command: list[str], log: Path) -> Run:
-    """Run a command; its wall time, peak RSS (ru_maxrss of that child) and sampled peak RssAnon."""
+    """Run a command; its wall time, peak RSS and sampled peak RssAnon.
+
+    Peak RSS is the child's own VmHWM (reset by exec), polled: ru_maxrss from wait4 would also count the
+    pages the child shared with this (large) benchmark process between fork and exec.
+    """
     with open(log, "w") as log_file:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
-        done, peak = threading.Event(), [0]
-        poller = threading.Thread(target=_poll_anon, args=(process.pid, done, peak), daemon=True)
+        done, peak = threading.Event(), [0, 0]
+        poller = threading.Thread(target=_poll_memory, args=(process.pid, done, peak), daemon=True)
         poller.start()
-        _, status, rusage = os.wait4(process.pid, 0)
+        process.wait()
         seconds = time.perf_counter() - start
         done.set()
         poller.join()
-        process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"{command[0]} exited with {process.returncode}; log {log}:\n{tail}")
-    anon = peak[0] / 1024 if peak[0] else None
-    return Run(seconds, rusage.ru_maxrss / 1024, anon)
+    return Run(seconds, peak[0] / 1024, peak[1] / 1024 if peak[1] else None)
 
 
 # ---------------------------------------------------------------- equality

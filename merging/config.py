@@ -40,6 +40,7 @@ class MergeConfig(BaseModel):
     seed: int = 0
     include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     max_shard_size: int | str = "5GB"
+    out: Path | None = None  # output folder, when not given on the command line or to merge()
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -53,6 +54,7 @@ class MergeConfig(BaseModel):
         return self.model_copy(update={
             "base": folder / self.base,
             "experts": [e.model_copy(update={"path": folder / e.path}) for e in self.experts],
+            "out": folder / self.out if self.out is not None else None,
         })
 
 

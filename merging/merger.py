@@ -147,15 +147,18 @@ def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointRe
     return out
 
 
-def merge(config: MergeConfig | str | Path, out: str | Path, *, overwrite: bool = False,
+def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
           save_state: str | Path | None = None) -> Path:
-    """Merge a config's experts into the checkpoint folder `out`; returns `out`.
+    """Merge a config's experts into the checkpoint folder `out` (default: the config's `out`); returns it.
 
     `config` is a MergeConfig or the path of a YAML file. With `save_state`, the method's accumulators
     are saved there for `add_experts`.
     """
     source = str(config) if isinstance(config, str | Path) else "config"
     config = load_config(config) if isinstance(config, str | Path) else config
+    out = out if out is not None else config.out
+    if out is None:
+        raise ConfigError(f"{source}: out: no output folder; give one (mergeplan merge CONFIG OUT) or set out:")
     plan = prepare(config, source)
     return _run(plan, Path(out), overwrite, None, Path(save_state) if save_state else None)
 

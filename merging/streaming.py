@@ -116,4 +116,6 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
             for key, value in state.items():
                 state_out.write(state_key(key, name), value)
         merged = base_tensor.add_(method.delta(state, total_weight))
-        writer.write(name, merged if target == torch.float32 else scratch.take("out", merged.shape, target).copy_(merged))
+        if target != torch.float32:
+            merged = scratch.take("out", merged.shape, target).copy_(merged)
+        writer.write(name, merged)

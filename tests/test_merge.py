@@ -167,3 +167,14 @@ def test_console_script_version_and_help():
     helptext = subprocess.run([sys.executable, "-m", "mergeplan.cli", "merge", "--help"], capture_output=True,
                               text=True, check=True).stdout
     assert "dare_ties" in helptext and "--save-state" in helptext
+
+
+def test_output_folder_from_the_config(zoo, tmp_path, write_config, run_cli):
+    config = write_config(base=zoo["base"], experts=zoo["experts"][:2], method="average", out="merged")
+    status, out, err = run_cli("merge", config)
+    assert status == 0 and (tmp_path / "merged" / "model.safetensors").exists(), err
+    assert merge(MergeConfig(base=zoo["base"], experts=zoo["experts"][:2], method="average",
+                             out=tmp_path / "api")) == tmp_path / "api"
+    no_out = write_config(base=zoo["base"], experts=zoo["experts"][:2], method="average")
+    status, _, err = run_cli("merge", no_out)
+    assert status == 2 and "out: no output folder" in err
