@@ -1,0 +1,1 @@
+"""Data for the zoo and for evaluation: synthetic domains, real-text corpora, loading and tokenising."""
