@@ -6,7 +6,7 @@ tensor, and print a markdown table (also written to WORKDIR/merge_speed.md).
 
 This is a benchmark, not a test: nothing is asserted about the timings.
 
-    .venv/bin/python bench/merge_speed.py                       # 270m and 135m, K = 3 and 8, both methods
+    .venv/bin/python bench/merge_speed.py                       # 270m and 170m, K = 3 and 8, both methods
     .venv/bin/python bench/merge_speed.py --sizes tiny --experts 2,3   # a quick end-to-end smoke run
 
 Measurement notes
@@ -51,7 +51,7 @@ POLL_SECONDS = 0.02
 SIZES: dict[str, dict] = {
     "270m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=32000),
-    "135m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    "170m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=32000),
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=1000),
@@ -374,8 +374,8 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=_csv, default=_csv("270m,135m"),
-                        help=f"comma-separated, from {', '.join(SIZES)} (default 270m,135m)")
+    parser.add_argument("--sizes", type=_csv, default=_csv("270m,170m"),
+                        help=f"comma-separated, from {', '.join(SIZES)} (default 270m,170m)")
     parser.add_argument("--experts", type=lambda s: [int(k) for k in _csv(s)], default=[3, 8],
                         help="comma-separated expert counts K (default 3,8)")
     parser.add_argument("--methods", type=_csv, default=list(METHODS),

@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from merging.errors import MergeplanError
+from merging.errors import ConfigError, MergeplanError
 
 MERGE_EXAMPLE = """\
 merge.yaml:
@@ -20,6 +20,7 @@ merge.yaml:
   seed: 0                            # DARE's randomness
   include: ["*"]                     # tensor-name patterns to merge; the rest is copied from the base
   max_shard_size: 5GB
+  out: merged/                       # optional; OUT on the command line wins
 Relative paths are taken from the YAML file's folder."""
 
 
@@ -35,6 +36,38 @@ def _add_expert(args: argparse.Namespace) -> None:
 
     experts = [ExpertRef(path=path, weight=args.weight) for path in args.experts]
     print(add_experts(args.state, experts, args.out, overwrite=args.overwrite))
+
+
+def _zoo_build(args: argparse.Namespace) -> None:
+    from merging.zoo import build_zoo
+
+    print(build_zoo(args.preset, args.out, args.domains, args.data))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from merging.evaluate import evaluate, evaluate_matrix
+
+    options = {"split": args.split, "batch_size": args.batch_size, "dtype": args.dtype,
+               "accuracy_samples": args.accuracy_samples, "max_examples": args.max_examples}
+    if args.matrix:
+        results = evaluate_matrix(args.target, args.out, **options)
+        domains = [d.domain for d in next(iter(results.values())).domains]
+        print(f"{'model':<24}" + "".join(f"{d[:12]:>13}" for d in domains) + f"{'macro':>9}")
+        for name, result in results.items():
+            print(f"{name:<24}" + "".join(f"{result.ce(d):>13.4f}" for d in domains) + f"{result.macro_ce:>9.4f}")
+        print(f"wrote {(args.out or args.target) / 'ce_matrix.csv'} and ce_matrix.png")
+        return
+    if args.data is None:
+        raise ConfigError("evaluate: --data is required for one model (or use --matrix ZOO)")
+    result = evaluate(args.target, args.data, args.domains, **options)
+    for score in result.domains:
+        accuracy = "" if score.accuracy is None else f"  exact match {score.accuracy:.3f} (n={score.accuracy_examples})"
+        print(f"{score.domain:<16} CE {score.ce:.4f} nats over {score.tokens} tokens{accuracy}")
+    print(f"{'macro':<16} CE {result.macro_ce:.4f}\n{'micro':<16} CE {result.micro_ce:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -54,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stream-merge a base model and its fine-tuned experts, tensor by tensor.")
     merge.add_argument("config", type=Path, help="merge YAML file (see below)")
-    merge.add_argument("out", type=Path, help="output checkpoint folder (written atomically)")
+    merge.add_argument("out", type=Path, nargs="?", help="output checkpoint folder, written atomically "
+                       "(default: the config's out:)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--save-state", type=Path, metavar="DIR",
                        help="also keep the method's accumulators in DIR, for `mergeplan add-expert`")
@@ -70,7 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add.set_defaults(run=_add_expert)
 
-    demo = commands.add_parser("demo", help="build tiny models, merge them with every method, print a table")
+    zoo = commands.add_parser("zoo", help="build the expert zoo: tokenizer, base, experts, mixture")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    build = zoo_commands.add_parser("build", help="build (or complete) a zoo from a preset",
+                                    description="tiny: seconds (tests, demo); small: minutes (benchmarks); "
+                                                "sizes: three base sizes x 9 experts (the N axis of the law).")
+    build.add_argument("--preset", default="tiny", help="tiny | small | sizes (default tiny)")
+    build.add_argument("--out", type=Path, required=True, help="zoo folder; models already built are reused")
+    build.add_argument("--domains", type=lambda s: s.split(","),
+                       help="comma-separated domains instead of the nine synthetic ones: synthetic (algebra, ...), "
+                            "real text (python_stdlib, c_headers, man_pages, licenses) or folders of --data")
+    build.add_argument("--data", type=Path, help="your own data: DATA/DOMAIN/ folders of .txt/.jsonl files")
+    build.set_defaults(run=_zoo_build)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out cross-entropy per domain (and exact-match accuracy)",
+        description="Token-weighted CE in nats on response tokens (prompts masked), per domain, macro, micro.")
+    evaluate.add_argument("target", type=Path, help="model folder, or a zoo folder with --matrix")
+    evaluate.add_argument("--data", type=Path, help="data folder: DATA/DOMAIN/{eval,calib,train}.jsonl")
+    evaluate.add_argument("--domains", type=lambda s: s.split(","), help="comma-separated (default: all)")
+    evaluate.add_argument("--split", default="eval", help="split to evaluate (default eval)")
+    evaluate.add_argument("--matrix", action="store_true", help="every model of the zoo x every domain: CSV + PNG")
+    evaluate.add_argument("--out", type=Path, help="with --matrix: where ce_matrix.csv/png go (default the zoo)")
+    evaluate.add_argument("--json", type=Path, help="write the scores as JSON")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    evaluate.add_argument("--accuracy-samples", type=int, default=50,
+                          help="greedy exact-match accuracy on this many answered examples per domain (0: skip)")
+    evaluate.add_argument("--max-examples", type=int, help="evaluate at most this many examples per domain")
+    evaluate.set_defaults(run=_evaluate)
+
+    demo = commands.add_parser("demo", help="build the tiny zoo, merge it with every method, evaluate, print a table")
     demo.add_argument("--workdir", type=Path, default=Path(".mergeplan/demo"), help="where models are written")
     demo.set_defaults(run=_demo)
     return parser
@@ -78,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("mergeplan").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         args.run(args)
     except MergeplanError as exc:

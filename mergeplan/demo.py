@@ -1,31 +1,23 @@
-"""`mergeplan demo`: tiny random Llama models merged with every method, and the incremental check."""
+"""`mergeplan demo`: the tiny zoo merged with every method, evaluated, and the incremental merge checked."""
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from merging import MergeConfig, add_experts, merge
 from merging.checkpoint import CheckpointReader
-from merging.synthetic import llama_config, write_random_base, write_random_expert
+from merging.evaluate import evaluate
+from merging.zoo import build_zoo
 
 METHODS = {
     "average": {},
-    "task_arithmetic": {"lambda": 0.8, "normalize": True},
-    "ties": {"density": 0.2},
-    "dare_linear": {"density": 0.5},
-    "dare_ties": {"density": 0.5},
+    "task_arithmetic": {"lambda": 0.3},
+    "ties": {"density": 0.3, "lambda": 0.5},
+    "dare_linear": {"density": 0.5, "lambda": 0.3},
+    "dare_ties": {"density": 0.5, "lambda": 0.5},
 }
-EXPERTS = 4
-
-
-def task_vector(model: Path, base: CheckpointReader) -> torch.Tensor:
-    reader = CheckpointReader(model)
-    return torch.cat([(reader.read(n).float() - base.read(n).float()).reshape(-1) for n in base.names()])
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -33,44 +25,34 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((first.read(n).float() - second.read(n).float()).abs().max()) for n in first.names())
 
 
-@torch.no_grad()
-def next_token_logits(model: Path) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    return loaded(torch.arange(16).unsqueeze(0)).logits[0, -1]
-
-
 def run_demo(workdir: Path) -> None:
-    from transformers.utils import logging as transformers_logging
+    log = logging.getLogger("mergeplan")
+    started = time.perf_counter()
+    zoo = workdir / "zoo"
+    print(f"building the tiny zoo in {zoo} (reused when it exists) ...", flush=True)
+    build_zoo("tiny", zoo)
+    log.setLevel(logging.WARNING)
+    experts = sorted(p for p in (zoo / "experts").iterdir() if p.is_dir())
+    print(f"zoo ready in {time.perf_counter() - started:.0f} s: a base, {len(experts)} experts, a mixture model\n")
 
-    transformers_logging.disable_progress_bar()
-    logging.getLogger("mergeplan").setLevel(logging.WARNING)
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    base = write_random_base(workdir / "base", llama_config())
-    experts = [write_random_expert(base, workdir / f"expert{i}", seed=i + 1) for i in range(EXPERTS)]
-    base_reader = CheckpointReader(base)
-    expert_vectors = torch.stack([task_vector(e, base_reader) for e in experts])
-    mean_vector = expert_vectors.mean(0)
-    print(f"built a base and {EXPERTS} experts ({base_reader.config['num_hidden_layers']} layers, "
-          f"{sum(i.numel for i in base_reader.tensors.values()):,} parameters) in {workdir}\n")
-    print(f"{'method':<16}{'seconds':>9}{'|task vector|':>15}{'cos to mean':>13}{'logit shift':>13}")
-    base_logits = next_token_logits(base)
+    def row(name: str, seconds: str, model: Path) -> None:
+        result = evaluate(model, zoo / "data")
+        print(f"{name:<18}{seconds:>9}{result.macro_ce:>11.4f}{result.micro_ce:>11.4f}", flush=True)
+
+    print(f"{'model':<18}{'merge s':>9}{'macro CE':>11}{'micro CE':>11}   (held-out, nats/token, lower is better)")
+    row("base", "", zoo / "base")
     for method, params in METHODS.items():
-        config = MergeConfig(base=base, experts=experts, method=method, params=params)
-        started = time.perf_counter()
-        out = merge(config, workdir / f"merged-{method}")
-        seconds = time.perf_counter() - started
-        merged = task_vector(out, base_reader)
-        cosine = float(torch.nn.functional.cosine_similarity(merged, mean_vector, dim=0))
-        shift = float((next_token_logits(out) - base_logits).abs().mean())
-        print(f"{method:<16}{seconds:>9.3f}{float(merged.norm()):>15.4f}{cosine:>13.3f}{shift:>13.4f}")
-    for method in ("task_arithmetic", "ties"):
-        head = MergeConfig(base=base, experts=experts[:-1], method=method, params=METHODS[method])
-        merge(head, workdir / f"first3-{method}", save_state=workdir / f"state-{method}")
-        added = add_experts(workdir / f"state-{method}", [experts[-1]], workdir / f"incremental-{method}")
-        gap = max_difference(added, workdir / f"merged-{method}")
-        print(f"\nincremental {method}: {EXPERTS - 1} experts + 1 added later vs all {EXPERTS} at once: "
-              f"max |difference| = {gap:g}")
-    print(f"\nmerged checkpoints (load with AutoModelForCausalLM.from_pretrained): {workdir}/merged-*")
+        config = MergeConfig(base=zoo / "base", experts=experts, method=method, params=params)
+        merge_started = time.perf_counter()
+        out = merge(config, workdir / f"merged-{method}", overwrite=True)
+        row(method, f"{time.perf_counter() - merge_started:.2f}", out)
+    row("mixture (multitask)", "", zoo / "mixture")
+
+    head = MergeConfig(base=zoo / "base", experts=experts[:-1], method="ties", params=METHODS["ties"])
+    merge(head, workdir / "ties-first8", overwrite=True, save_state=workdir / "ties-state")
+    added = add_experts(workdir / "ties-state", [experts[-1]], workdir / "ties-incremental", overwrite=True)
+    gap = max_difference(added, workdir / "merged-ties")
+    print(f"\nincremental ties: {len(experts) - 1} experts, then {experts[-1].name} added from the saved state, vs "
+          f"all {len(experts)} at once: max |difference| = {gap:g}")
+    print(f"\nmerged checkpoints (AutoModelForCausalLM.from_pretrained loads them): {workdir}/merged-*")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")

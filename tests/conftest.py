@@ -53,3 +53,13 @@ def run_cli(capsys):
         captured = capsys.readouterr()
         return status, captured.out, captured.err
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """The `tiny` preset, built once per test session (about 30 s on 2 cores)."""
+    from merging.zoo import build_zoo
+
+    root = tmp_path_factory.mktemp("tiny_zoo")
+    build_zoo("tiny", root)
+    return root

@@ -17,7 +17,7 @@ from fractions import Fraction
 
 from merging.data.example import Example
 from merging.errors import ConfigError
-from merging.seeding import derived_seed
+from merging.seeding import python_rng
 
 DOMAINS: tuple[str, ...] = (
     "algebra", "analysis", "geometry", "discrete", "number_theory", "code", "chemistry", "physics", "biology",
@@ -36,7 +36,7 @@ def generate(domain: str, count: int, seed: int) -> list[Example]:
     Prompts may repeat (some templates have only a few hundred distinct problems); make_splits rules that out.
     """
     templates = _templates(domain)
-    rng = _rng(seed, domain)
+    rng = python_rng(seed, domain)
     return [rng.choice(templates)(rng) for _ in range(count)]
 
 
@@ -53,7 +53,7 @@ def make_splits(domain: str, sizes: dict[str, int], seed: int) -> dict[str, list
     taken: set[str] = set()
     splits: dict[str, list[Example]] = {}
     for name in sorted(sizes, key=lambda split: (sizes[split], split)):
-        splits[name] = _distinct_examples(templates, sizes[name], _rng(seed, domain, name), taken)
+        splits[name] = _distinct_examples(templates, sizes[name], python_rng(seed, domain, name), taken)
         if len(splits[name]) < sizes[name]:
             requested = ", ".join(f"{size} {split}" for split, size in sizes.items())
             raise ConfigError(f"domain '{domain}' ran out of distinct prompts after {len(taken)} of the "
@@ -65,11 +65,6 @@ def _templates(domain: str) -> tuple[Template, ...]:
     if domain not in _TEMPLATES:
         raise ConfigError(f"unknown domain '{domain}'; choose one of {', '.join(DOMAINS)}")
     return _TEMPLATES[domain]
-
-
-def _rng(seed: int, *parts: str) -> random.Random:
-    # A hash of the names rather than hash(), which Python salts per process.
-    return random.Random(derived_seed(seed, *parts))
 
 
 def _distinct_examples(templates: tuple[Template, ...], size: int, rng: random.Random,

@@ -1,0 +1,33 @@
+"""Loading Hugging Face models here: safetensors only, no remote code, no hub, no progress bars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A local causal LM from safetensors (never pickle, never trust_remote_code)."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                                                local_files_only=True)
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    _quiet()
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)

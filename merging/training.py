@@ -1,0 +1,62 @@
+"""The training loop of the zoo: AdamW, linear warm-up then cosine decay, gradient clipping. One screen."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from merging.data.loading import Encoded, collate
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    all_tokens: bool = False  # pretraining counts prompts too; fine-tuning counts responses only
+
+
+def batches(examples: list[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:
+    """Endless shuffled epochs over the examples, seeded."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettings, pad_id: int,
+          seed: int) -> list[float]:
+    """Train `model` in place; returns the loss of every step."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  betas=(0.9, 0.95))
+    stream = batches(examples, settings.batch_size, seed)
+    losses = []
+    model.train()
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        loss = model(**collate(next(stream), pad_id, settings.all_tokens)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
