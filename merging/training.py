@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from merging.data.loading import Encoded, collate
+
+log = logging.getLogger("mergeplan")
+PROGRESS_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,14 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 
 def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettings, pad_id: int,
-          seed: int) -> list[float]:
-    """Train `model` in place; returns the loss of every step."""
+          seed: int, label: str = "training") -> list[float]:
+    """Train `model` in place; returns the loss of every step. Reports progress once a minute."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                   betas=(0.9, 0.95))
     stream = batches(examples, settings.batch_size, seed)
     losses = []
+    last_report = time.perf_counter()
     model.train()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
@@ -58,5 +64,8 @@ def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettin
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if time.perf_counter() - last_report > PROGRESS_SECONDS:
+            log.info("%s: step %d/%d, loss %.3f", label, step + 1, settings.steps, losses[-1])
+            last_report = time.perf_counter()
     model.eval()
     return losses

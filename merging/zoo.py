@@ -203,7 +203,7 @@ def _train_and_save(folder: Path, recipe: dict, make_model, examples: list[Examp
         encoded = [encode(tokenizer, e, preset.max_length) for e in examples]
         settings = TrainSettings(steps=phase.steps, batch_size=phase.batch_size, lr=phase.lr,
                                  warmup_steps=phase.warmup_steps, all_tokens=all_tokens)
-        losses = train(model, encoded, settings, tokenizer.pad_token_id, seed)
+        losses = train(model, encoded, settings, tokenizer.pad_token_id, seed, label=str(folder))
         staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
