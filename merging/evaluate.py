@@ -156,6 +156,7 @@ def evaluate_matrix(zoo_dir: str | Path, out_dir: str | Path | None = None, **op
 
 
 def write_matrix(results: dict[str, EvalResult], csv_path: Path, png_path: Path) -> None:
+    """The CE table (and, where measured, an exact-match accuracy table beside it) and the CE heatmap."""
     domains = [d.domain for d in next(iter(results.values())).domains]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -164,6 +165,12 @@ def write_matrix(results: dict[str, EvalResult], csv_path: Path, png_path: Path)
         for name, result in results.items():
             writer.writerow([name, *(f"{result.ce(d):.4f}" for d in domains), f"{result.macro_ce:.4f}",
                              f"{result.micro_ce:.4f}"])
+    if any(d.accuracy is not None for result in results.values() for d in result.domains):
+        with open(csv_path.with_name("accuracy_matrix.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["model", *domains])
+            for name, result in results.items():
+                writer.writerow([name, *("" if d.accuracy is None else f"{d.accuracy:.3f}" for d in result.domains)])
     import matplotlib
 
     matplotlib.use("Agg")

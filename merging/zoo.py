@@ -266,7 +266,8 @@ def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | Non
         models |= {prefix + name: entry for name, entry in entries.items()}
     manifest = {"preset": preset.model_dump(), "domains": list(preset.domains), "splits": list(SPLITS),
                 "data": data_hashes, "tokenizer": folder_hashes(out / "tokenizer"), "models": models,
-                "build_seconds": round(time.perf_counter() - started, 2)}
+                "training_seconds": round(sum(m["training"]["seconds"] for m in models.values()), 1),
+                "last_build_seconds": round(time.perf_counter() - started, 2)}
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path

@@ -9,7 +9,7 @@ import torch
 from merging.data.example import Example, write_jsonl
 from merging.data.loading import encode, load_examples
 from merging.errors import ConfigError
-from merging.evaluate import cross_entropy, evaluate, extract_answer
+from merging.evaluate import cross_entropy, evaluate, evaluate_matrix, extract_answer
 from merging.hf import load_causal_lm, load_tokenizer
 
 
@@ -63,6 +63,15 @@ def test_cli_matrix_writes_csv_and_heatmap(tiny_zoo, tmp_path, run_cli):
     assert [r[0] for r in rows[1:]] == ["base", *(f"expert:{d}" for d in sorted(
         p.name for p in (tiny_zoo / "experts").iterdir())), "mixture"]
     assert (tmp_path / "ce_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "accuracy_matrix.csv").exists()  # --accuracy-samples 0
+
+
+def test_matrix_with_accuracy_writes_an_accuracy_table(tiny_zoo, tmp_path):
+    results = evaluate_matrix(tiny_zoo, tmp_path, max_examples=4, accuracy_samples=1)
+    rows = list(csv.reader((tmp_path / "accuracy_matrix.csv").read_text().splitlines()))
+    assert len(rows) == 1 + len(results) and len(rows[1]) == 1 + 9
+    assert all(0 <= float(value) <= 1 for row in rows[1:] for value in row[1:])
+    assert float(rows[1][1]) == results["base"].domains[0].accuracy
 
 
 def test_cli_single_model_json(tiny_zoo, tmp_path, run_cli):
