@@ -8,6 +8,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from merging.config import describe_validation_error
 from merging.errors import ConfigError, MergeplanError
 
 MERGE_EXAMPLE = """\
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except MergeplanError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"error: {describe_validation_error(exc, 'arguments')}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)

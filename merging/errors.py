@@ -14,3 +14,7 @@ class ConfigError(MergeplanError):
 
 class CheckpointError(MergeplanError):
     """A checkpoint folder or safetensors file is missing, unsafe, corrupt or incompatible."""
+
+
+class TrainingError(MergeplanError):
+    """Training or calibration diverged (a non-finite loss)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.data.loading import Encoded, collate
+from merging.errors import TrainingError
 
 log = logging.getLogger("mergeplan")
 PROGRESS_SECONDS = 60
@@ -59,6 +60,8 @@ def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettin
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         loss = model(**collate(next(stream), pad_id, settings.all_tokens)).loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{label}: loss is {loss.item()} at step {step + 1}; lower the learning rate")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()

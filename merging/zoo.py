@@ -18,6 +18,8 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -128,10 +130,21 @@ def _reusable(folder: Path, key: str) -> bool:
     return recipe.is_file() and json.loads(recipe.read_text()).get("key") == key
 
 
-def _publish(staging: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    staging.replace(target)
+@contextmanager
+def _staged(folder: Path, record: dict) -> Iterator[Path]:
+    """A hidden sibling folder to write into, renamed over `folder` with its recipe record when the block
+    succeeds, and removed when it fails: a half-built model or data set is never left under its real name."""
+    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        (staging / RECIPE_FILE).write_text(json.dumps(record))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.replace(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def build_data(out: Path, preset: ZooPreset, user_data: Path | None) -> dict[str, dict[str, str]]:
@@ -145,11 +158,9 @@ def build_data(out: Path, preset: ZooPreset, user_data: Path | None) -> dict[str
         folder = out / "data" / domain
         key = recipe_key({split: [e.to_json() for e in examples] for split, examples in splits.items()})
         if not _reusable(folder, key):
-            staging = folder.with_name(f".{domain}.partial-{uuid.uuid4().hex[:8]}")
-            for split, examples in splits.items():
-                write_jsonl(staging / f"{split}.jsonl", examples)
-            (staging / RECIPE_FILE).write_text(json.dumps({"key": key}))
-            _publish(staging, folder)
+            with _staged(folder, {"key": key}) as staging:
+                for split, examples in splits.items():
+                    write_jsonl(staging / f"{split}.jsonl", examples)
         hashes[domain] = folder_hashes(folder)
     if not hashes:
         raise ConfigError("no domain has data; name synthetic domains or give --data")
@@ -172,10 +183,8 @@ def build_tokenizer(out: Path, preset: ZooPreset, training_text: list[str]):
                                       special_tokens=list(SPECIAL_TOKENS.values()),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         bpe.train_from_iterator(training_text, trainer=trainer)
-        staging = folder.with_name(f".tokenizer.partial-{uuid.uuid4().hex[:8]}")
-        PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS).save_pretrained(staging)
-        (staging / RECIPE_FILE).write_text(json.dumps({"key": key}))
-        _publish(staging, folder)
+        with _staged(folder, {"key": key}) as staging:
+            PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS).save_pretrained(staging)
     return load_tokenizer(folder)
 
 
@@ -204,14 +213,11 @@ def _train_and_save(folder: Path, recipe: dict, make_model, examples: list[Examp
         settings = TrainSettings(steps=phase.steps, batch_size=phase.batch_size, lr=phase.lr,
                                  warmup_steps=phase.warmup_steps, all_tokens=all_tokens)
         losses = train(model, encoded, settings, tokenizer.pad_token_id, seed, label=str(folder))
-        staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-        model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
         summary = {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
                    "seconds": round(time.perf_counter() - started, 2), "parameters": model.num_parameters()}
-        (staging / RECIPE_FILE).write_text(json.dumps({"key": key, "recipe": recipe, "training": summary}))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        _publish(staging, folder)
+        with _staged(folder, {"key": key, "recipe": recipe, "training": summary}) as staging:
+            model.save_pretrained(staging)  # safetensors
+            tokenizer.save_pretrained(staging)
         log.info("trained %s: loss %.3f -> %.3f in %.1f s", folder, summary["first_loss"], summary["last_loss"],
                  summary["seconds"])
     saved = json.loads((folder / RECIPE_FILE).read_text())

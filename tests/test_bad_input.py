@@ -216,3 +216,12 @@ def test_a_failed_overwrite_keeps_the_old_output(zoo, tmp_path, write_config, ru
     config = write_config(base=zoo["base"], experts=[bad], method="average")
     assert run_cli("merge", config, out, "--overwrite")[0] == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_add_expert_with_a_non_finite_weight(zoo, tmp_path, write_config, run_cli):
+    config = write_config(base=zoo["base"], experts=zoo["experts"][:2], method="task_arithmetic")
+    assert run_cli("merge", config, tmp_path / "two", "--save-state", tmp_path / "state")[0] == 0
+    status, _, err = run_cli("add-expert", tmp_path / "state", zoo["experts"][2], "-o", tmp_path / "three",
+                             "--weight", "nan")
+    assert status == 2 and err.strip() == "error: arguments: weight: must be a finite number"
+    assert not (tmp_path / "three").exists()

@@ -94,3 +94,31 @@ def test_the_tokenizer_has_the_special_tokens(tiny_zoo):
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
     model = load_causal_lm(tiny_zoo / "base")
     assert model.dtype == torch.float32
+
+
+def test_a_failed_training_leaves_no_model_and_no_partial_folder(tmp_path, monkeypatch):
+    preset = get_preset("tiny").model_copy(update={
+        "domains": ("algebra",), "split_sizes": {"train": 20, "calib": 2, "eval": 4},
+        "base": Phase(steps=2, batch_size=4, lr=1e-3, warmup_steps=1)})
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("loss is NaN")
+
+    monkeypatch.setattr("merging.zoo.train", diverge)
+    with pytest.raises(FloatingPointError):
+        build_zoo(preset, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tokenizer"]
+    assert not list(tmp_path.rglob(".*partial*"))
+
+
+def test_a_diverging_loss_stops_training_with_the_step(tiny_zoo):
+    from merging.data.domains import generate
+    from merging.data.loading import encode
+    from merging.errors import TrainingError
+    from merging.training import TrainSettings, train
+
+    model, tokenizer = load_causal_lm(tiny_zoo / "base"), load_tokenizer(tiny_zoo / "base")
+    examples = [encode(tokenizer, e, 64) for e in generate("algebra", 8, 0)]
+    with pytest.raises(TrainingError, match=r"experiment: loss is (nan|inf) at step \d+; lower the learning rate"):
+        train(model, examples, TrainSettings(steps=3, batch_size=4, lr=1e30), tokenizer.pad_token_id, 0,
+              label="experiment")
