@@ -17,7 +17,7 @@ from pathlib import Path
 
 from merging import MergeConfig, merge
 from merging.evaluate import evaluate, evaluate_matrix
-from merging.zoo import build_zoo
+from merging.zoo import build_zoo, expert_folders
 
 
 def main() -> int:
@@ -33,7 +33,7 @@ def main() -> int:
           f"{manifest['training_seconds']:.0f} s in all)")
     options = {"accuracy_samples": args.accuracy_samples}
     results = evaluate_matrix(args.zoo, **options)
-    experts = sorted(p for p in (args.zoo / "experts").iterdir() if p.is_dir())
+    experts = expert_folders(args.zoo)
     average = merge(MergeConfig(base=args.zoo / "base", experts=experts, method="average"),
                     args.zoo / "merged-average", overwrite=True)
     results["average of all experts"] = evaluate(average, args.zoo / "data", **options)

@@ -9,7 +9,7 @@ from pathlib import Path
 from merging import MergeConfig, add_experts, merge
 from merging.checkpoint import CheckpointReader
 from merging.evaluate import evaluate
-from merging.zoo import build_zoo
+from merging.zoo import build_zoo, expert_folders
 
 METHODS = {
     "average": {},
@@ -32,7 +32,7 @@ def run_demo(workdir: Path) -> None:
     print(f"building the tiny zoo in {zoo} (reused when it exists) ...", flush=True)
     build_zoo("tiny", zoo)
     log.setLevel(logging.WARNING)
-    experts = sorted(p for p in (zoo / "experts").iterdir() if p.is_dir())
+    experts = expert_folders(zoo)
     print(f"zoo ready in {time.perf_counter() - started:.0f} s: a base, {len(experts)} experts, a mixture model\n")
 
     def row(name: str, seconds: str, model: Path) -> None:

@@ -19,6 +19,7 @@ from merging.data.example import Example
 from merging.data.loading import IGNORE_INDEX, collate, data_domains, encode, load_split
 from merging.errors import ConfigError
 from merging.hf import load_causal_lm, load_tokenizer
+from merging.zoo import expert_folders
 
 ANSWER_LINE = re.compile(r"Answer:\s*(.+?)\s*$", re.MULTILINE)
 
@@ -138,7 +139,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, domains: list[str] | N
 def zoo_models(zoo_dir: Path) -> dict[str, Path]:
     """base, every expert and the mixture of a one-size zoo, by display name."""
     models = {"base": zoo_dir / "base"}
-    models |= {f"expert:{p.name}": p for p in sorted((zoo_dir / "experts").iterdir()) if p.is_dir()}
+    models |= {f"expert:{p.name}": p for p in expert_folders(zoo_dir)}
     if (zoo_dir / "mixture").is_dir():
         models["mixture"] = zoo_dir / "mixture"
     return models

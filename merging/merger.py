@@ -20,7 +20,7 @@ from merging.checkpoint import CheckpointReader, CheckpointWriter, check_compati
 from merging.config import ExpertRef, MergeConfig, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.methods import MergeMethod, build_method
-from merging.streaming import WeightedExpert, state_key, stream_merge
+from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
 
 log = logging.getLogger("mergeplan")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,9 +48,7 @@ class PreparedMerge:
 
     @property
     def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        requested = self.dtype
-        return [(name, requested if requested is not None and info.dtype.is_floating_point else info.dtype,
-                 info.shape) for name, info in self.base.tensors.items()]
+        return [(name, output_dtype(info.dtype, self.dtype), info.shape) for name, info in self.base.tensors.items()]
 
     @property
     def state_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:

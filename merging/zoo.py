@@ -121,6 +121,11 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECIPE_FILE}
 
 
+def expert_folders(zoo_dir: Path) -> list[Path]:
+    """The expert checkpoints of a one-size zoo, sorted by domain."""
+    return sorted(p for p in (zoo_dir / "experts").iterdir() if p.is_dir())
+
+
 def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
