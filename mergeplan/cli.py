@@ -18,13 +18,21 @@ merge.yaml:
   base: path/to/base                 # HF folder: config.json + model.safetensors (or shards + index)
   experts: [path/to/e1, path/to/e2, {path: path/to/e3, weight: 0.5}]
   method: ties                       # average | task_arithmetic | ties | dare_linear | dare_ties
+                                     # | expert_merging | expert_merging_pp (calibrated, see below)
   params: {density: 0.2, lambda: 1.0}
   dtype: bfloat16                    # optional output dtype; default: the base's
   seed: 0                            # DARE's randomness
   include: ["*"]                     # tensor-name patterns to merge; the rest is copied from the base
   max_shard_size: 5GB
   out: merged/                       # optional; OUT on the command line wins
-Relative paths are taken from the YAML file's folder."""
+Relative paths are taken from the YAML file's folder.
+
+expert_merging / expert_merging_pp learn coefficients on unlabeled samples, one set per expert name
+(an expert's name is its folder name, or name: in {path: ..., name: ...}); weight: is its task weight:
+  calibration: {algebra: data/algebra/calib.jsonl, code: data/code/}
+  params: {samples_per_expert: 8, init: 0.3, gamma: 0.8, temperature: 1.0, hidden_layers: [middle],
+           lr: 0.5, epochs: 1, budget: 1.0, kappa: 1.0, device: auto, seed: 0}
+The output folder also gets coefficients.json, coefficients.png and calibration.json."""
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -39,6 +47,12 @@ def _add_expert(args: argparse.Namespace) -> None:
 
     experts = [ExpertRef(path=path, weight=args.weight) for path in args.experts]
     print(add_experts(args.state, experts, args.out, overwrite=args.overwrite))
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from merging.merger import apply_coefficients
+
+    print(apply_coefficients(args.coefficients, args.out, overwrite=args.overwrite))
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
@@ -106,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--weight", type=float, default=1.0, help="weight of each new expert (default 1)")
     add.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add.set_defaults(run=_add_expert)
+
+    apply = commands.add_parser(
+        "apply", help="re-apply learned coefficients to the experts, without calibrating again",
+        description="Writes base + Σ α·τ from a coefficients.json of expert_merging(_pp), reading the base and "
+                    "experts it names.")
+    apply.add_argument("coefficients", type=Path, help="coefficients.json from a calibrated merge")
+    apply.add_argument("-o", "--out", type=Path, required=True, help="output checkpoint folder")
+    apply.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    apply.set_defaults(run=_apply)
 
     zoo = commands.add_parser("zoo", help="build the expert zoo: tokenizer, base, experts, mixture")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")

@@ -212,6 +212,10 @@ class CheckpointWriter:
     def write_text(self, filename: str, text: str) -> None:
         (self.staging / filename).write_text(text)
 
+    def staged(self, filename: str) -> Path:
+        """Where a file written by other code (a plot) goes so that it lands in the folder with the rest."""
+        return self.staging / filename
+
     def copy_companions(self, source: Path, filenames: Iterable[str] = COMPANION_FILES) -> None:
         for filename in filenames:
             if (source / filename).is_file():

@@ -14,11 +14,16 @@ OutputDtype = Literal["float32", "float16", "bfloat16"]
 
 
 class ExpertRef(BaseModel):
-    """One expert checkpoint and its weight in the merge."""
+    """One expert checkpoint and its weight in the merge (for calibrated methods: its task weight β)."""
 
     model_config = ConfigDict(extra="forbid")
     path: Path
     weight: float = 1.0
+    name: str | None = None  # default: the folder's name; keys its calibration data
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path.name
 
     @field_validator("weight")
     @classmethod
@@ -41,6 +46,7 @@ class MergeConfig(BaseModel):
     include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     max_shard_size: int | str = "5GB"
     out: Path | None = None  # output folder, when not given on the command line or to merge()
+    calibration: dict[str, Path] = Field(default_factory=dict)  # expert name -> unlabeled data file or folder
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -55,6 +61,7 @@ class MergeConfig(BaseModel):
             "base": folder / self.base,
             "experts": [e.model_copy(update={"path": folder / e.path}) for e in self.experts],
             "out": folder / self.out if self.out is not None else None,
+            "calibration": {name: folder / path for name, path in self.calibration.items()},
         })
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 
+from merging.calibration import CALIBRATED_METHODS, CalibrationParams, Coefficients, calibrate, calibrated_tensors
 from merging.checkpoint import CheckpointReader, CheckpointWriter, check_compatible, parse_size
-from merging.config import ExpertRef, MergeConfig, load_config
+from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.methods import MergeMethod, build_method
+from merging.methods.learned import LearnedCoefficients
 from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
 
 log = logging.getLogger("mergeplan")
@@ -27,6 +31,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STATE_FILE = "state.json"
 STATE_PREFIX = "accumulators"
 STATE_FORMAT = 1
+COEFFICIENTS_FILE = "coefficients.json"
+COEFFICIENTS_PLOT = "coefficients.png"
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -85,9 +92,10 @@ def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
     return experts
 
 
-def prepare(config: MergeConfig, source: str = "config", first_new_expert: int = 0) -> PreparedMerge:
+def prepare(config: MergeConfig, source: str = "config", first_new_expert: int = 0,
+            method: MergeMethod | None = None) -> PreparedMerge:
     """Validate everything that can be checked before any tensor is merged; open the checkpoints."""
-    method = build_method(config.method, config.params, config.seed, source)
+    method = method or build_method(config.method, config.params, config.seed, source)
     _check_weights(config, method, source)
     try:
         parse_size(config.max_shard_size)
@@ -114,13 +122,14 @@ def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
     writer.write_json("config.json", model_config)
     absolute = plan.config.model_copy(update={
         "base": plan.config.base.resolve(),
-        "experts": [e.model_copy(update={"path": e.path.resolve()}) for e in plan.config.experts]})
+        "experts": [e.model_copy(update={"path": e.path.resolve()}) for e in plan.config.experts],
+        "calibration": {name: path.resolve() for name, path in plan.config.calibration.items()}})
     writer.write_text("merge_config.yaml",
                       yaml.safe_dump(absolute.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
-def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointReader | None,
-         state_dir: Path | None) -> Path:
+def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointReader | None = None,
+         state_dir: Path | None = None, artifacts: Callable[[CheckpointWriter], None] | None = None) -> Path:
     shard_size = parse_size(plan.config.max_shard_size)
     writer = CheckpointWriter(out, plan.layout, max_shard_size=shard_size, overwrite=overwrite)
     state_writer = None
@@ -140,6 +149,8 @@ def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointRe
                 "config": plan.config.model_dump(mode="json", by_alias=True),
                 "base_fingerprint": plan.base_fingerprint(),
             })
+        if artifacts is not None:
+            artifacts(writer)
         _write_companions(plan, writer)
     log.info("merged %d experts with %s into %s", len(plan.config.experts), plan.method.name, out)
     return out
@@ -157,6 +168,14 @@ def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, ov
     out = out if out is not None else config.out
     if out is None:
         raise ConfigError(f"{source}: out: no output folder; give one (mergeplan merge CONFIG OUT) or set out:")
+    if config.method in CALIBRATED_METHODS:
+        if save_state:
+            raise ConfigError(f"{source}: method: {config.method} has no incremental state (its coefficients are "
+                              "learned for the whole set of experts); merge again with the new expert")
+        return _calibrated_merge(config, Path(out), overwrite, source)
+    if config.calibration:
+        log.warning("%s: calibration data is used only by %s; %s ignores it", source,
+                    " and ".join(CALIBRATED_METHODS), config.method)
     plan = prepare(config, source)
     return _run(plan, Path(out), overwrite, None, Path(save_state) if save_state else None)
 
@@ -183,3 +202,46 @@ def add_experts(state_dir: str | Path, experts: list[ExpertRef | str | Path], ou
     if set(state_in.tensors) != expected:
         raise CheckpointError(f"{source}: accumulators do not match the base's tensors; run a full merge again")
     return _run(plan, Path(out), overwrite, state_in, state_dir)
+
+
+def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: str) -> Path:
+    try:
+        params = CalibrationParams.model_validate(config.params)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source).replace(f"{source}: ", f"{source}: params.", 1)
+                          ) from exc
+    labels = [ref.label for ref in config.experts]
+    if len(set(labels)) != len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise ConfigError(f"{source}: experts: two experts are named {twice!r}; give each a distinct name: field")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: output folder exists; pass --overwrite or choose another")
+    plan = prepare(config, source, method=LearnedCoefficients({}))
+    names = calibrated_tensors(plan.base, plan.merged_names, params.exclude)
+    if not names:
+        raise ConfigError(f"{source}: params.exclude: every merged tensor is excluded; nothing to calibrate")
+    result = calibrate(config, params, plan.base, [e.reader for e in plan.experts], names, source)
+    return apply_coefficients(result.coefficients, out, overwrite=overwrite, report=result.report)
+
+
+def apply_coefficients(coefficients: Coefficients | str | Path, out: str | Path, *, overwrite: bool = False,
+                       report: dict | None = None) -> Path:
+    """Write base + Σ α·τ with learned coefficients (a Coefficients or a coefficients.json), no training.
+
+    The folder gets coefficients.json and coefficients.png (and calibration.json when `report` is given)."""
+    source = str(coefficients) if isinstance(coefficients, str | Path) else "coefficients"
+    if isinstance(coefficients, str | Path):
+        coefficients = Coefficients.load(coefficients)
+    plan = prepare(coefficients.config, source, method=LearnedCoefficients(coefficients.alpha))
+    unknown = [name for name in coefficients.alpha if name not in plan.base.tensors]
+    if unknown:
+        raise ConfigError(f"{source}: tensors.{unknown[0]}: the base {plan.config.base} has no such tensor")
+    plan.merged_names = set(coefficients.alpha)
+
+    def artifacts(writer: CheckpointWriter) -> None:
+        writer.write_json(COEFFICIENTS_FILE, coefficients.to_json())
+        coefficients.plot(writer.staged(COEFFICIENTS_PLOT))
+        if report is not None:
+            writer.write_json(CALIBRATION_FILE, report)
+
+    return _run(plan, Path(out), overwrite, artifacts=artifacts)

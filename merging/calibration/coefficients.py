@@ -1,0 +1,97 @@
+"""Learned coefficients as data: coefficients.json (every α by tensor, chunk and expert) and its heatmap."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.config import MergeConfig
+from merging.errors import ConfigError
+
+COEFFICIENTS_FORMAT = 1
+
+
+@dataclass
+class Coefficients:
+    """alpha[tensor] is (K, chunks): θ = θ0 + Σk Σs alpha[tensor][k, s] · τk[chunk s]."""
+
+    config: MergeConfig  # the merge that produced them: base, experts (in order), method, params
+    expert_names: list[str]
+    alpha: dict[str, torch.Tensor]
+    trained: dict[str, bool] = field(default_factory=dict)  # False: held fixed (EM++ tensors with no chunk)
+
+    def to_json(self) -> dict[str, Any]:
+        config = self.config.model_copy(update={
+            "base": self.config.base.resolve(),
+            "experts": [e.model_copy(update={"path": e.path.resolve()}) for e in self.config.experts],
+            "calibration": {name: path.resolve() for name, path in self.config.calibration.items()},
+            "out": None})
+        return {
+            "format": COEFFICIENTS_FORMAT,
+            "config": config.model_dump(mode="json", by_alias=True),
+            "experts": self.expert_names,
+            "tensors": {name: {"chunks": alpha.shape[1], "trained": self.trained.get(name, True),
+                               "alpha": {expert: alpha[k].tolist() for k, expert in enumerate(self.expert_names)}}
+                        for name, alpha in self.alpha.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> Coefficients:
+        if not isinstance(data, dict) or data.get("format") != COEFFICIENTS_FORMAT or "tensors" not in data:
+            raise ConfigError(f"{source}: not a mergeplan coefficients.json (format {COEFFICIENTS_FORMAT})")
+        config = MergeConfig.model_validate(data["config"])
+        names = data["experts"]
+        alpha, trained = {}, {}
+        for tensor, entry in data["tensors"].items():
+            missing = [name for name in names if name not in entry["alpha"]]
+            if missing:
+                raise ConfigError(f"{source}: tensors.{tensor}.alpha: no coefficients for expert {missing[0]}")
+            rows = [entry["alpha"][name] for name in names]
+            if any(len(row) != entry["chunks"] for row in rows):
+                raise ConfigError(f"{source}: tensors.{tensor}: expected {entry['chunks']} chunk coefficients "
+                                  "per expert")
+            alpha[tensor] = torch.tensor(rows, dtype=torch.float32)
+            trained[tensor] = bool(entry.get("trained", True))
+        return cls(config, names, alpha, trained)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Coefficients:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read coefficients ({exc.strerror})") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return cls.from_json(data, str(path))
+
+    def layerwise_means(self) -> torch.Tensor:
+        """(tensors, K): each tensor's coefficient per expert, averaged over its chunks."""
+        return torch.stack([alpha.mean(dim=1) for alpha in self.alpha.values()])
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        values = self.layerwise_means().numpy()
+        names = [_short(name) + ("" if self.alpha[name].shape[1] == 1 else f" ×{self.alpha[name].shape[1]}")
+                 for name in self.alpha]
+        figure, axes = plt.subplots(figsize=(2.5 + 0.7 * len(self.expert_names), 1.5 + 0.2 * len(names)))
+        image = axes.imshow(values, cmap="magma", aspect="auto", vmin=0, vmax=max(1e-6, float(values.max())))
+        axes.set_xticks(range(len(self.expert_names)), self.expert_names, rotation=45, ha="right")
+        axes.set_yticks(range(len(names)), names, fontsize=7)
+        figure.colorbar(image, label="α (mean over chunks where ×m)")
+        axes.set_title(f"{self.config.method}: learned coefficients")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.").removesuffix(".weight").replace("layers.", "L")

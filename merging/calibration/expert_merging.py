@@ -1,0 +1,158 @@
+"""Expert Merging (arXiv 2509.25712): learn α per (tensor, chunk, expert) by aligning the merged model with
+each expert on a few unlabeled samples of its domain.
+
+θ = θ0 + Σk sigmoid(r_k) · τk. Only r is trained: the merged weights go through torch.func.functional_call,
+so autograd reaches the coefficients and nothing else. Task vectors are held once, (K, numel) per tensor
+in the compute dtype on the compute device; the teachers' outputs are computed once per sample and cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from merging.calibration.params import CalibrationParams
+from merging.calibration.samples import Sample, balanced_order
+from merging.errors import TrainingError
+from merging.methods.learned import combine
+
+log = logging.getLogger("mergeplan")
+PROGRESS_SECONDS = 30
+
+
+@dataclass
+class TeacherOutput:
+    log_probs: torch.Tensor  # (length, vocab): log softmax(z / T) of the expert
+    hidden: list[torch.Tensor]  # (length, hidden) at each aligned layer
+
+
+@dataclass
+class StageReport:
+    name: str
+    trained_per_expert: int
+    steps: list[dict] = field(default_factory=list)  # one row per optimizer step
+    seconds: float = 0.0
+
+
+class MergedModel:
+    """The base model whose calibrated tensors are θ0 + combine(τ, α): the student."""
+
+    def __init__(self, model: torch.nn.Module, task_vectors: dict[str, torch.Tensor]):
+        self.model = model
+        self.task_vectors = task_vectors  # name -> (K, numel)
+        self.base = dict(model.named_parameters())
+
+    def weights(self, alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: self.base[name] + combine(tv, alpha[name]).view_as(self.base[name])
+                for name, tv in self.task_vectors.items()}
+
+    def __call__(self, alpha: dict[str, torch.Tensor], input_ids: torch.Tensor, hidden: bool):
+        return functional_call(self.model, self.weights(alpha), args=(),
+                               kwargs={"input_ids": input_ids, "output_hidden_states": hidden, "use_cache": False})
+
+
+@torch.no_grad()
+def teacher_outputs(model: torch.nn.Module, samples: list[Sample], layers: list[int],
+                    temperature: float) -> list[TeacherOutput]:
+    outputs = []
+    for sample in samples:
+        out = model(input_ids=sample.input_ids.to(model.device), output_hidden_states=bool(layers), use_cache=False)
+        log_probs = F.log_softmax(out.logits[0].float() / temperature, dim=-1).to(out.logits.dtype)
+        outputs.append(TeacherOutput(log_probs, [out.hidden_states[i][0] for i in layers]))
+    return outputs
+
+
+def alignment_losses(out, teacher: TeacherOutput, layers: list[int], temperature: float) -> tuple[torch.Tensor, ...]:
+    """(T² · KL(teacher ‖ student) per position, hidden-state MSE averaged over layers)."""
+    student = F.log_softmax(out.logits[0].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher.log_probs.float(), log_target=True, reduction="sum") / student.shape[0]
+    logit = temperature**2 * kl
+    if not layers:
+        return logit, torch.zeros((), device=logit.device)
+    pairs = zip(layers, teacher.hidden, strict=True)
+    hidden = sum(F.mse_loss(out.hidden_states[i][0].float(), target.float()) for i, target in pairs)
+    return logit, hidden / len(layers)
+
+
+class TrainableCoefficients(torch.nn.Module):
+    """Raw r (trained) and fixed α per tensor; alpha() = sigmoid(r) for the trained ones."""
+
+    def __init__(self, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = list(raw) + list(fixed)
+        self.raw = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(r.clone()) for n, r in raw.items()})
+        self.trained = list(raw)
+        self.fixed = fixed
+
+    def alpha(self) -> dict[str, torch.Tensor]:
+        return {name: torch.sigmoid(self.raw[_key(name)]) for name in self.trained} | self.fixed
+
+    def raw_value(self, name: str) -> torch.Tensor:
+        return self.raw[_key(name)].detach()
+
+    def regulariser(self, init: float) -> torch.Tensor:
+        """Σk Σℓ |α − ᾱ| / L, L = trained coefficients per expert (the released code's scaling)."""
+        alphas = [torch.sigmoid(self.raw[_key(name)]) for name in self.trained]
+        per_expert = sum(a.shape[1] for a in alphas)
+        return sum((a - init).abs().sum() for a in alphas) / per_expert
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")  # ParameterDict keys may not contain dots
+
+
+def train_stage(name: str, student: MergedModel, coefficients: TrainableCoefficients, samples: list[Sample],
+                teachers: list[TeacherOutput], layers: list[int], task_weights: list[float],
+                params: CalibrationParams, seed: int) -> StageReport:
+    """AdamW on r with cosine warm restarts, gradient clipping and accumulation; one row per optimizer step."""
+    report = StageReport(name, sum(coefficients.raw[_key(n)].shape[1] for n in coefficients.trained))
+    trainable = list(coefficients.raw.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=params.restart_period, T_mult=params.restart_growth, eta_min=params.min_lr_ratio * params.lr)
+    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers, strict=True)}
+    device = next(iter(student.base.values())).device
+    start = last_report = time.perf_counter()
+    step = 0
+    for epoch in range(params.epochs):
+        order = balanced_order(samples, seed, epoch)
+        for first in range(0, len(order), params.grad_accumulation):
+            group = order[first : first + params.grad_accumulation]
+            totals = dict.fromkeys(("loss", "logit", "hidden", "regulariser"), 0.0)
+            for sample in group:
+                out = student(coefficients.alpha(), sample.input_ids.to(device), hidden=bool(layers))
+                logit, hidden = alignment_losses(out, teacher_of[id(sample)], layers, params.temperature)
+                regulariser = coefficients.regulariser(params.init)
+                alignment = logit + params.hidden_weight * hidden
+                loss = task_weights[sample.expert] * alignment + params.gamma * regulariser
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{name}: loss is {loss.item()} at optimizer step {step + 1} (epoch "
+                                        f"{epoch + 1}); nothing was written. Lower params.lr or check the "
+                                        "experts for huge task vectors")
+                (loss / len(group)).backward()
+                for key, value in zip(totals, (loss, logit, hidden, regulariser), strict=True):
+                    totals[key] += value.item() / len(group)
+            gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            report.steps.append({"step": step + 1, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                                 "grad_norm": float(gradient_norm), **totals})
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if time.perf_counter() - last_report > PROGRESS_SECONDS:
+                log.info("%s: step %d, loss %.4f", name, step, totals["loss"])
+                last_report = time.perf_counter()
+    report.seconds = time.perf_counter() - start
+    first_loss, last_loss = report.steps[0]["loss"], report.steps[-1]["loss"]
+    log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f", name, step, report.seconds, first_loss, last_loss)
+    return report
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

@@ -1,0 +1,81 @@
+"""Calibration settings as data: the released Expert Merging defaults, validated field by field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from merging.errors import ConfigError
+from merging.methods.base import MethodParams
+
+# Kept at the base's value: the paper merges the blocks' linear layers only.
+DEFAULT_EXCLUDE = ("*embed_tokens*", "*lm_head*", "*norm*", "*.bias")
+HiddenLayer = int | Literal["middle", "last"]
+
+
+class CalibrationParams(MethodParams):
+    """`params:` of expert_merging / expert_merging_pp."""
+
+    samples_per_expert: int = Field(8, gt=0, description="calibration samples drawn per expert (seeded)")
+    init: float = Field(0.3, gt=0, lt=1, description="ᾱ: every coefficient starts here; the L1 pull aims here")
+    gamma: float = Field(0.8, ge=0, description="weight of the L1 pull of the coefficients towards init")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of the logit KL (scaled by T²)")
+    hidden_layers: list[HiddenLayer] = Field(default_factory=lambda: ["middle"],
+                                             description="hidden_states indices aligned by MSE (0 = embeddings)")
+    hidden_weight: float = Field(1.0, ge=0, description="w_h: weight of the hidden-state MSE")
+    lr: float = Field(0.5, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    epochs: int = Field(1, gt=0)
+    grad_accumulation: int = Field(8, gt=0, description="samples per optimizer step (batch size 1)")
+    grad_clip: float = Field(1.0, gt=0)
+    restart_period: int = Field(50, gt=0, description="T_0 of the cosine warm restarts, in optimizer steps")
+    restart_growth: int = Field(2, ge=1, description="T_mult of the cosine warm restarts")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="eta_min as a fraction of lr")
+    budget: float = Field(1.0, gt=0, description="EM++: chunk coefficients per expert ≈ budget × tensors")
+    kappa: float = Field(1.0, ge=0, description="EM++: importance exponent; higher concentrates chunks")
+    stage2_init: Literal["stage1", "init"] = Field("stage1", description="EM++: warm start of stage 2")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
+                               description="tensor-name patterns kept at the base's value")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype: auto = float32 on CPU, bfloat16 on GPU")
+    seed: int | None = Field(None, description="sample choice and order; default: the config's seed")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError as exc:
+                raise ValueError(f"{device!r} is not a torch device (auto, cpu, cuda, cuda:0)") from exc
+        return device
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _distinct(cls, layers: list[HiddenLayer]) -> list[HiddenLayer]:
+        if len(set(layers)) != len(layers):
+            raise ValueError("lists a layer twice")
+        return layers
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def layer_indices(self, num_hidden_layers: int, source: str) -> list[int]:
+        """hidden_states indices: 0 is the embeddings, i the output of block i."""
+        named = {"middle": num_hidden_layers // 2, "last": num_hidden_layers}
+        indices = [named[layer] if isinstance(layer, str) else layer for layer in self.hidden_layers]
+        for index in indices:
+            if not 0 <= index <= num_hidden_layers:
+                raise ConfigError(f"{source}: params.hidden_layers: {index} is out of range; the model has "
+                                  f"hidden states 0..{num_hidden_layers}")
+        return sorted(set(indices))
