@@ -78,39 +78,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/merging_quality"))
     parser.add_argument("--accuracy-samples", type=int, default=50)
     parser.add_argument("--max-examples", type=int, default=None, help="eval examples per domain (default all)")
-    parser.add_argument("--skip-curves", action="store_true")
+    parser.add_argument("--sections", default="main,calibrated,curves,ceiling,timing",
+                        help="main (references, training-free), calibrated (EM, EM++), curves (N, gamma), ceiling, "
+                             "timing (medians of 3 calibrations; run on an idle machine); "
+                             "rows are added to an existing results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
+    sections = set(args.sections.split(","))
     bench = Bench(args.zoo, args.out, args.accuracy_samples, args.max_examples)
-    rows: dict[str, dict] = {}
+    results_path = args.out / "results.json"
+    rows: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     def record(name: str, results: list[EvalResult], **extra) -> None:
         rows[name] = {**summary(results), **extra}
         row = rows[name]
         accuracy = "" if row["accuracy"] is None else f"  exact match {row['accuracy']:.3f} ± {row['accuracy_std']:.3f}"
         print(f"{name:<34} macro CE {row['macro_ce']:.4f} ± {row['macro_ce_std']:.4f}{accuracy}", flush=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        results_path.write_text(json.dumps(rows, indent=2) + "\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    record("base", [bench.evaluate(args.zoo / "base")])
-    own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
-    experts_own = EvalResult("experts", "eval", [r.domains[0] for r in own])
-    record("each expert on its own domain", [experts_own])
-    record("mixture (multitask training)", [bench.evaluate(args.zoo / "mixture")])
-
-    folder, _ = bench.merge("average", "average", {})
-    record("average", [bench.evaluate(folder)])
-    ta_lambda = bench.tune_lambda("task_arithmetic", {})
-    folder, _ = bench.merge("task_arithmetic", "task_arithmetic", {"lambda": ta_lambda})
-    record(f"task_arithmetic (λ={ta_lambda})", [bench.evaluate(folder)], scale=ta_lambda)
-    ties_lambda = bench.tune_lambda("ties", {"density": DENSITY})
-    folder, _ = bench.merge("ties", "ties", {"density": DENSITY, "lambda": ties_lambda})
-    record(f"ties (d={DENSITY}, λ={ties_lambda})", [bench.evaluate(folder)], scale=ties_lambda)
-    dare_lambda = bench.tune_lambda("dare_ties", {"density": DENSITY})
-    dare = [bench.evaluate(bench.merge(f"dare_ties-{s}", "dare_ties", {"density": DENSITY, "lambda": dare_lambda},
-                                       s)[0]) for s in seeds]
-    record(f"dare_ties (d={DENSITY}, λ={dare_lambda})", dare, scale=dare_lambda)
+    if "main" in sections:
+        main_rows(bench, seeds, record)
+    ta_lambda = next(row["scale"] for name, row in rows.items() if name.startswith("task_arithmetic"))
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
@@ -124,15 +114,86 @@ def main() -> None:
                   f"{time.perf_counter() - started:.1f} s", flush=True)
         record(label, results, calibration_seconds=statistics.median(seconds), peak_memory_mb=max(memory))
 
-    calibrated("expert_merging", {}, f"expert_merging (ᾱ={ta_lambda})")
-    calibrated("expert_merging_pp", {}, f"expert_merging_pp (ᾱ={ta_lambda})")
-    if not args.skip_curves:
+    if "calibrated" in sections:
+        calibrated("expert_merging", {}, f"expert_merging (ᾱ={ta_lambda})")
+        calibrated("expert_merging_pp", {}, f"expert_merging_pp (ᾱ={ta_lambda})")
+    if "curves" in sections:
         for count in (1, 2, 5, 10):
             calibrated("expert_merging_pp", {"samples_per_expert": count}, f"em++ N={count}", accuracy=False)
         for gamma in (0.0, 0.8, 5.0):
             calibrated("expert_merging_pp", {"gamma": gamma}, f"em++ gamma={gamma}", accuracy=False)
-    shutil.rmtree(args.out / "models")
-    print(f"wrote {args.out / 'results.json'}")
+    if "timing" in sections:  # run it on an idle machine: calibration seconds are wall time
+        for method, mode in (("expert_merging", "full"), ("expert_merging_pp", "full"),
+                             ("expert_merging_pp", "blockwise")):
+            reports = [bench.merge(f"timing-{method}", method, {"init": ta_lambda, "mode": mode})[1] for _ in range(3)]
+            rows[f"timing {method} {mode}"] = timing = {
+                "calibration_seconds": statistics.median(r["seconds"] for r in reports),
+                **{key: reports[0][key] for key in ("task_vectors_mb", "peak_memory_mb", "sample_tokens")}}
+            print(f"timing {method} ({mode}): {json.dumps(timing)}", flush=True)
+        results_path.write_text(json.dumps(rows, indent=2) + "\n")
+    if "ceiling" in sections:
+        record("supervised ceiling (α fit to labels)", [bench.evaluate(supervised_ceiling(bench, ta_lambda))])
+    shutil.rmtree(args.out / "models", ignore_errors=True)
+    print(f"wrote {results_path}")
+
+
+def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
+    """Not a merging method: one α per (tensor, expert) fit with Adam to the labelled response CE of the whole
+    calibration split. It bounds what any layer-wise coefficients can reach on this zoo."""
+    import torch
+
+    from merging.calibration import Coefficients, calibrated_tensors
+    from merging.calibration.expert_merging import MergedModel, TrainableCoefficients, load_task_vectors, logit
+    from merging.calibration.params import DEFAULT_EXCLUDE
+    from merging.checkpoint import CheckpointReader
+    from merging.data.loading import IGNORE_INDEX, collate, encode, load_split
+    from merging.hf import load_causal_lm, load_tokenizer
+    from merging.merger import apply_coefficients
+
+    base = CheckpointReader(bench.zoo / "base")
+    names = calibrated_tensors(base, set(base.names()), list(DEFAULT_EXCLUDE))
+    vectors = load_task_vectors(base, [CheckpointReader(p) for p in bench.experts], names, torch.device("cpu"),
+                                torch.float32)
+    student = MergedModel(load_causal_lm(bench.zoo / "base").eval().requires_grad_(False), vectors)
+    coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), logit(init)) for n in names}, {})
+    optimizer = torch.optim.Adam(coefficients.parameters(), lr=0.05)
+    tokenizer = load_tokenizer(bench.zoo / "base")
+    batches = [collate([encode(tokenizer, e, 192)], tokenizer.pad_token_id)
+               for d in bench.domains for e in load_split(bench.zoo / "data", d, "calib")]
+    for epoch in range(epochs):
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist()
+        for step, i in enumerate(order, start=1):
+            logits = student(coefficients.alpha(), batches[i]["input_ids"], hidden=False).logits[0, :-1]
+            torch.nn.functional.cross_entropy(logits, batches[i]["labels"][0, 1:], ignore_index=IGNORE_INDEX
+                                              ).backward()
+            if step % 8 == 0 or step == len(order):
+                optimizer.step()
+                optimizer.zero_grad()
+    config = MergeConfig(base=bench.zoo / "base", experts=[{"path": p} for p in bench.experts],
+                         method="expert_merging")
+    learned = Coefficients(config, bench.domains, {n: a.detach() for n, a in coefficients.alpha().items()})
+    return apply_coefficients(learned, bench.out / "models" / "ceiling", overwrite=True)
+
+
+def main_rows(bench: Bench, seeds: list[int], record) -> None:
+    record("base", [bench.evaluate(bench.zoo / "base")])
+    own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
+    experts_own = EvalResult("experts", "eval", [r.domains[0] for r in own])
+    record("each expert on its own domain", [experts_own])
+    record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
+
+    folder, _ = bench.merge("average", "average", {})
+    record("average", [bench.evaluate(folder)])
+    ta_lambda = bench.tune_lambda("task_arithmetic", {})
+    folder, _ = bench.merge("task_arithmetic", "task_arithmetic", {"lambda": ta_lambda})
+    record(f"task_arithmetic (λ={ta_lambda})", [bench.evaluate(folder)], scale=ta_lambda)
+    ties_lambda = bench.tune_lambda("ties", {"density": DENSITY})
+    folder, _ = bench.merge("ties", "ties", {"density": DENSITY, "lambda": ties_lambda})
+    record(f"ties (d={DENSITY}, λ={ties_lambda})", [bench.evaluate(folder)], scale=ties_lambda)
+    dare_lambda = bench.tune_lambda("dare_ties", {"density": DENSITY})
+    dare = [bench.evaluate(bench.merge(f"dare_ties-{s}", "dare_ties", {"density": DENSITY, "lambda": dare_lambda},
+                                       s)[0]) for s in seeds]
+    record(f"dare_ties (d={DENSITY}, λ={dare_lambda})", dare, scale=dare_lambda)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,18 @@ def load_tokenizer(folder: str | Path):
 
     _quiet()
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+
+
+def load_model_config(folder: str | Path):
+    from transformers import AutoConfig
+
+    _quiet()
+    return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+
+
+def causal_lm_skeleton(folder: str | Path):
+    """The model's modules without weights (on the meta device): for running one block at a time."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(load_model_config(folder), trust_remote_code=False)

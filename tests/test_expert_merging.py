@@ -219,3 +219,41 @@ def test_non_finite_loss_stops_with_the_step_and_writes_nothing(em_config, tiny_
     assert not (tmp_path / "m").exists()
     assert not any(p.name.startswith(".m") for p in tmp_path.iterdir())
     shutil.rmtree(broken)
+
+
+def test_blocks_run_one_at_a_time_reproduce_the_whole_model(tiny_zoo):
+    from merging.calibration.blockwise import BlockwiseRunner
+    from merging.calibration.params import CalibrationParams
+    from merging.hf import load_causal_lm
+
+    expert = CheckpointReader(tiny_zoo / "experts" / "code")
+    runner = BlockwiseRunner(CheckpointReader(tiny_zoo / "base"), [expert], ["model.layers.0.mlp.up_proj.weight"],
+                             [], [1.0], CalibrationParams(), 0, torch.device("cpu"), torch.float32, "test")
+    ids = torch.tensor([[0, 17, 42, 99, 5, 230, 7]])
+    with torch.no_grad():
+        expected = load_causal_lm(tiny_zoo / "experts" / "code")(input_ids=ids, output_hidden_states=True)
+        hidden = runner._embed(expert, [Sample(0, ids)])[0]
+        assert torch.equal(hidden, expected.hidden_states[0])
+        hidden = runner.block_forward(0, runner._read_block(expert, 0), hidden)
+    assert torch.allclose(hidden, expected.hidden_states[1], atol=1e-6)  # the last entry has the final norm
+
+
+def test_blockwise_mode_holds_one_block_of_task_vectors(em_config, tmp_path, run_cli):
+    assert run_cli("merge", em_config(), tmp_path / "full")[0] == 0
+    status, _, err = run_cli("merge", em_config(mode="blockwise"), tmp_path / "blocks")
+    assert status == 0, err
+    full = json.loads((tmp_path / "full" / "calibration.json").read_text())
+    blocks = json.loads((tmp_path / "blocks" / "calibration.json").read_text())
+    assert blocks["mode"] == "blockwise"
+    assert blocks["task_vectors_mb"] == pytest.approx(full["task_vectors_mb"] / 2, rel=0.01)  # 2 equal blocks
+    # two passes (stage 1, EM++ stage 2) over 2 blocks
+    assert [s["name"] for s in blocks["stages"]] == ["expert_merging block 0", "expert_merging block 1",
+                                                     "expert_merging_pp block 0", "expert_merging_pp block 1"]
+    tensors = json.loads((tmp_path / "blocks" / "coefficients.json").read_text())["tensors"]
+    assert len(tensors) == 14
+    assert any(abs(a - 0.3) > 1e-3 for t in tensors.values() for row in t["alpha"].values() for a in row)
+
+
+def test_blockwise_refuses_tensors_outside_blocks(em_config, tmp_path, run_cli):
+    status, _, err = run_cli("merge", em_config(mode="blockwise", exclude=["*norm*"]), tmp_path / "m")
+    assert status == 2 and "blockwise calibrates transformer blocks only" in err and "add it to params.exclude" in err

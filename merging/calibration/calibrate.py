@@ -10,23 +10,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from merging.calibration.blockwise import BlockwiseRunner
 from merging.calibration.coefficients import Coefficients
 from merging.calibration.expert_merging import (
     MergedModel,
     StageReport,
+    StageResult,
     TeacherOutput,
     TrainableCoefficients,
+    full_model_alignment,
+    load_task_vectors,
     logit,
     teacher_outputs,
     train_stage,
 )
 from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.params import CalibrationParams
-from merging.calibration.samples import load_samples
+from merging.calibration.samples import Sample, load_samples
 from merging.checkpoint import CheckpointReader
 from merging.config import MergeConfig
 from merging.errors import ConfigError
-from merging.hf import load_causal_lm, load_tokenizer
+from merging.hf import load_causal_lm, load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
 CALIBRATED_METHODS = ("expert_merging", "expert_merging_pp")
@@ -43,19 +47,6 @@ def calibrated_tensors(base: CheckpointReader, merged_names: set[str], exclude: 
     """The tensors that get coefficients, in checkpoint order: merged and not excluded."""
     return [name for name in base.names() if name in merged_names
             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)]
-
-
-def load_task_vectors(base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
-                      device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """(K, numel) per tensor, computed in float32 then stored once in the compute dtype on the device."""
-    vectors = {}
-    for name in names:
-        base_tensor = base.read(name).float().view(-1)
-        stacked = torch.empty((len(experts), base_tensor.numel()), dtype=dtype, device=device)
-        for k, expert in enumerate(experts):
-            stacked[k].copy_(expert.read(name).float().view(-1).sub_(base_tensor))
-        vectors[name] = stacked
-    return vectors
 
 
 def _teachers(config: MergeConfig, samples, layers: list[int], temperature: float, device: torch.device,
@@ -80,8 +71,55 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
-def _nbytes(tensors) -> float:
+def _megabytes(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+class FullModelRunner:
+    """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against cached teachers."""
+
+    def __init__(self, config: MergeConfig, base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
+                 samples: list[Sample], layers: list[int], task_weights: list[float], params: CalibrationParams,
+                 seed: int, device: torch.device, dtype: torch.dtype):
+        model = load_causal_lm(config.base, dtype).to(device).eval().requires_grad_(False)
+        self.teachers = _teachers(config, samples, layers, params.temperature, device, dtype)
+        self.task_vectors = load_task_vectors(base, experts, names, device, dtype)
+        self.task_vector_l1 = {n: tv.abs().sum(dim=1, dtype=torch.float32) for n, tv in self.task_vectors.items()}
+        self.alignment = full_model_alignment(MergedModel(model, self.task_vectors), samples, self.teachers, layers,
+                                              params.temperature)
+        self.samples, self.task_weights, self.params, self.seed = samples, task_weights, params, seed
+
+    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> StageResult:
+        coefficients = TrainableCoefficients(raw, fixed)
+        report = train_stage(name, coefficients, self.samples, self.alignment, self.task_weights, self.params,
+                             self.seed)
+        return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},
+                           {n: coefficients.raw_value(n) for n in coefficients.trained}, [report])
+
+    def memory(self) -> dict[str, float]:
+        cached = [t.log_probs for t in self.teachers] + [h for t in self.teachers for h in t.hidden]
+        return {"task_vectors_mb": _megabytes(self.task_vectors.values()), "teacher_cache_mb": _megabytes(cached)}
+
+
+def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[str], numel: dict[str, int],
+          experts: int, params: CalibrationParams, device: torch.device,
+          ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[StageReport]]:
+    """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)"""
+    start = torch.full((experts, 1), logit(params.init), device=device)
+    first = runner.run("expert_merging", dict.fromkeys(names, start), {})
+    if method != "expert_merging_pp":
+        return first.alpha, dict.fromkeys(names, 1), first.reports
+    chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), numel, params.budget, params.kappa)
+    warm = params.stage2_init == "stage1"
+    raw = {n: (first.raw[n] if warm else start).expand(-1, m).contiguous() for n, m in chunks.items() if m > 0}
+    fixed = {n: first.alpha[n] if warm else torch.full_like(first.alpha[n], params.init)
+             for n, m in chunks.items() if m == 0}
+    if not raw:
+        log.warning("expert_merging_pp: the budget %.2f gives no tensor a chunk; keeping stage 1's coefficients",
+                    params.budget)
+        return first.alpha, chunks, first.reports
+    second = runner.run("expert_merging_pp", raw, fixed)
+    return second.alpha, chunks, first.reports + second.reports
 
 
 def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointReader,
@@ -96,57 +134,41 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
     if not any((config.base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ConfigError(f"{config.base}: no tokenizer files; calibration tokenises its samples with the base's "
                           "tokenizer: copy tokenizer.json (and tokenizer_config.json) there")
-    model = load_causal_lm(config.base, dtype).to(device).eval().requires_grad_(False)
-    layers = params.layer_indices(model.config.num_hidden_layers, source) if params.hidden_weight > 0 else []
+    model_config = load_model_config(config.base)
+    layers = params.layer_indices(model_config.num_hidden_layers, source) if params.hidden_weight > 0 else []
     expert_names = [ref.label for ref in config.experts]
     samples = load_samples(config.calibration, expert_names, load_tokenizer(config.base), params.samples_per_expert,
-                           model.config.max_position_embeddings, seed, source)
-    teachers = _teachers(config, samples, layers, params.temperature, device, dtype)
-    task_vectors = load_task_vectors(base, experts, names, device, dtype)
-    student = MergedModel(model, task_vectors)
+                           model_config.max_position_embeddings, seed, source)
     task_weights = [ref.weight for ref in config.experts]
-
-    start = torch.full((len(experts), 1), logit(params.init))
-    stage1 = TrainableCoefficients({name: start.to(device) for name in names}, {})
-    stages = [train_stage("expert_merging", student, stage1, samples, teachers, layers, task_weights, params, seed)]
-    alpha = {name: a.detach() for name, a in stage1.alpha().items()}
-    chunks = dict.fromkeys(names, 1)
-    if config.method == "expert_merging_pp":
-        l1 = {name: tv.abs().sum(dim=1, dtype=torch.float32) for name, tv in task_vectors.items()}
-        chunks = allocate_chunks(importance(alpha, l1), {n: tv.shape[1] for n, tv in task_vectors.items()},
-                                 params.budget, params.kappa)
-        warm = params.stage2_init == "stage1"
-        raw = {name: (stage1.raw_value(name) if warm else start.to(device)).expand(-1, m).contiguous()
-               for name, m in chunks.items() if m > 0}
-        fixed = {name: alpha[name] if warm else torch.full_like(alpha[name], params.init)
-                 for name, m in chunks.items() if m == 0}
-        if raw:
-            stage2 = TrainableCoefficients(raw, fixed)
-            stages.append(train_stage("expert_merging_pp", student, stage2, samples, teachers, layers,
-                                      task_weights, params, seed))
-            alpha = {name: a.detach() for name, a in stage2.alpha().items()}
-        else:
-            log.warning("expert_merging_pp: the budget %.2f gives no tensor a chunk; keeping stage 1's coefficients",
-                        params.budget)
+    if params.mode == "blockwise":
+        runner = BlockwiseRunner(base, experts, names, samples, task_weights, params, seed, device, dtype, source)
+    else:
+        runner = FullModelRunner(config, base, experts, names, samples, layers, task_weights, params, seed, device,
+                                 dtype)
+    numel = {name: base.tensors[name].numel for name in names}
+    alpha, chunks, stages = learn(runner, config.method, names, numel, len(experts), params, device)
     coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names},
                                 {n: chunks[n] > 0 for n in names})
+    if isinstance(runner, BlockwiseRunner):
+        memory = {"task_vectors_mb": runner.peak_task_vectors_mb, "hidden_cache_mb": runner.hidden_cache_mb}
+    else:
+        memory = runner.memory()
     report = {
         "method": config.method,
+        "mode": params.mode,
         "params": params.model_dump(mode="json"),
         "seed": seed,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "samples": {name: sum(s.expert == k for s in samples) for k, name in enumerate(expert_names)},
         "sample_tokens": sum(s.input_ids.numel() for s in samples),
-        "hidden_layers": layers,
+        "hidden_layers": layers if params.mode == "full" else "every block",
         "tensors": len(names),
-        "chunks": {name: m for name, m in chunks.items()},
+        "chunks": chunks,
         "stages": [{"name": s.name, "trained_per_expert": s.trained_per_expert, "seconds": round(s.seconds, 3),
                     "steps": s.steps} for s in stages],
         "seconds": round(time.perf_counter() - started, 3),
-        "task_vectors_mb": round(_nbytes(task_vectors.values()), 2),
-        "teacher_cache_mb": round(_nbytes([t.log_probs for t in teachers] + [h for t in teachers for h in t.hidden]),
-                                  2),
+        **{key: round(value, 2) for key, value in memory.items()},
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }

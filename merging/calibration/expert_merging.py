@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from torch.func import functional_call
 
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
+from merging.checkpoint import CheckpointReader
 from merging.errors import TrainingError
 from merging.methods.learned import combine
 
@@ -40,6 +42,33 @@ class StageReport:
     seconds: float = 0.0
 
 
+@dataclass
+class StageResult:
+    alpha: dict[str, torch.Tensor]  # every tensor's coefficients, detached
+    raw: dict[str, torch.Tensor]  # the trained tensors' raw r, detached (stage 2 may start from them)
+    reports: list[StageReport]
+
+
+def load_task_vectors(base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
+                      device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """(K, numel) per tensor, computed in float32 then stored once in the compute dtype on the device."""
+    vectors = {}
+    for name in names:
+        base_tensor = base.read(name).float().view(-1)
+        stacked = torch.empty((len(experts), base_tensor.numel()), dtype=dtype, device=device)
+        for k, expert in enumerate(experts):
+            stacked[k].copy_(expert.read(name).float().view(-1).sub_(base_tensor))
+        vectors[name] = stacked
+    return vectors
+
+
+def merged_weights(base: dict[str, torch.Tensor], task_vectors: dict[str, torch.Tensor],
+                   alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ0 + combine(τ, α) for every tensor that has task vectors."""
+    return {name: base[name] + combine(vectors, alpha[name]).view_as(base[name])
+            for name, vectors in task_vectors.items()}
+
+
 class MergedModel:
     """The base model whose calibrated tensors are θ0 + combine(τ, α): the student."""
 
@@ -48,12 +77,8 @@ class MergedModel:
         self.task_vectors = task_vectors  # name -> (K, numel)
         self.base = dict(model.named_parameters())
 
-    def weights(self, alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: self.base[name] + combine(tv, alpha[name]).view_as(self.base[name])
-                for name, tv in self.task_vectors.items()}
-
     def __call__(self, alpha: dict[str, torch.Tensor], input_ids: torch.Tensor, hidden: bool):
-        return functional_call(self.model, self.weights(alpha), args=(),
+        return functional_call(self.model, merged_weights(self.base, self.task_vectors, alpha), args=(),
                                kwargs={"input_ids": input_ids, "output_hidden_states": hidden, "use_cache": False})
 
 
@@ -107,17 +132,30 @@ def _key(name: str) -> str:
     return name.replace(".", "/")  # ParameterDict keys may not contain dots
 
 
-def train_stage(name: str, student: MergedModel, coefficients: TrainableCoefficients, samples: list[Sample],
-                teachers: list[TeacherOutput], layers: list[int], task_weights: list[float],
-                params: CalibrationParams, seed: int) -> StageReport:
+Alignment = Callable[[dict[str, torch.Tensor], Sample], tuple[torch.Tensor, torch.Tensor]]
+
+
+def full_model_alignment(student: MergedModel, samples: list[Sample], teachers: list[TeacherOutput],
+                         layers: list[int], temperature: float) -> Alignment:
+    """(logit loss, hidden loss) of the whole merged model against a sample's cached teacher outputs."""
+    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers, strict=True)}
+    device = next(iter(student.base.values())).device
+
+    def alignment(alpha: dict[str, torch.Tensor], sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        out = student(alpha, sample.input_ids.to(device), hidden=bool(layers))
+        return alignment_losses(out, teacher_of[id(sample)], layers, temperature)
+
+    return alignment
+
+
+def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sample], alignment: Alignment,
+                task_weights: list[float], params: CalibrationParams, seed: int) -> StageReport:
     """AdamW on r with cosine warm restarts, gradient clipping and accumulation; one row per optimizer step."""
     report = StageReport(name, sum(coefficients.raw[_key(n)].shape[1] for n in coefficients.trained))
     trainable = list(coefficients.raw.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=params.restart_period, T_mult=params.restart_growth, eta_min=params.min_lr_ratio * params.lr)
-    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers, strict=True)}
-    device = next(iter(student.base.values())).device
     start = last_report = time.perf_counter()
     step = 0
     for epoch in range(params.epochs):
@@ -126,17 +164,16 @@ def train_stage(name: str, student: MergedModel, coefficients: TrainableCoeffici
             group = order[first : first + params.grad_accumulation]
             totals = dict.fromkeys(("loss", "logit", "hidden", "regulariser"), 0.0)
             for sample in group:
-                out = student(coefficients.alpha(), sample.input_ids.to(device), hidden=bool(layers))
-                logit, hidden = alignment_losses(out, teacher_of[id(sample)], layers, params.temperature)
+                logit_loss, hidden_loss = alignment(coefficients.alpha(), sample)
                 regulariser = coefficients.regulariser(params.init)
-                alignment = logit + params.hidden_weight * hidden
-                loss = task_weights[sample.expert] * alignment + params.gamma * regulariser
+                aligned = logit_loss + params.hidden_weight * hidden_loss
+                loss = task_weights[sample.expert] * aligned + params.gamma * regulariser
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{name}: loss is {loss.item()} at optimizer step {step + 1} (epoch "
                                         f"{epoch + 1}); nothing was written. Lower params.lr or check the "
                                         "experts for huge task vectors")
                 (loss / len(group)).backward()
-                for key, value in zip(totals, (loss, logit, hidden, regulariser), strict=True):
+                for key, value in zip(totals, (loss, logit_loss, hidden_loss, regulariser), strict=True):
                     totals[key] += value.item() / len(group)
             gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             report.steps.append({"step": step + 1, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],

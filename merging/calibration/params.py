@@ -38,6 +38,8 @@ class CalibrationParams(MethodParams):
     stage2_init: Literal["stage1", "init"] = Field("stage1", description="EM++: warm start of stage 2")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
                                description="tensor-name patterns kept at the base's value")
+    mode: Literal["full", "blockwise"] = Field(
+        "full", description="blockwise: one transformer block at a time (hidden states only), for big models")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto = float32 on CPU, bfloat16 on GPU")
