@@ -1,4 +1,5 @@
-"""`mergeplan demo`: the tiny zoo merged with every method, evaluated, and the incremental merge checked."""
+"""`mergeplan demo`: the tiny zoo merged with every method (calibrated ones included), evaluated, and the
+incremental merge checked."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ METHODS = {
     "ties": {"density": 0.3, "lambda": 0.5},
     "dare_linear": {"density": 0.5, "lambda": 0.3},
     "dare_ties": {"density": 0.5, "lambda": 0.5},
+    "expert_merging": {"init": 0.11},  # ᾱ near 1/9: the average of nine experts
+    "expert_merging_pp": {"init": 0.11},
 }
 
 
@@ -42,7 +45,8 @@ def run_demo(workdir: Path) -> None:
     print(f"{'model':<18}{'merge s':>9}{'macro CE':>11}{'micro CE':>11}   (held-out, nats/token, lower is better)")
     row("base", "", zoo / "base")
     for method, params in METHODS.items():
-        config = MergeConfig(base=zoo / "base", experts=experts, method=method, params=params)
+        calibration = {e.name: zoo / "data" / e.name / "calib.jsonl" for e in experts} if "expert" in method else {}
+        config = MergeConfig(base=zoo / "base", experts=experts, method=method, params=params, calibration=calibration)
         merge_started = time.perf_counter()
         out = merge(config, workdir / f"merged-{method}", overwrite=True)
         row(method, f"{time.perf_counter() - merge_started:.2f}", out)
