@@ -257,3 +257,13 @@ def test_blockwise_mode_holds_one_block_of_task_vectors(em_config, tmp_path, run
 def test_blockwise_refuses_tensors_outside_blocks(em_config, tmp_path, run_cli):
     status, _, err = run_cli("merge", em_config(mode="blockwise", exclude=["*norm*"]), tmp_path / "m")
     assert status == 2 and "blockwise calibrates transformer blocks only" in err and "add it to params.exclude" in err
+
+
+def test_apply_refuses_a_file_that_is_not_coefficients(tmp_path, run_cli):
+    wrong = tmp_path / "coefficients.json"
+    wrong.write_text('{"format": 1, "tensors": {}, "config": {"base": "x"}}')
+    status, _, err = run_cli("apply", wrong, "-o", tmp_path / "m")
+    assert status == 2 and f"{wrong}: config: experts: is required" in err
+    wrong.write_text("[1, 2]")
+    status, _, err = run_cli("apply", wrong, "-o", tmp_path / "m")
+    assert status == 2 and "not a mergeplan coefficients.json" in err and not (tmp_path / "m").exists()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from merging.config import MergeConfig
+from merging.config import MergeConfig, parse_config
 from merging.errors import ConfigError
 
 COEFFICIENTS_FORMAT = 1
@@ -43,7 +43,7 @@ class Coefficients:
     def from_json(cls, data: Any, source: str) -> Coefficients:
         if not isinstance(data, dict) or data.get("format") != COEFFICIENTS_FORMAT or "tensors" not in data:
             raise ConfigError(f"{source}: not a mergeplan coefficients.json (format {COEFFICIENTS_FORMAT})")
-        config = MergeConfig.model_validate(data["config"])
+        config = parse_config(data.get("config"), f"{source}: config")
         names = data["experts"]
         alpha, trained = {}, {}
         for tensor, entry in data["tensors"].items():
