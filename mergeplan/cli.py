@@ -87,10 +87,168 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from mergeplan.demo import run_demo
+def _sweep(args: argparse.Namespace) -> None:
+    import torch
 
-    run_demo(args.workdir)
+    from merging.sweep import SweepSettings, parse_method_params, run_sweep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = SweepSettings(methods=tuple(args.methods), params=parse_method_params(args.param), design=args.design,
+                             max_subsets=args.max_subsets, eval_examples=args.eval_examples,
+                             batch_size=args.batch_size, seed=args.seed, workers=args.workers)
+    try:
+        report = run_sweep(args.zoo, args.out, settings)
+    except KeyboardInterrupt:
+        print(f"interrupted: the subsets measured so far are saved in {args.out}; run the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    print(f"wrote {report.path}: {report.groups} merged models ({report.computed} measured now, {report.skipped} "
+          f"already there) in {report.seconds:.0f} s, {report.models_per_minute:.1f} merged and evaluated per minute")
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from merging.law_report import MACRO, FitSettings, fit_sweep
+
+    settings = FitSettings(resamples=args.resamples, confidence=args.confidence, seed=args.seed,
+                           domains=args.domains, intervals=args.intervals, plots=args.plots)
+    report = fit_sweep(args.sweep, args.out, settings, overwrite=args.overwrite)
+    print(f"{'size':<8}{'method':<18}{'R²':>7}{'floor L∞':>10}{'CI':>20}{'A':>8}{'b':>7}{'k=M err':>9}{'k80':>5}"
+          f"{'k90':>5}")
+    for row in report.summary:
+        if row["domain"] != MACRO:
+            continue
+        ci = "" if row["floor_low"] is None else f"[{row['floor_low']:.4f}, {row['floor_high']:.4f}]"
+        error = "" if row["forecast_relative_error"] is None else f"{100 * row['forecast_relative_error']:+.2f}%"
+        print(f"{row['size']:<8}{row['method']:<18}{row['r_squared']:>7.3f}{row['floor']:>10.4f}{ci:>20}"
+              f"{row['amplitude']:>8.4f}{row['offset']:>7.2f}{error:>9}{row['k80'] or '':>5}{row['k90'] or '':>5}")
+    for row in report.joint:
+        if row["domain"] == MACRO:
+            print(f"joint {row['method']}: R² {row['r_squared']:.3f}, floor by size "
+                  + ", ".join(f"{key.removeprefix('floor_at_')} {value:.4f}" for key, value in row.items()
+                              if key.startswith("floor_at_"))
+                  + f" ({'decreasing' if row['floor_decreasing_in_n'] else 'not decreasing'} in N)")
+    print(f"wrote {report.folder} (fit.json, summary.csv, plots/); macro curves shown, every domain in summary.csv")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from merging.law_report import PlanRequest, plan_from_fit
+
+    request = PlanRequest(method=args.method, domain=args.domain, size=args.size, target_loss=args.target_loss,
+                          epsilon=args.epsilon, min_gain=args.min_gain, expert_cost=args.expert_cost,
+                          next_size_cost=args.next_size_cost, next_size=args.next_size, experts=args.experts)
+    lines = plan_from_fit(args.fit, request)
+    for line in lines:
+        print(line.sentence if len(lines) == 1 else f"{line.method}: {line.sentence}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    if args.local:
+        from mergeplan.demo import run_demo
+
+        run_demo(args.workdir)
+        return
+    from mergeplan.pipeline_demo import run_pipeline_demo
+
+    run_pipeline_demo(args.workdir)
+
+
+def _settings():
+    """Settings from the environment; a bad value is one line naming its variable."""
+    from infra.settings import Settings, env_name
+
+    try:
+        return Settings.from_env()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"environment: {env_name(str(first['loc'][0]))}: {first['msg']}") from exc
+
+
+def _print_services(states) -> None:
+    for state in states:
+        pid = f"pid {state.pid}" if state.pid else ""
+        health = {True: "healthy", False: "UNHEALTHY", None: ""}[state.healthy]
+        print(f"{state.name:<8} {state.state:<8} {pid:<11}{health:<10} {state.address}  {state.note}".rstrip())
+
+
+def _up(args: argparse.Namespace) -> None:
+    from infra.stack import up
+
+    _print_services(up(_settings(), args.services or None))
+
+
+def _down(args: argparse.Namespace) -> None:
+    from infra.stack import down
+
+    states = down(_settings(), args.services or None)
+    _print_services(states)
+    if not states:
+        print("nothing to stop: no pid files in the stack folder")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from infra.stack import status
+
+    _print_services(status(_settings()))
+
+
+def _expert_upload(args: argparse.Namespace) -> None:
+    from tasks.storage import upload_expert
+
+    manifest = upload_expert(args.folder, args.s3_uri, settings=_settings())
+    print(f"{args.s3_uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
+
+
+def _expert_register(args: argparse.Namespace) -> None:
+    from tasks.registry import register_expert
+
+    expert = register_expert(args.s3_uri, args.domain, args.base, description=args.description,
+                             settings=_settings())
+    print(f"{expert.model_name} version {expert.version} ({expert.s3_uri}, sha256 {expert.sha256})")
+
+
+def _expert_download(args: argparse.Namespace) -> None:
+    from tasks.storage import download_expert
+
+    print(download_expert(args.s3_uri, args.cache, settings=_settings()))
+
+
+def _expert_list(args: argparse.Namespace) -> None:
+    from tasks.storage import list_experts
+
+    for uri in list_experts(args.base, settings=_settings()):
+        print(uri)
+
+
+def _run_pipeline(args: argparse.Namespace) -> None:
+    from flows.merge_pipeline import merge_pipeline
+    from flows.pipeline_config import load_pipeline_config
+    from flows.runtime import configured, prefect_api
+    from infra.settings import redact_url
+    from tasks.registry import check_reachable
+
+    settings = _settings()
+    config = load_pipeline_config(args.config)
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)  # in seconds, before Prefect starts
+    with prefect_api(settings):
+        outcome = configured(merge_pipeline, config.runner, settings)(config)
+    print(f"merged {len(outcome.experts)} experts ({', '.join(outcome.experts)}) with {config.method}: macro CE "
+          f"{outcome.macro_ce:.4f}")
+    print(f"decision: {outcome.decision.reason}")
+    champion = " (new champion)" if outcome.champion else ""
+    print(f"merged model {outcome.merged_uri}: merged.{config.base.name} version {outcome.version}{champion}")
+    print(f"MLflow run {outcome.run_id}: {redact_url(settings.mlflow_tracking_uri)}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flows.deployments import serve_pipeline
+    from flows.pipeline_config import load_pipeline_config
+    from flows.runtime import prefect_api
+
+    settings = _settings()
+    config = load_pipeline_config(args.config)
+    with prefect_api(settings):
+        serve_pipeline(config, settings, args.cron)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,9 +318,133 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int, help="evaluate at most this many examples per domain")
     evaluate.set_defaults(run=_evaluate)
 
-    demo = commands.add_parser("demo", help="build the tiny zoo, merge it with every method, evaluate, print a table")
+    sweep = commands.add_parser(
+        "sweep", help="merge expert subsets in memory and evaluate each: the data of the scaling law",
+        description="For every base size of the zoo, method and subset of the design: merge in memory (no "
+                    "checkpoint written), measure the response CE on each domain's eval split; one row per "
+                    "(size, method, k, subset, domain). An existing OUT is resumed: finished subsets are skipped.")
+    sweep.add_argument("--zoo", type=Path, required=True, help="zoo folder (one size, or SIZE/ folders of `sizes`)")
+    sweep.add_argument("--out", type=Path, required=True, help="table: .parquet or .csv")
+    sweep.add_argument("--methods", type=lambda s: s.split(","), default=["average", "task_arithmetic", "ties",
+                       "dare_ties"], help="comma-separated (default average,task_arithmetic,ties,dare_ties)")
+    sweep.add_argument("--param", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                       help="method params replacing the defaults (TA: lambda 0.8, normalize true; ties and "
+                            "dare_ties: density 0.2, lambda 1), e.g. --param ties.lambda=0.5; repeatable")
+    sweep.add_argument("--design", choices=["all", "diverse", "balanced"], default="all",
+                       help="all: every subset of size k (diverse-permutation prefixes where C(M,k) > "
+                            "--max-subsets); diverse: prefixes of diverse permutations; balanced: M cyclic windows "
+                            "per k, each expert in k of them (default all)")
+    sweep.add_argument("--max-subsets", type=int, help="at most this many subsets per k (default: no cap)")
+    sweep.add_argument("--eval-examples", type=int, default=64, help="eval examples per domain (default 64)")
+    sweep.add_argument("--batch-size", type=int, default=32)
+    sweep.add_argument("--seed", type=int, default=0, help="seeds the designs and DARE (default 0)")
+    sweep.add_argument("--workers", type=int, default=1,
+                       help="processes measuring subsets in parallel, 1 torch thread each (default 1)")
+    sweep.add_argument("--threads", type=int, help="with 1 worker: torch CPU threads (default: torch's choice)")
+    sweep.set_defaults(run=_sweep)
+
+    fit = commands.add_parser(
+        "fit", help="fit the scaling law to a sweep: parameters, CIs, R², forecast, plots",
+        description="Per size, method and curve (macro cross-domain CE, and each domain): L(k) = L∞ + A/(k + b) "
+                    "with bootstrap CIs, the variance law and the three-point forecast; with 2+ sizes the joint "
+                    "law L* + B·N^-β + A0·N^-γ/(k + b). Writes fit.json, summary.csv and PNG plots.")
+    fit.add_argument("sweep", type=Path, help="sweep table (.parquet or .csv)")
+    fit.add_argument("--out", type=Path, required=True, help="fit folder, written atomically")
+    fit.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    fit.add_argument("--resamples", type=int, default=200, help="bootstrap refits per curve (default 200)")
+    fit.add_argument("--confidence", type=float, default=0.95, help="CI level (default 0.95)")
+    fit.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
+    fit.add_argument("--domains", choices=["macro", "all"], default="all",
+                     help="fit the macro curve only, or each domain too (default all)")
+    fit.add_argument("--intervals", choices=["macro", "all"], default="macro",
+                     help="bootstrap CIs for the macro curve only, or for each domain too (slower; default macro)")
+    fit.add_argument("--plots", choices=["macro", "all"], default="macro",
+                     help="plot the macro curve only, or each domain too (default macro)")
+    fit.set_defaults(run=_fit)
+
+    plan = commands.add_parser(
+        "plan", help="how many experts: for a target loss, a minimum gain per expert, or bigger base vs more experts",
+        description="Answers from a fit folder in one sentence per method.")
+    plan.add_argument("fit", type=Path, help="fit folder from mergeplan fit")
+    plan.add_argument("--method", help="one method (default: each method of the fit)")
+    plan.add_argument("--domain", default="macro", help="macro (default) or a domain's own curve")
+    plan.add_argument("--size", help="base size by name (default: the largest measured)")
+    plan.add_argument("--target-loss", type=float, help="experts needed to reach this CE")
+    plan.add_argument("--min-gain", type=float, help="stop when one more expert gains less CE than this")
+    plan.add_argument("--epsilon", type=float, help="experts needed to come within this CE of the floor")
+    plan.add_argument("--expert-cost", type=float, help="cost of one more expert (e.g. GPU-hours)")
+    plan.add_argument("--next-size-cost", type=float, help="cost of moving to the next base size, same unit")
+    plan.add_argument("--next-size", help="the bigger size to compare with (default: the next measured one)")
+    plan.add_argument("--experts", type=int, help="experts at which to compare sizes (default: the plan's answer)")
+    plan.set_defaults(run=_plan)
+
+    demo = commands.add_parser(
+        "demo", help="the orchestrated pipeline on the tiny zoo: local stack, S3, MLflow, Prefect, a triggered run",
+        description="Starts the local stack (left running; `mergeplan down` stops it), stores and registers six "
+                    "experts, runs the pipeline, then registers a seventh and shows the triggered incremental run.")
+    demo.add_argument("--local", action="store_true",
+                      help="no stack: merge the tiny zoo with every method, evaluate, print a table")
     demo.add_argument("--workdir", type=Path, default=Path(".mergeplan/demo"), help="where models are written")
     demo.set_defaults(run=_demo)
+
+    stack_help = "settings from MERGEPLAN_* environment variables: see infra/README.md"
+    stack_up = commands.add_parser(
+        "up", help="start the local stack on 127.0.0.1: S3 (moto), MLflow, Prefect, webhook receiver",
+        description="Starts each service not yet running, waits until healthy, creates the bucket and MLflow's "
+                    "webhook; pids and logs in .mergeplan/stack/. Services given a remote URL are not started.",
+        epilog=stack_help)
+    stack_up.add_argument("services", nargs="*", metavar="SERVICE",
+                          help="s3, mlflow, prefect, webhook (default: every one whose URL is local)")
+    stack_up.set_defaults(run=_up)
+    stack_down = commands.add_parser("down", help="stop the local stack's processes (exactly those of `up`)",
+                                     epilog=stack_help)
+    stack_down.add_argument("services", nargs="*", metavar="SERVICE",
+                            help="s3, mlflow, prefect, webhook (default: all)")
+    stack_down.set_defaults(run=_down)
+    stack_status = commands.add_parser("status", help="each service: running, pid, healthy, address",
+                                       epilog=stack_help)
+    stack_status.set_defaults(run=_status)
+
+    run = commands.add_parser(
+        "run", help="one pipeline run: download, merge, evaluate, fit, decide, log to MLflow, register",
+        description="Runs the merge-pipeline flow on the stack of `mergeplan up` (or the servers the MERGEPLAN_* "
+                    "URLs name).", epilog=stack_help)
+    run.add_argument("config", type=Path, help="pipeline YAML (see flows/pipeline_config.py)")
+    run.set_defaults(run=_run_pipeline)
+    serve = commands.add_parser(
+        "serve", help="serve the deployments: on-new-expert (event trigger) and the nightly scaling sweep (cron)",
+        description="Runs until interrupted; needs the Prefect server of `mergeplan up` (or MERGEPLAN_PREFECT_API_URL) "
+                    "for schedules and event triggers.", epilog=stack_help)
+    serve.add_argument("config", type=Path, help="pipeline YAML: the base, method and settings the flows use")
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule of the scaling sweep (default: nightly, 02:00)")
+    serve.set_defaults(run=_serve)
+
+    expert = commands.add_parser("expert", help="the S3 expert store and the MLflow registry")
+    expert_commands = expert.add_subparsers(dest="expert_command", required=True, metavar="EXPERT_COMMAND")
+    upload = expert_commands.add_parser(
+        "upload", help="upload a checkpoint folder and its manifest (sha256 per file)", epilog=stack_help,
+        description="Layout: s3://BUCKET/experts/BASE/NAME for experts, s3://BUCKET/bases/BASE for a base.")
+    upload.add_argument("folder", type=Path, help="Hugging Face checkpoint folder (safetensors; pickles refused)")
+    upload.add_argument("s3_uri", metavar="S3_URI", help="e.g. s3://mergeplan/experts/tiny-base/algebra")
+    upload.set_defaults(run=_expert_upload)
+    register = expert_commands.add_parser(
+        "register", help="register an uploaded expert as a new version of the MLflow model expert.BASE.DOMAIN",
+        description="Refused when its config.json differs structurally from the base's (s3://BUCKET/bases/BASE). "
+                    "MLflow's webhook then emits the Prefect event mergeplan.expert.registered.", epilog=stack_help)
+    register.add_argument("s3_uri", metavar="S3_URI", help="the expert's folder in the store")
+    register.add_argument("--domain", required=True, help="the expert's domain, e.g. algebra")
+    register.add_argument("--base", required=True, help="the pipeline's base, e.g. tiny-base")
+    register.add_argument("--description", help="version description")
+    register.set_defaults(run=_expert_register)
+    download = expert_commands.add_parser(
+        "download", help="download (or find in the cache) a verified local copy; prints its folder",
+        epilog=stack_help)
+    download.add_argument("s3_uri", metavar="S3_URI")
+    download.add_argument("--cache", type=Path, help="cache folder (default .mergeplan/cache)")
+    download.set_defaults(run=_expert_download)
+    listing = expert_commands.add_parser("list", help="the experts of a base in the store", epilog=stack_help)
+    listing.add_argument("--base", required=True)
+    listing.set_defaults(run=_expert_list)
     return parser
 
 

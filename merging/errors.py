@@ -18,3 +18,15 @@ class CheckpointError(MergeplanError):
 
 class TrainingError(MergeplanError):
     """Training or calibration diverged (a non-finite loss)."""
+
+
+class StorageError(MergeplanError):
+    """An object store (S3, MinIO) is unreachable, lacks an object, or returned bytes that fail verification."""
+
+
+class RegistryError(MergeplanError):
+    """The MLflow tracking server is unreachable or refuses a registration."""
+
+
+class StackError(MergeplanError):
+    """A service of the local stack cannot start, is unhealthy, or its port is taken."""

@@ -1,0 +1,177 @@
+"""Benchmark of the orchestrated pipeline (CPU): what Prefect, MLflow and S3 add, and what an incremental run saves.
+
+1. Orchestration overhead. A local stack (moto S3, MLflow, Prefect server) on free loopback ports; the tiny zoo's
+   base and K experts stored and registered. merge-pipeline runs once with empty caches (wall time measured around
+   the call); then the same stages run as plain library calls in one process: download base + experts, merge,
+   evaluate, upload, fit. Overhead = flow wall time - library wall time (Prefect task runs, result persistence,
+   MLflow logging and registration).
+2. Incremental vs full. Random Llama checkpoints (merging.synthetic), K experts merged with their state kept; then
+   expert K+1 is added by the flows' incremental path (copy the state, add_experts) and, separately, all K+1 are
+   merged at once. Both are the merge tasks' own functions, without Prefect. Target: incremental <= 1.5/(K+1) of
+   full for task_arithmetic and ties.
+
+This is a benchmark, not a test: nothing is asserted. Results go to WORKDIR/pipeline.md.
+
+    .venv/bin/python bench/pipeline.py                      # K = 8, hidden 512 x 8 layers, 3 repeats
+    .venv/bin/python bench/pipeline.py --experts 4 --hidden 128 --layers 2 --repeats 1   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = {"task_arithmetic": {"lambda": 0.3}, "ties": {"density": 0.3, "lambda": 0.5}}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bench_settings(state_dir: Path):
+    from infra.settings import Settings
+
+    return Settings(state_dir=state_dir, s3_port=free_port(), mlflow_port=free_port(), prefect_port=free_port(),
+                    webhook_port=free_port())
+
+
+def overhead(zoo: Path, experts: int, workdir: Path) -> dict[str, float]:
+    """Flow wall time vs the same stages as library calls, both with empty caches."""
+    from flows.merge_pipeline import merge_pipeline
+    from flows.pipeline_config import PipelineConfig
+    from flows.runtime import configured, prefect_api
+    from infra import stack
+    from merging import MergeConfig, merge
+    from merging.evaluate import evaluate
+    from merging.zoo import expert_folders
+    from tasks.law import LawJob, decide
+    from tasks.registry import register_expert
+    from tasks.storage import base_uri, download_expert, expert_uri, upload_expert
+
+    settings = bench_settings(workdir / "state")
+    os.environ.update(settings.as_env())
+    stack.up(settings, ["s3", "mlflow", "prefect"])
+    try:
+        upload_expert(zoo / "base", base_uri("bench-base", settings), settings=settings)
+        folders = expert_folders(zoo)[:experts]
+        uris = [expert_uri("bench-base", folder.name, settings) for folder in folders]
+        for folder, uri in zip(folders, uris, strict=True):
+            upload_expert(folder, uri, settings=settings)
+            register_expert(uri, folder.name, "bench-base", settings=settings)
+        config = PipelineConfig.model_validate({
+            "base": {"name": "bench-base"}, "method": "ties", "params": METHODS["ties"], "data": zoo / "data",
+            "eval": {"max_examples": 16, "batch_size": 16}, "experts": uris})
+        with prefect_api(settings):
+            configured(merge_pipeline, config.runner, settings)(config)  # warm-up: Prefect's first-flow start
+            shutil.rmtree(settings.state_dir / "results")
+            shutil.rmtree(settings.state_dir / "work")
+            shutil.rmtree(settings.cache_dir)
+            started = time.perf_counter()
+            outcome = configured(merge_pipeline, config.runner, settings)(config)
+            flow_s = time.perf_counter() - started
+
+        shutil.rmtree(settings.cache_dir)
+        started = time.perf_counter()
+        base = download_expert(base_uri("bench-base", settings), settings=settings)
+        local = [download_expert(uri, settings=settings) for uri in uris]
+        out = merge(MergeConfig(base=base, experts=local, method="ties", params=METHODS["ties"]),
+                    workdir / "library-merge", overwrite=True, save_state=workdir / "library-state")
+        scores = evaluate(out, zoo / "data", max_examples=16, batch_size=16)
+        upload_expert(out, f"s3://{settings.bucket}/merged/bench-base/library", settings=settings)
+        decide(LawJob(method="ties", points=[(experts, scores.macro_ce)], experts=experts, loss=scores.macro_ce,
+                      min_gain=0.002))
+        library_s = time.perf_counter() - started
+    finally:
+        stack.down(settings, ["s3", "mlflow", "prefect"])
+    compute_s = sum(cost.seconds for cost in outcome.stages.values())
+    return {"flow_s": flow_s, "library_s": library_s, "overhead_s": flow_s - library_s,
+            "task_compute_s": compute_s}
+
+
+def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repeats: int,
+                      workdir: Path) -> dict[str, float]:
+    """Median seconds of the incremental add of expert K+1 and of the full merge of K+1, and their ratio."""
+    from merging.synthetic import llama_config, write_random_base, write_random_expert
+    from tasks.fetch import CheckpointRef, LocalCheckpoint
+    from tasks.merge import MergeJob, merge_full, merge_incremental
+
+    models = workdir / f"models-{hidden}x{layers}"
+    config = llama_config(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                          num_attention_heads=8, num_key_value_heads=4, vocab_size=8192, dtype="float32")
+    if not (models / "base").is_dir():
+        write_random_base(models / "base", config)
+        for i in range(experts + 1):
+            write_random_expert(models / "base", models / f"expert-{i:02d}", seed=i + 1)
+
+    def local(path: Path) -> LocalCheckpoint:
+        return LocalCheckpoint(ref=CheckpointRef(name=path.name, domain=path.name, uri=str(path),
+                                                 sha256=path.name.ljust(64, "0")[:64]), path=path)
+
+    base = local(models / "base")
+    pool = [local(models / f"expert-{i:02d}") for i in range(experts + 1)]
+    head = MergeJob(base=base, experts=pool[:experts], method=method, params=METHODS[method], seed=0)
+    full_job = head.extended(pool[experts])
+    incremental, full = [], []
+    for _ in range(repeats):
+        shutil.rmtree(workdir / "state" / "work", ignore_errors=True)
+        previous = merge_full.fn(head)
+        started = time.perf_counter()
+        merge_incremental.fn(full_job, previous, pool[experts])
+        incremental.append(time.perf_counter() - started)
+        shutil.rmtree(full_job.folder)
+        started = time.perf_counter()
+        merge_full.fn(full_job)
+        full.append(time.perf_counter() - started)
+    inc, whole = statistics.median(incremental), statistics.median(full)
+    return {"incremental_s": inc, "full_s": whole, "ratio": inc / whole, "target": 1.5 / (experts + 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8, help="K: experts before the new one")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipeline-experts", type=int, default=6, help="experts of the tiny zoo in the flow")
+    parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "pipeline")
+    parser.add_argument("--skip-overhead", action="store_true")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["MERGEPLAN_STATE_DIR"] = str(args.workdir / "state")
+    lines = ["# Pipeline benchmark", ""]
+    lines += [f"Incremental add of expert K+1 vs full merge of K+1 (K = {args.experts}, random Llama hidden "
+              f"{args.hidden} x {args.layers} layers, float32, median of {args.repeats})", "",
+              "| method | incremental s | full s | ratio | target 1.5/(K+1) |", "| --- | --- | --- | --- | --- |"]
+    for method in METHODS:
+        figures = incremental_ratio(method, args.experts, args.hidden, args.layers, args.repeats, args.workdir)
+        lines.append(f"| {method} | {figures['incremental_s']:.2f} | {figures['full_s']:.2f} | "
+                     f"{figures['ratio']:.3f} | {figures['target']:.3f} |")
+        print(lines[-1], flush=True)
+    if not args.skip_overhead:
+        from merging.zoo import build_zoo
+
+        zoo = args.workdir / "zoo"
+        build_zoo("tiny", zoo)
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            figures = overhead(zoo, args.pipeline_experts, Path(tmp))
+        lines += ["", f"Orchestration overhead (tiny zoo, ties, K = {args.pipeline_experts}, empty caches, warm "
+                  "Prefect)", "", "| flow s | same stages as library calls s | overhead s | merge+evaluate inside "
+                  "tasks s |", "| --- | --- | --- | --- |",
+                  f"| {figures['flow_s']:.2f} | {figures['library_s']:.2f} | {figures['overhead_s']:.2f} | "
+                  f"{figures['task_compute_s']:.2f} |"]
+        print(lines[-1], flush=True)
+    (args.workdir / "pipeline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

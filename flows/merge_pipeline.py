@@ -1,0 +1,82 @@
+"""`merge-pipeline`: one run end to end. Resolve and download the experts, merge (keeping the accumulators for
+later incremental runs), evaluate, refit the law, decide, log to one MLflow run, upload and register the model.
+
+With law.prefix_points, the first k experts are also merged for each such k (nested MLflow runs), so that the
+law has points to fit from the first run on.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.outcome import Outcome, StageClock, conclude, eval_job, job_params, score_metrics
+from flows.pipeline_config import PipelineConfig
+from infra.settings import Settings
+from tasks.caching import content_hash, fresh
+from tasks.evaluation import evaluate_merged
+from tasks.fetch import CheckpointRef, LocalCheckpoint, base_ref, fetch_checkpoint, registered_experts, stored_experts
+from tasks.merge import MergeJob, merge_full
+from tasks.registry import check_reachable
+from tasks.tracking import BASE_TAG, FLOW_TAG, MERGE_KEY_TAG, METHOD_TAG, PARAMS_KEY_TAG, close_run, log_run, open_run
+
+FLOW_NAME = "merge-pipeline"
+
+
+def resolve_experts(config: PipelineConfig, settings: Settings) -> list[CheckpointRef]:
+    if config.experts == "all":
+        return registered_experts(config.base.name, settings)
+    return stored_experts(config.experts, settings)
+
+
+def fetch_many(refs: list[CheckpointRef]) -> list[LocalCheckpoint]:
+    """Local copies, downloaded in parallel."""
+    return [future.result() for future in [fresh(fetch_checkpoint, ref).submit(ref) for ref in refs]]
+
+
+def run_tags(config: PipelineConfig, flow_name: str) -> dict[str, str]:
+    return {FLOW_TAG: flow_name, METHOD_TAG: config.method, BASE_TAG: config.base.name,
+            PARAMS_KEY_TAG: content_hash(config.method_identity())}
+
+
+def merge_job(config: PipelineConfig, base: LocalCheckpoint, experts: list[LocalCheckpoint]) -> MergeJob:
+    return MergeJob(base=base, experts=experts, method=config.method, params=config.params, seed=config.seed,
+                    calibration=config.calibration)
+
+
+def measure_prefixes(run_id: str, job: MergeJob, config: PipelineConfig) -> None:
+    """Nested runs for the first k experts, k in law.prefix_points below the full count: points for the law."""
+    ks = [k for k in config.law.prefix_points if k < len(job.experts)]
+    prefixes = [job.model_copy(update={"experts": job.experts[:k]}) for k in ks]
+    merged = [future.result() for future in [fresh(merge_full, job).submit(job) for job in prefixes]]
+    scores = [future.result() for future in evaluate_merged.map([eval_job(m, config) for m in merged])]
+    for prefix, model, score in zip(prefixes, merged, scores, strict=True):
+        nested = open_run(config.experiment_name, f"k={len(prefix.experts)}", run_tags(config, FLOW_NAME),
+                          parent_run_id=run_id)
+        log_run(nested, params=job_params(prefix), metrics=score_metrics(score, len(prefix.experts)),
+                tags={MERGE_KEY_TAG: model.key})
+        close_run(nested)
+
+
+@flow(name=FLOW_NAME)
+def merge_pipeline(config: PipelineConfig) -> Outcome:
+    settings = Settings.from_env()
+    # Before any download or merge: a pipeline that cannot record its results should not start.
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    clock = StageClock()
+    base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+    experts = resolve_experts(config, settings)
+    run_id = open_run(config.experiment_name, f"{config.method} k={len(experts)}", run_tags(config, FLOW_NAME))
+    try:
+        local_base, *local_experts = fetch_many([base, *experts])
+        clock.lap("fetch")
+        job = merge_job(config, local_base, local_experts)
+        measure_prefixes(run_id, job, config)
+        clock.lap("prefixes")
+        merged = fresh(merge_full, job)(job)
+        clock.lap("merge")
+        outcome = conclude(run_id, job, merged, config, clock, settings)
+    except BaseException:
+        close_run(run_id, "FAILED")
+        raise
+    close_run(run_id)
+    return outcome

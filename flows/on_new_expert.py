@@ -1,0 +1,102 @@
+"""`on-new-expert`: a newly registered expert is merged into the current champion incrementally, evaluated, the
+law refitted with the new point, and the decision (continue / stop) logged; the result is registered and becomes
+the champion when its macro CE is lower.
+
+Incremental means: the champion's accumulators (kept under STATE_DIR/work/merges/KEY/state by the run that made
+it) plus the new expert, read alone; the result equals a full merge of all of them. A full merge is run instead
+when there is no champion yet, the expert replaces one of the champion's domains, the method or its params
+changed, or the accumulators are not on this machine. An expert of another base is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+
+from flows.merge_pipeline import fetch_many, merge_job, run_tags
+from flows.outcome import Outcome, StageClock, conclude
+from flows.pipeline_config import PipelineConfig
+from infra.settings import Settings
+from merging.errors import RegistryError
+from tasks.caching import fresh
+from tasks.fetch import CheckpointRef, LocalCheckpoint, base_ref, fetch_checkpoint, registered_experts
+from tasks.merge import MergedModel, merge_full, merge_incremental
+from tasks.registry import MERGE_KEY, champion_version, check_reachable, check_same_base
+from tasks.tracking import DECISION_TAG, REASON_TAG, close_run, log_run, open_run
+
+FLOW_NAME = "on-new-expert"
+
+
+def champion_experts(champion) -> list[CheckpointRef]:
+    return [CheckpointRef.model_validate(e) for e in json.loads(champion.tags.get("experts", "[]"))]
+
+
+def refuse_other_base(base: str, s3_uri: str, config: PipelineConfig, settings: Settings) -> str | None:
+    """Why this expert cannot join the pipeline's merges, or None."""
+    if base != config.base.name:
+        return (f"expert {s3_uri} was registered for base {base!r}, but this pipeline merges experts of "
+                f"{config.base.name!r}; register it for {config.base.name} if it is a fine-tune of it")
+    try:
+        check_same_base(s3_uri, config.base.name, settings=settings)
+    except RegistryError as exc:
+        return str(exc)
+    return None
+
+
+def previous_merge(champion, config: PipelineConfig, job_of_champion) -> MergedModel | None:
+    """The champion's merge as an input to an incremental one, when its accumulators can be reused here."""
+    if champion.tags.get("method") != config.method or job_of_champion.cache_key != champion.tags.get(MERGE_KEY):
+        return None  # another method, or other params: its accumulators do not apply
+    state = job_of_champion.folder / "state"
+    if not state.is_dir():
+        return None
+    return MergedModel(key=job_of_champion.cache_key, path=job_of_champion.output, state=state,
+                       experts=[e.ref.name for e in job_of_champion.experts])
+
+
+def _expected_local(ref: CheckpointRef, settings: Settings) -> LocalCheckpoint:
+    """Where the cache keeps REF: an incremental merge names the earlier experts but never reads them."""
+    return LocalCheckpoint(ref=ref, path=settings.cache_dir.resolve() / "experts" / ref.sha256)
+
+
+@flow(name=FLOW_NAME)
+def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str,
+                  base: str) -> Outcome:
+    settings = Settings.from_env()
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    clock = StageClock()
+    run_id = open_run(config.experiment_name, f"add {domain} v{version}",
+                      run_tags(config, FLOW_NAME) | {"mergeplan.new_expert": s3_uri})
+    try:
+        refusal = refuse_other_base(base, s3_uri, config, settings)
+        if refusal is not None:
+            log_run(run_id, tags={DECISION_TAG: "refused", REASON_TAG: refusal})
+            raise RegistryError(refusal)
+        new = CheckpointRef(name=domain, domain=domain, uri=s3_uri, sha256=sha256, version=version)
+        champion = champion_version(config.base.name, settings=settings)
+        members = (champion_experts(champion) if champion is not None
+                   else registered_experts(config.base.name, settings))
+        base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+        local_base = fresh(fetch_checkpoint, base)(base)
+        previous = None
+        if champion is not None and all(e.domain != domain for e in members):
+            previous_job = merge_job(config, local_base, [_expected_local(e, settings) for e in members])
+            previous = previous_merge(champion, config, previous_job)
+        if previous is not None:
+            local_new = fresh(fetch_checkpoint, new)(new)
+            clock.lap("fetch")
+            job = previous_job.extended(local_new)
+            merged = fresh(merge_incremental, job)(job, previous, local_new)
+        else:
+            experts = [e for e in members if e.domain != domain] + [new]
+            job = merge_job(config, local_base, fetch_many(experts))
+            clock.lap("fetch")
+            merged = fresh(merge_full, job)(job)
+        clock.lap("merge")
+        outcome = conclude(run_id, job, merged, config, clock, settings)
+    except BaseException:
+        close_run(run_id, "FAILED")
+        raise
+    close_run(run_id)
+    return outcome

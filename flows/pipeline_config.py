@@ -1,0 +1,160 @@
+"""The pipeline YAML as data: what to merge, how, where the evaluation data is, how to decide, where to run.
+
+    base: {name: tiny-base}                  # uri: s3://BUCKET/bases/BASE by default, or path: a local folder
+    experts: all                             # every expert registered for the base in MLflow, or a list of S3 URIs
+    method: ties
+    params: {density: 0.3, lambda: 0.5}
+    calibration: {algebra: data/algebra/calib.jsonl}   # expert_merging(_pp) only
+    data: path/to/data                       # DOMAIN/{eval,calib}.jsonl
+    eval: {split: eval, max_examples: 64, batch_size: 32}
+    law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4]}
+    runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
+    sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
+    experiment: mergeplan/tiny-base          # default
+    seed: 0
+
+Relative paths are taken from the YAML file's folder. Errors are one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.config import describe_validation_error
+from merging.errors import ConfigError
+from merging.sweep import SweepSettings
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # dots separate the parts of registry names and event resources
+ALL_REGISTERED = "all"
+
+
+class BaseRef(BaseModel):
+    """The base checkpoint: its name in the registry and the store, and where to read it from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=_NAME_PATTERN)
+    uri: str | None = None  # s3://...; default: s3://BUCKET/bases/NAME
+    path: Path | None = None  # a local folder instead of the store
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseRef:
+        if self.uri is not None and self.path is not None:
+            raise ValueError("give uri or path, not both")
+        if self.uri is not None and not self.uri.startswith("s3://"):
+            raise ValueError(f"uri {self.uri!r} is not an S3 URI; use path: for a local folder")
+        return self
+
+
+class EvalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    split: str = "eval"
+    domains: list[str] | None = None  # default: every domain folder of the data
+    max_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    accuracy_samples: int = Field(0, ge=0)
+
+
+class LawSettings(BaseModel):
+    """When to stop adding experts: the next expert's predicted gain below min_gain, or the target loss met."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    target_loss: float | None = Field(None, gt=0)
+    min_gain: float = Field(0.002, gt=0)
+    epsilon: float | None = Field(None, gt=0)
+    # A full run also merges the first k experts for each k here (nested runs), so the law has points to fit.
+    prefix_points: list[int] = Field(default_factory=list)
+
+    @field_validator("prefix_points")
+    @classmethod
+    def _positive(cls, points: list[int]) -> list[int]:
+        if any(k < 1 for k in points):
+            raise ValueError("every k must be >= 1")
+        return sorted(set(points))
+
+
+class RunnerSettings(BaseModel):
+    """Where tasks run: threads in the flow's process, or a Dask cluster (a new LocalCluster or a scheduler)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["threads", "dask"] = "threads"
+    max_workers: int | None = Field(None, ge=1)  # threads
+    address: str | None = None  # dask: tcp://HOST:PORT of a running scheduler
+    n_workers: int = Field(2, ge=1)  # dask: workers of a new LocalCluster
+    threads_per_worker: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _dask_only(self) -> RunnerSettings:
+        if self.kind == "threads" and self.address is not None:
+            raise ValueError("address is for kind: dask")
+        return self
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: BaseRef
+    experts: Literal["all"] | list[str] = ALL_REGISTERED
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Path] = Field(default_factory=dict)
+    data: Path
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    law: LawSettings = Field(default_factory=LawSettings)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    experiment: str | None = None
+    seed: int = 0
+
+    @field_validator("experts")
+    @classmethod
+    def _s3_uris(cls, experts: Any) -> Any:
+        if isinstance(experts, list):
+            if not experts:
+                raise ValueError("is empty; list S3 URIs or write `all`")
+            bad = [uri for uri in experts if not uri.startswith("s3://")]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not an S3 URI (s3://BUCKET/experts/BASE/NAME)")
+        return experts
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"mergeplan/{self.base.name}"
+
+    def resolved_against(self, folder: Path) -> PipelineConfig:
+        base = self.base if self.base.path is None else self.base.model_copy(update={"path": folder / self.base.path})
+        return self.model_copy(update={
+            "base": base, "data": folder / self.data,
+            "calibration": {name: folder / path for name, path in self.calibration.items()}})
+
+    def method_identity(self) -> dict[str, Any]:
+        """What besides the experts decides the merged weights: part of every merge's cache key."""
+        return {"method": self.method, "params": self.params, "seed": self.seed}
+
+    def as_parameters(self) -> dict[str, Any]:
+        """JSON-ready, for deployment parameters."""
+        return json.loads(self.model_dump_json())
+
+
+def parse_pipeline_config(data: Any, source: str = "pipeline") -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with base, method, data")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from exc
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    """Read a pipeline YAML file; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the pipeline config ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    return parse_pipeline_config(data, str(path)).resolved_against(path.parent.resolve())

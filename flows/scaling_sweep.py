@@ -1,0 +1,118 @@
+"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (one mapped task
+per method, spread over the task runner's workers), fit the law on the joined table, and plan. One MLflow run
+with a nested run per merged subset; the sweep table, the fit and its plots and the plan are its artifacts.
+
+Run as a script with a Dask runner, this module needs its `if __name__ == "__main__"` guard: Dask's worker
+processes import the main module again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.merge_pipeline import resolve_experts, run_tags
+from flows.outcome import StageClock
+from flows.pipeline_config import PipelineConfig, load_pipeline_config
+from flows.runtime import configured, prefect_api
+from infra.settings import Settings
+from merging.law_report import MACRO, PlanRequest, plan_from_fit
+from merging.sweep import read_table
+from tasks.caching import fresh
+from tasks.evaluation import data_sha256
+from tasks.fetch import base_ref
+from tasks.registry import check_reachable
+from tasks.sweeping import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
+from tasks.tracking import DECISION_TAG, REASON_TAG, close_run, json_tag, log_nested_runs, log_run, open_run
+
+FLOW_NAME = "scaling-sweep"
+
+
+class SweepOutcome(BaseModel):
+    run_id: str
+    table: Path
+    fit: Path
+    merges: int
+    plan: dict[str, str]  # method -> sentence
+
+
+def merge_runs(tables: list[SweepTable]) -> list[tuple[str, dict[str, object], dict[str, float]]]:
+    """One (name, params, metrics) per merged subset: its CE per domain and their macro mean."""
+    merges: dict[tuple[str, str], dict] = {}
+    for table in tables:
+        columns = read_table(table.path)
+        for row in (dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)):
+            merge = merges.setdefault((row["method"], row["subset"]), {"k": row["k"], "ce": {}})
+            merge["ce"][row["domain"]] = row["ce"]
+    return [(f"{method} {subset}", {"method": method, "subset": subset, "k": merge["k"]},
+             {"experts": merge["k"], "macro_ce": sum(merge["ce"].values()) / len(merge["ce"])}
+             | {f"ce.{domain}": ce for domain, ce in merge["ce"].items()})
+            for (method, subset), merge in merges.items()]
+
+
+def plan_markdown(plan: dict[str, str], fit: SweepFit) -> str:
+    lines = ["# Scaling-sweep plan", "", *[f"- **{method}**: {sentence}" for method, sentence in plan.items()], "",
+             "| method | floor | A | b | R² |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {row['method']} | {row['floor']:.4f} | {row['amplitude']:.4f} | {row['offset']:.3f} | "
+              f"{row['r_squared']:.3f} |" for row in fit.summary if row["domain"] == MACRO]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name=FLOW_NAME)
+def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
+    settings = Settings.from_env()
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    clock = StageClock()
+    base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+    experts = resolve_experts(config, settings)
+    sweep = config.sweep
+    tags = run_tags(config, FLOW_NAME)
+    run_id = open_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags)
+    try:
+        data = data_sha256(config.data)
+        parts = [SweepPart(base=base, experts=experts, data=config.data, data_sha256=data, method=method,
+                           settings=sweep.model_dump(mode="json", exclude={"methods"})) for method in sweep.methods]
+        tables = [future.result() for future in [fresh(sweep_method, part).submit(part) for part in parts]]
+        clock.lap("sweep")
+        job = FitJob(tables=tables, settings={"seed": config.seed})
+        fit = fresh(fit_tables, job)(job)
+        clock.lap("fit")
+        request = PlanRequest(target_loss=config.law.target_loss, epsilon=config.law.epsilon,
+                              min_gain=config.law.min_gain)
+        plan = {line.method: line.sentence for line in plan_from_fit(fit.fit, request)}
+        merges = merge_runs(tables)
+        log_nested_runs(run_id, config.experiment_name, tags | {"mergeplan.sweep_merge": "true"}, merges)
+        clock.lap("log")
+        metrics = {f"law.{row['method']}.{name}": row[name] for row in fit.summary if row["domain"] == MACRO
+                   for name in ("floor", "amplitude", "offset", "r_squared")}
+        metrics |= {f"stage.{stage}.seconds": seconds for stage, seconds in clock.seconds.items()}
+        metrics |= {f"stage.sweep.{part.method}.compute_seconds": table.cost.seconds
+                    for part, table in zip(parts, tables, strict=True)}
+        metrics |= {"merges": len(merges), "flow.seconds": clock.total}
+        decision = plan.get(config.method, next(iter(plan.values())))
+        log_run(run_id, params={"methods": ",".join(sweep.methods), "design": sweep.design,
+                                "max_subsets": sweep.max_subsets, "eval_examples": sweep.eval_examples,
+                                "seed": sweep.seed, "params": json_tag({m: sweep.method_params(m)
+                                                                       for m in sweep.methods}),
+                                "experts": ",".join(e.name for e in experts)}
+                | {f"expert.{e.name}.sha256": e.sha256 for e in experts},
+                metrics=metrics, texts={"plan.md": plan_markdown(plan, fit)},
+                files=[("", fit.table), ("fit", fit.fit / "fit.json"), ("fit", fit.fit / "summary.csv")]
+                + [(f"fit/{png.parent.relative_to(fit.fit).as_posix()}", png)
+                   for png in sorted((fit.fit / "plots").rglob("*.png"))],
+                tags={DECISION_TAG: "plan", REASON_TAG: decision})
+    except BaseException:
+        close_run(run_id, "FAILED")
+        raise
+    close_run(run_id)
+    return SweepOutcome(run_id=run_id, table=fit.table, fit=fit.fit, merges=len(merges), plan=plan)
+
+
+if __name__ == "__main__":  # python -m flows.scaling_sweep PIPELINE_YAML
+    pipeline = load_pipeline_config(sys.argv[1])
+    environment = Settings.from_env()
+    with prefect_api(environment):
+        print(configured(scaling_sweep, pipeline.runner, environment)(pipeline))

@@ -1,0 +1,188 @@
+"""Every setting of the stack and the pipeline's I/O, read from environment variables in one place.
+
+Unset URLs point at the local stack of `mergeplan up` (loopback, the ports below); production sets the URLs and
+credentials instead, with the same code. The variables are documented in infra/README.md.
+
+Credentials are SecretStr: repr() and str() show '**********', so printing or logging a Settings leaks nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+LOOPBACK = "127.0.0.1"
+ENV_PREFIX = "MERGEPLAN_"
+# Credentials keep the names every AWS tool reads, so one set of variables serves boto3, the CLI and MLflow.
+AWS_ENV = {"aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+           "aws_session_token": "AWS_SESSION_TOKEN"}
+# moto accepts any keys; these keep boto3 from searching for real ones when only the local stack is used.
+LOCAL_S3_KEY = "mergeplan-local"
+WEBHOOK_PATH = "/mlflow-webhook"
+SERVICES = ("s3", "mlflow", "prefect", "webhook")
+URL_FIELDS = {"s3": "s3_endpoint", "mlflow": "mlflow_tracking_uri", "prefect": "prefect_api_url",
+              "webhook": "webhook_url"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets FIELD."""
+    return AWS_ENV.get(field, ENV_PREFIX + field.upper())
+
+
+def local_url(service: str, port: int | str) -> str:
+    """Where SERVICE listens when `mergeplan up` runs it on PORT."""
+    suffix = {"s3": "", "mlflow": "", "prefect": "/api", "webhook": WEBHOOK_PATH}[service]
+    return f"http://{LOOPBACK}:{port}{suffix}"
+
+
+class Settings(BaseModel):
+    """The resolved settings; build with Settings.from_env(), or directly in tests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_dir: Path = Path(".mergeplan")
+    s3_port: int = Field(9000, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    webhook_port: int = Field(8787, ge=1, le=65535)
+    # None means AWS itself (boto3's default endpoint for the region).
+    s3_endpoint: str | None
+    aws_region: str = "us-east-1"
+    bucket: str = Field("mergeplan", min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    mlflow_tracking_uri: str
+    prefect_api_url: str
+    webhook_url: str
+    # Loopback unless the receiver runs in a container that MLflow reaches over a network (0.0.0.0 there).
+    webhook_host: str = LOOPBACK
+    webhook_secret: SecretStr | None = None
+    webhook_max_age_s: float = Field(300, gt=0)
+    cache_dir: Path
+    s3_attempts: int = Field(5, ge=1)
+    s3_backoff_s: float = Field(0.5, ge=0)
+    s3_connect_timeout_s: float = Field(5, gt=0)
+    transfer_threads: int = Field(8, ge=1)
+    multipart_chunk_mb: int = Field(16, ge=5)
+    mlflow_timeout_s: float = Field(3, gt=0)
+    startup_timeout_s: float = Field(120, gt=0)
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_defaults(cls, data: Any) -> Any:
+        """Fill each unset URL with the local stack's, so that only production needs to name them."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for service, url_field in URL_FIELDS.items():
+            port = data.get(f"{service}_port") or cls.model_fields[f"{service}_port"].default
+            data.setdefault(url_field, local_url(service, port))
+        data["s3_endpoint"] = data["s3_endpoint"] or None
+        data.setdefault("cache_dir", Path(data.get("state_dir") or cls.model_fields["state_dir"].default) / "cache")
+        return data
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from MERGEPLAN_<FIELD> variables and the standard AWS ones; a bad value raises ValidationError."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for field in cls.model_fields.keys() - {"aws_region"}:
+            if env_name(field) in environ:
+                values[field] = environ[env_name(field)]
+        region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        if region:
+            values["aws_region"] = region
+        return cls(**values)
+
+    def is_local(self, service: str) -> bool:
+        """Whether SERVICE (s3, mlflow, prefect, webhook) is the loopback one that `mergeplan up` runs."""
+        return getattr(self, URL_FIELDS[service]) == local_url(service, getattr(self, f"{service}_port"))
+
+    @property
+    def s3_endpoint_name(self) -> str:
+        """The S3 endpoint for messages."""
+        return redact_url(self.s3_endpoint) if self.s3_endpoint else f"AWS S3 ({self.aws_region})"
+
+    def s3_client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for boto3.client('s3'); without explicit keys boto3 uses its own credential chain."""
+        kwargs: dict[str, Any] = {"endpoint_url": self.s3_endpoint, "region_name": self.aws_region}
+        keys = {field: getattr(self, field) for field in AWS_ENV}
+        if keys["aws_access_key_id"] and keys["aws_secret_access_key"]:
+            kwargs.update({field: value.get_secret_value() for field, value in keys.items() if value})
+        elif self.is_local("s3"):
+            kwargs.update(aws_access_key_id=LOCAL_S3_KEY, aws_secret_access_key=LOCAL_S3_KEY)
+        return kwargs
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, for a child process that calls Settings.from_env()."""
+        env = {}
+        for field, value in self:
+            if value is None or field == "aws_region":
+                continue
+            env[env_name(field)] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        env["AWS_DEFAULT_REGION"] = self.aws_region
+        if self.s3_endpoint is None:
+            env[env_name("s3_endpoint")] = ""
+        return env
+
+    @property
+    def stack_dir(self) -> Path:
+        """Pid files, logs and generated keys of the local stack."""
+        return self.state_dir / "stack"
+
+
+def resolve_webhook_secret(settings: Settings) -> str:
+    """MERGEPLAN_WEBHOOK_SECRET, or a random secret generated once and kept (mode 0600) in the stack folder."""
+    if settings.webhook_secret is not None:
+        return settings.webhook_secret.get_secret_value()
+    return _kept_secret(settings.stack_dir / "webhook-secret", lambda: secrets.token_urlsafe(32))
+
+
+def resolve_mlflow_encryption_key(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The key the MLflow server encrypts webhook secrets with; it must survive restarts, else stored secrets are
+    unreadable. MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY, or a Fernet key generated once and kept in the stack folder."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"):
+        return environ["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]
+    return _kept_secret(settings.stack_dir / "mlflow-webhook-key",
+                        lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())
+
+
+def _kept_secret(path: Path, generate: Callable[[], str]) -> str:
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = generate()
+    # O_EXCL: when two processes race, one writes and the other reads the winner's value.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as file:
+        file.write(value + "\n")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """URL without user:password@, for messages: tracking URIs may carry basic-auth credentials."""
+    return _replace_userinfo(url, "***@")
+
+
+def without_userinfo(url: str) -> str:
+    """URL without user:password@, for requests that need no credentials (health checks)."""
+    return _replace_userinfo(url, "")
+
+
+def _replace_userinfo(url: str, replacement: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=replacement + parts.netloc.rpartition("@")[2]))

@@ -1,0 +1,339 @@
+"""The local stack: moto S3, MLflow, Prefect and the webhook receiver, each a background process on 127.0.0.1.
+
+STATE/stack/NAME.pid holds {pid, started}: `down` signals exactly that process group, and only if the process
+with that pid still has that start time (pids are reused). STATE/stack/NAME.log collects its output.
+MLflow keeps its registry in STATE/mlflow.db and its artifacts in s3://BUCKET/mlflow; Prefect keeps STATE/prefect.db.
+moto keeps objects in memory only: they are gone after `down`, the MLflow and Prefect databases are not.
+
+Services whose URL is set to a remote one (infra/README.md) are not started here, only reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+from infra.settings import (
+    AWS_ENV,
+    LOOPBACK,
+    SERVICES,
+    URL_FIELDS,
+    Settings,
+    redact_url,
+    resolve_mlflow_encryption_key,
+    resolve_webhook_secret,
+    without_userinfo,
+)
+from merging.errors import StackError
+
+log = logging.getLogger("mergeplan")
+
+_STOP_GRACE_S = 10
+_POLL_S = 0.25
+# The services this Python process started, by pid: `down` in the same process (tests) reaps them through these.
+_children: dict[int, subprocess.Popen] = {}
+
+
+@dataclass(frozen=True)
+class Service:
+    """How to run one service and how to tell that it is up."""
+
+    name: str
+    port: int
+    argv: list[str]
+    env: dict[str, str]
+    health_url: str
+    address: str  # what a person opens or configures: a UI or an endpoint
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    state: str  # running | stopped | dead (its process is gone, a pid file remains) | remote
+    address: str
+    pid: int | None = None
+    healthy: bool | None = None  # None: not checked (stopped, or remote without a health URL)
+    note: str = ""
+
+
+def service_definitions(settings: Settings) -> dict[str, Service]:
+    """The four services of the local stack, on the configured ports."""
+    state = settings.state_dir.resolve()
+    python = sys.executable
+    mlflow_env = _mlflow_s3_env(settings) | {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # job workers would triple the server's memory
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        # A receiver on loopback over http is refused unless both are set (MLflow's SSRF protection).
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    }
+    prefect_env = {
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    url = {name: f"http://{LOOPBACK}:{getattr(settings, f'{name}_port')}" for name in SERVICES}
+    return {
+        "s3": Service("s3", settings.s3_port,
+                      [python, "-m", "moto.server", "-H", LOOPBACK, "-p", str(settings.s3_port)],
+                      {}, f"{url['s3']}/moto-api/", url["s3"]),
+        "mlflow": Service("mlflow", settings.mlflow_port,
+                          [python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+                           "--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--host", LOOPBACK,
+                           "--port", str(settings.mlflow_port), "--workers", "1"],
+                          mlflow_env, f"{url['mlflow']}/health", url["mlflow"]),
+        "prefect": Service("prefect", settings.prefect_port,
+                           [python, "-m", "prefect", "server", "start", "--host", LOOPBACK,
+                            "--port", str(settings.prefect_port)],
+                           prefect_env, f"{url['prefect']}/api/health", url["prefect"]),
+        "webhook": Service("webhook", settings.webhook_port, [python, "-m", "infra.webhook"],
+                           settings.as_env(), f"http://{settings.webhook_host}:{settings.webhook_port}/health",
+                           settings.webhook_url),
+    }
+
+
+def _mlflow_s3_env(settings: Settings) -> dict[str, str]:
+    """How the MLflow server reaches the artifact bucket: the same endpoint and credentials as ours."""
+    client_kwargs = settings.s3_client_kwargs()
+    env = {AWS_ENV[field]: client_kwargs[field] for field in AWS_ENV if field in client_kwargs}
+    env["AWS_DEFAULT_REGION"] = settings.aws_region
+    if settings.s3_endpoint:
+        env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint
+    return env
+
+
+def local_services(settings: Settings) -> list[str]:
+    """The services this machine runs: those whose URL is left at the loopback default."""
+    return [name for name in SERVICES if settings.is_local(name)]
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.stack_dir / f"{name}.pid"
+
+
+def log_file(settings: Settings, name: str) -> Path:
+    return settings.stack_dir / f"{name}.log"
+
+
+def _recorded_process(settings: Settings, name: str) -> psutil.Process | None:
+    """The live process the pid file names, or None when it has exited (or its pid now belongs to another)."""
+    try:
+        record = json.loads(_pid_file(settings, name).read_text())
+        process = psutil.Process(record["pid"])
+        if abs(process.create_time() - record["started"]) > 1 or process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(without_userinfo(url), timeout=1) as response:
+            return response.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((LOOPBACK, port)) == 0
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+def _start(service: Service, settings: Settings) -> subprocess.Popen:
+    if _port_taken(service.port):
+        raise StackError(f"{service.name}: port {service.port} on {LOOPBACK} is in use by another program; stop it "
+                         f"or set MERGEPLAN_{service.name.upper()}_PORT")
+    path = log_file(settings, service.name)
+    with open(path, "ab") as output:
+        output.write(f"--- {datetime.now().isoformat(timespec='seconds')} mergeplan up: {service.name}\n".encode())
+        output.flush()
+        # A session of its own: `down` signals the whole group (MLflow and Prefect run worker children).
+        process = subprocess.Popen(service.argv, env=os.environ | service.env | _generated_env(service, settings),
+                                   stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    _children[process.pid] = process
+    record = {"pid": process.pid, "started": psutil.Process(process.pid).create_time()}
+    _pid_file(settings, service.name).write_text(json.dumps(record) + "\n")
+    log.info("starting %s (pid %d, log %s)", service.name, process.pid, path)
+    return process
+
+
+def _generated_env(service: Service, settings: Settings) -> dict[str, str]:
+    """Keys generated on first use: only when starting, so that `status` and `down` create no files."""
+    if service.name != "mlflow":
+        return {}
+    return {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)}
+
+
+def _wait_healthy(started: dict[str, subprocess.Popen], services: dict[str, Service], settings: Settings) -> None:
+    deadline = time.monotonic() + settings.startup_timeout_s
+    waiting = set(services)
+    while waiting:
+        for name in sorted(waiting):
+            if _healthy(services[name].health_url):
+                log.info("%s is up", name)
+                waiting.discard(name)
+            elif name in started and started[name].poll() is not None:
+                path = log_file(settings, name)
+                raise StackError(f"{name} exited with status {started[name].returncode} during start-up "
+                                 f"({_last_line(path)}); see {path}")
+        if waiting and time.monotonic() > deadline:
+            name = sorted(waiting)[0]
+            raise StackError(f"{name} not healthy at {services[name].health_url} after "
+                             f"{settings.startup_timeout_s:.0f} s; see {log_file(settings, name)} "
+                             "(or raise MERGEPLAN_STARTUP_TIMEOUT_S)")
+        if waiting:
+            time.sleep(_POLL_S)
+
+
+def _checked(names: Iterable[str] | None) -> list[str]:
+    """NAMES (default: all services), refusing unknown ones."""
+    names = list(SERVICES) if names is None else list(names)
+    unknown = sorted(set(names) - set(SERVICES))
+    if unknown:
+        raise StackError(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICES)}")
+    return names
+
+
+def up(settings: Settings, names: Iterable[str] | None = None) -> list[ServiceState]:
+    """Start the local services (default: every one whose URL is local) unless running; wait until healthy;
+    create the bucket and point MLflow's webhook at the receiver. Services already running are left alone."""
+    names = _checked(names) if names is not None else local_services(settings)
+    settings.stack_dir.mkdir(parents=True, exist_ok=True)
+    definitions = service_definitions(settings)
+    selected = {name: definitions[name] for name in SERVICES if name in names}
+    running = {name for name in selected if _recorded_process(settings, name)}
+    started: dict[str, subprocess.Popen] = {}
+    try:
+        for name in [name for name in selected if name not in running]:
+            started[name] = _start(selected[name], settings)
+        _wait_healthy(started, selected, settings)
+    except BaseException:
+        _stop_all(settings, started)
+        raise
+    _prepare(settings, set(selected))
+    return [_state(settings, name, definitions[name], note="already running" if name in running else "started")
+            for name in selected]
+
+
+def _prepare(settings: Settings, names: set[str]) -> None:
+    """What the running services need from each other: the bucket, and MLflow's webhook to the receiver."""
+    if "s3" in names:
+        from tasks.storage import ensure_bucket
+
+        ensure_bucket(settings)
+    if "webhook" in names:
+        from tasks.registry import ensure_webhook
+
+        ensure_webhook(settings.webhook_url, resolve_webhook_secret(settings), settings=settings)
+
+
+def _stop_all(settings: Settings, names: Iterable[str]) -> None:
+    for name in names:
+        _stop(settings, name)
+
+
+def _stop(settings: Settings, name: str) -> bool:
+    """Stop the recorded process group of NAME; returns whether it was running."""
+    process = _recorded_process(settings, name)
+    _pid_file(settings, name).unlink(missing_ok=True)
+    if process is None:
+        return False
+    members = [process, *process.children(recursive=True)]
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    alive = _wait_gone(members, _STOP_GRACE_S)
+    for member in alive:
+        log.warning("%s: pid %d ignored SIGTERM for %d s, killing it", name, member.pid, _STOP_GRACE_S)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    _wait_gone(alive, _STOP_GRACE_S)
+    if process.pid in _children:
+        _children.pop(process.pid).wait(_STOP_GRACE_S)
+    return True
+
+
+def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited; returns those still alive after TIMEOUT_S. An exited process counts as
+    gone before its parent reaps it (psutil.wait_procs would wait for the reaping, which some inits delay)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [process for process in processes if _running(process)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def down(settings: Settings, names: Iterable[str] | None = None) -> list[ServiceState]:
+    """Stop the services (default: all) that have a pid file here, last started first."""
+    names = _checked(names)
+    definitions = service_definitions(settings)
+    states = []
+    for name in reversed(SERVICES):
+        if name not in names or not _pid_file(settings, name).exists():
+            continue
+        was_running = _stop(settings, name)
+        states.append(ServiceState(name, "stopped", definitions[name].address,
+                                   note="stopped" if was_running else "was not running (stale pid file removed)"))
+    return states
+
+
+def _state(settings: Settings, name: str, service: Service, note: str = "") -> ServiceState:
+    process = _recorded_process(settings, name)
+    if process is not None:
+        return ServiceState(name, "running", service.address, process.pid, _healthy(service.health_url), note)
+    if _pid_file(settings, name).exists():
+        return ServiceState(name, "dead", service.address, note=f"exited; see {log_file(settings, name)}")
+    return ServiceState(name, "stopped", service.address, note=note)
+
+
+def status(settings: Settings) -> list[ServiceState]:
+    """Each service: local ones by pid and health check, remote ones by their URL (and health where it has one)."""
+    definitions = service_definitions(settings)
+    states = []
+    for name in SERVICES:
+        if settings.is_local(name):
+            states.append(_state(settings, name, definitions[name]))
+            continue
+        remote_health = {"mlflow": f"{settings.mlflow_tracking_uri.rstrip('/')}/health",
+                         "prefect": f"{settings.prefect_api_url.rstrip('/')}/health"}.get(name)
+        address = settings.s3_endpoint_name if name == "s3" else redact_url(getattr(settings, URL_FIELDS[name]))
+        states.append(ServiceState(name, "remote", address,
+                                   healthy=_healthy(remote_health) if remote_health else None))
+    return states

@@ -1,0 +1,161 @@
+"""MLflow tracking for the flows: one run per pipeline execution (nested runs for the merges of a sweep or of
+the law's prefix points), params, metrics, artifacts and decision tags.
+
+Nothing logged may carry a credential: every param, tag and text artifact passes `scrub`, which removes the
+values of the configured secrets and the user:password of URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from prefect import task
+
+from infra.settings import AWS_ENV, Settings
+from tasks.registry import mlflow_client, refused
+
+# MLflow prints the run's URL, tracking server included (user:password@ too), when a run ends: never to our output.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+FLOW_TAG, METHOD_TAG, DECISION_TAG, REASON_TAG = ("mergeplan.flow", "mergeplan.method", "mergeplan.decision",
+                                                  "mergeplan.reason")
+BASE_TAG, MERGE_KEY_TAG = "mergeplan.base", "mergeplan.merge_key"
+# Hash of (method, params, seed): the law is fitted on points that differ only in their experts.
+PARAMS_KEY_TAG = "mergeplan.params_key"
+EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
+IO_RETRIES = 2
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_TEXT_SUFFIXES = {".md", ".txt", ".yaml", ".yml", ".json", ".csv"}
+_BATCH = 100  # MLflow's limit of params per log_batch call
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every credential this process knows: they must never reach MLflow."""
+    fields = [*AWS_ENV, "webhook_secret"]
+    values = [getattr(settings, field) for field in fields]
+    return [value.get_secret_value() for value in values if value is not None and value.get_secret_value()]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _URL_USERINFO.sub("***@", text)
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:  # created meanwhile by a concurrent run
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@task(name="open-mlflow-run", retries=IO_RETRIES, retry_delay_seconds=2)
+def open_run(experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A new run (nested under PARENT_RUN_ID when given); returns its id."""
+    settings = Settings.from_env()
+    client = mlflow_client(settings)
+    secrets = secret_values(settings)
+    tags = {key: scrub(str(value), secrets) for key, value in tags.items()} | {MLFLOW_RUN_NAME: run_name}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    try:
+        return client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
+    except MlflowException as exc:
+        raise refused(exc, f"a run in experiment {experiment}", settings) from exc
+
+
+@task(name="log-to-mlflow", retries=IO_RETRIES, retry_delay_seconds=2)
+def log_run(run_id: str, params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None, texts: dict[str, str] | None = None,
+            files: list[tuple[str, Path]] | None = None) -> None:
+    """Params, finite metrics, tags, text artifacts (name -> content) and files ((artifact folder, file) pairs)."""
+    settings = Settings.from_env()
+    client = mlflow_client(settings)
+    secrets = secret_values(settings)
+    params = [Param(key, scrub(str(value), secrets)[:6000]) for key, value in (params or {}).items()]
+    metrics = [Metric(key, float(value), 0, 0) for key, value in (metrics or {}).items()
+               if value is not None and math.isfinite(value)]
+    tags = [RunTag(key, scrub(str(value), secrets)) for key, value in (tags or {}).items()]
+    try:
+        for start in range(0, max(len(params), len(metrics), len(tags)), _BATCH):
+            client.log_batch(run_id, metrics=metrics[start:start + _BATCH], params=params[start:start + _BATCH],
+                             tags=tags[start:start + _BATCH])
+        for name, content in (texts or {}).items():
+            client.log_text(run_id, scrub(content, secrets), name)
+        for folder, path in files or []:
+            _log_file(client, run_id, Path(path), folder, secrets)
+    except MlflowException as exc:
+        raise refused(exc, f"logging to run {run_id}", settings) from exc
+
+
+def _log_file(client, run_id: str, path: Path, folder: str, secrets: list[str]) -> None:
+    if path.suffix not in _TEXT_SUFFIXES:
+        client.log_artifact(run_id, str(path), folder or None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / path.name
+        clean.write_text(scrub(path.read_text(), secrets))
+        client.log_artifact(run_id, str(clean), folder or None)
+
+
+@task(name="close-mlflow-run", retries=IO_RETRIES, retry_delay_seconds=2)
+def close_run(run_id: str, status: str = "FINISHED") -> None:
+    settings = Settings.from_env()
+    try:
+        mlflow_client(settings).set_terminated(run_id, status)
+    except MlflowException as exc:
+        raise refused(exc, f"ending run {run_id}", settings) from exc
+
+
+@task(name="read-law-points", retries=IO_RETRIES, retry_delay_seconds=2)
+def law_points(experiment: str, params_key: str) -> dict[str, tuple[int, float]]:
+    """(experts, macro CE) by merge key, of every finished run in EXPERIMENT with PARAMS_KEY (the same method,
+    params and seed), nested runs included.
+
+    One point per merged model: a cached re-run logs the same model again, and must not weigh twice."""
+    settings = Settings.from_env()
+    client = mlflow_client(settings)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    try:
+        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARAMS_KEY_TAG}` = '{params_key}' and "
+                                  "attributes.status = 'FINISHED'", max_results=5000)
+    except MlflowException as exc:
+        raise refused(exc, f"searching runs of {experiment}", settings) from exc
+    points = {}
+    for run in runs:
+        metrics = run.data.metrics
+        if EXPERTS_METRIC in metrics and MACRO_METRIC in metrics:
+            points[run.data.tags.get(MERGE_KEY_TAG, run.info.run_id)] = (
+                int(metrics[EXPERTS_METRIC]), float(metrics[MACRO_METRIC]))
+    return points
+
+
+def json_tag(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+
+@task(name="log-nested-runs", retries=IO_RETRIES, retry_delay_seconds=2)
+def log_nested_runs(parent_run_id: str, experiment: str, tags: dict[str, str],
+                    runs: list[tuple[str, dict[str, object], dict[str, float]]]) -> int:
+    """One finished child run of PARENT_RUN_ID per (name, params, metrics): the merges of a sweep."""
+    for name, params, metrics in runs:
+        run_id = open_run.fn(experiment, name, tags, parent_run_id=parent_run_id)
+        log_run.fn(run_id, params=params, metrics=metrics)
+        close_run.fn(run_id)
+    return len(runs)

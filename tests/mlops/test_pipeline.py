@@ -1,0 +1,134 @@
+"""merge-pipeline end to end against real servers: moto S3, an MLflow server, Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port
+from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config, store_expert
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.merge_pipeline import merge_pipeline
+from flows.on_new_expert import on_new_expert
+from flows.runtime import configured
+from merging import MergeConfig, merge
+from merging.checkpoint import CheckpointReader
+from merging.config import ExpertRef
+from merging.errors import RegistryError
+from tasks.registry import CHAMPION, merged_model_name
+from tasks.storage import s3_client
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_pipeline_runs_end_to_end_and_a_second_run_recomputes_nothing(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo, law={"min_gain": 0.001, "prefix_points": [1, 2]})
+    pipeline = configured(merge_pipeline, config.runner, pipeline_env)
+    state = pipeline(config, return_state=True)
+    first = state.result()
+    assert first.experts == PIPELINE_DOMAINS
+    # k = 1, 2 (nested) and 3: three points, so the law is fitted and a decision is made on it.
+    assert first.decision.law is not None and first.decision.predicted_gain is not None
+    assert first.decision.action in ("continue", "stop") and first.champion
+    client = MlflowClient(pipeline_env.mlflow_tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.data.tags["mergeplan.decision"] == first.decision.action
+    assert run.data.metrics["macro_ce"] == pytest.approx(first.macro_ce)
+    assert run.data.metrics["experts"] == 3 and "ce.algebra" in run.data.metrics
+    assert run.data.params["expert.biology.sha256"] and run.data.params["method"] == "task_arithmetic"
+    assert run.data.metrics["stage.merge.compute_seconds"] > 0
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)} | {
+        a.path for a in client.list_artifacts(first.run_id, "law")}
+    assert {"plan.md", "merge_config.yaml", "law/law.png"} <= artifacts
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{first.run_id}'")
+    assert sorted(r.data.metrics["experts"] for r in nested) == [1, 2]
+    champion = client.get_model_version_by_alias(merged_model_name(BASE), CHAMPION)
+    assert champion.source == first.merged_uri and first.merged_uri.startswith(f"s3://{pipeline_env.bucket}/merged/")
+    # Read from the store directly: MLflow's own download hands out presigned URLs, which carry the key id.
+    plan_key = f"mlflow/{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/plan.md"
+    plan = s3_client(pipeline_env).get_object(Bucket=pipeline_env.bucket, Key=plan_key)["Body"].read().decode()
+    assert plan.startswith("# Plan for task_arithmetic")
+    for value in [*run.data.params.values(), *run.data.tags.values(), plan]:
+        assert ACCESS_KEY not in value and SECRET_KEY not in value and WEBHOOK_SECRET not in value
+
+    again = pipeline(config, return_state=True)
+    second = again.result()
+    states = task_states(again.state_details.flow_run_id)
+    computed = {name: s for name, s in states.items() if name.split("-")[0] in ("fetch", "merge", "evaluate",
+                                                                                "upload", "fit", "add")}
+    assert computed and set(computed.values()) == {"Cached"}, computed
+    assert second.macro_ce == first.macro_ce and second.merged_uri == first.merged_uri
+    assert second.version == first.version and second.run_id != first.run_id
+
+
+def test_unreachable_mlflow_fails_before_any_download(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo)
+    down = {"MERGEPLAN_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    with (mock.patch.dict(os.environ, down), mock.patch("tasks.fetch.download_expert") as download,
+          pytest.raises(RegistryError, match="unreachable")):
+        configured(merge_pipeline, config.runner, pipeline_env)(config)
+    download.assert_not_called()
+
+
+
+def test_a_new_expert_is_merged_incrementally_into_the_champion(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo)
+    champion = configured(merge_pipeline, config.runner, pipeline_env)(config)  # cached when the test above ran
+    added = store_expert(tiny_zoo, "chemistry", pipeline_env)
+    outcome = configured(on_new_expert, config.runner, pipeline_env)(
+        config, s3_uri=added.s3_uri, sha256=added.sha256, version=added.version, domain="chemistry", base=BASE)
+    assert outcome.incremental and outcome.experts == [*champion.experts, "chemistry"]
+    run = MlflowClient(pipeline_env.mlflow_tracking_uri).get_run(outcome.run_id)
+    assert run.data.tags["mergeplan.decision"] == outcome.decision.action
+    assert run.data.tags["mergeplan.flow"] == "on-new-expert" and run.data.metrics["experts"] == 4
+    assert run.data.tags["mergeplan.incremental"] == "true"
+    # The incremental merge equals a full merge of the same four experts.
+    cache = pipeline_env.cache_dir / "experts"
+    experts = [ExpertRef(path=cache / sha, name=name) for name, sha in zip(
+        outcome.experts, [run.data.params[f"expert.{n}.sha256"] for n in outcome.experts], strict=True)]
+    full = merge(MergeConfig(base=cache / run.data.params["base.sha256"], experts=experts, method=config.method,
+                             params=config.params), pipeline_env.state_dir / "full-4")
+    incremental, batch = CheckpointReader(outcome.model_path), CheckpointReader(full)
+    assert max(float((incremental.read(n) - batch.read(n)).abs().max()) for n in batch.names()) < 1e-6
+
+
+def test_an_expert_of_another_base_is_refused_with_the_reason(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo)
+    other = store_expert(tiny_zoo, "physics", pipeline_env, base="other-base", register=False)
+    with pytest.raises(RegistryError, match="registered for base 'other-base'.*merges experts of 'zoo-base'"):
+        configured(on_new_expert, config.runner, pipeline_env)(
+            config, s3_uri=other, sha256="ab" * 32, version="1", domain="physics", base="other-base")
+    client = MlflowClient(pipeline_env.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    refused = client.search_runs([experiment.experiment_id], "tags.`mergeplan.decision` = 'refused'")
+    assert refused and "other-base" in refused[0].data.tags["mergeplan.reason"]
+
+
+
+def test_mergeplan_run_prints_the_decision(pipeline_env, prefect_api_url, tiny_zoo, tmp_path, run_cli):
+    config = pipeline_config(tiny_zoo)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config.as_parameters()))
+    with mock.patch.dict(os.environ, {"MERGEPLAN_PREFECT_API_URL": prefect_api_url}):
+        status, out, err = run_cli("run", path)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("merged ") and "(algebra, analysis, biology" in lines[0]
+    assert lines[1].startswith("decision: ") and "merged.zoo-base version" in lines[2]
+
+
+def test_mergeplan_run_with_mlflow_down_is_one_line(pipeline_env, tiny_zoo, tmp_path, run_cli):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline_config(tiny_zoo).as_parameters()))
+    with mock.patch.dict(os.environ, {"MERGEPLAN_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}):
+        status, out, err = run_cli("run", path)
+    assert status == 2 and err.count("\n") == 1 and "is unreachable" in err and "mergeplan up" in err
