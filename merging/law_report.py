@@ -551,7 +551,7 @@ def _plan_sentence(fit: FitFolder, size: str, method: str, request: PlanRequest,
         needed = [n for n in (answer.target.experts if answer.target else None, answer.experts_within_epsilon)
                   if n is not None]
         if needed and max(needed) > pool:
-            clauses.append(f"beyond the {pool} experts measured, so an extrapolation of the law")
+            clauses.append(f"{max(needed)} experts is beyond the {pool} measured: an extrapolation of the law")
         if answer.target is not None and not answer.target.reachable and joint is None:
             clauses.append(f"sweep several base sizes (a joint fit) to tell which size would reach "
                            f"{request.target_loss:g}")
