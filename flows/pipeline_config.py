@@ -22,10 +22,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from merging.config import describe_validation_error
+from merging.config import describe_validation_error, read_yaml
 from merging.errors import ConfigError
 from merging.sweep import SweepSettings
 
@@ -151,10 +150,4 @@ def parse_pipeline_config(data: Any, source: str = "pipeline") -> PipelineConfig
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline YAML file; relative paths in it are relative to the file's folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the pipeline config ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_pipeline_config(data, str(path)).resolved_against(path.parent.resolve())
+    return parse_pipeline_config(read_yaml(path, "pipeline config"), str(path)).resolved_against(path.parent.resolve())

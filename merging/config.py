@@ -89,13 +89,17 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
         raise ConfigError(describe_validation_error(exc, source)) from exc
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data; an unreadable or malformed file is one ConfigError line naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read a merge YAML file; relative paths in it are relative to the file's folder."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    return parse_config(data, str(path)).resolved_against(path.parent)
+    return parse_config(read_yaml(path, "config"), str(path)).resolved_against(path.parent)
