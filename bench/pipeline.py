@@ -55,7 +55,7 @@ def overhead(zoo: Path, experts: int, workdir: Path) -> dict[str, float]:
     from merging.zoo import expert_folders
     from tasks.law import LawJob, decide
     from tasks.registry import register_expert
-    from tasks.storage import base_uri, download_expert, expert_uri, upload_expert
+    from tasks.storage import base_uri, download_folder, expert_uri, upload_expert
 
     settings = bench_settings(workdir / "state")
     os.environ.update(settings.as_env())
@@ -81,8 +81,8 @@ def overhead(zoo: Path, experts: int, workdir: Path) -> dict[str, float]:
 
         shutil.rmtree(settings.cache_dir)
         started = time.perf_counter()
-        base = download_expert(base_uri("bench-base", settings), settings=settings)
-        local = [download_expert(uri, settings=settings) for uri in uris]
+        base = download_folder(base_uri("bench-base", settings), settings=settings)
+        local = [download_folder(uri, settings=settings) for uri in uris]
         out = merge(MergeConfig(base=base, experts=local, method="ties", params=METHODS["ties"]),
                     workdir / "library-merge", overwrite=True, save_state=workdir / "library-state")
         scores = evaluate(out, zoo / "data", max_examples=16, batch_size=16)

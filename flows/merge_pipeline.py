@@ -14,10 +14,27 @@ from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
 from tasks.caching import content_hash, fresh
 from tasks.evaluation import evaluate_merged
-from tasks.fetch import CheckpointRef, LocalCheckpoint, base_ref, fetch_checkpoint, registered_experts, stored_experts
+from tasks.fetch import (
+    CheckpointRef,
+    LocalCheckpoint,
+    base_ref,
+    data_ref,
+    fetch_checkpoint,
+    registered_experts,
+    stored_experts,
+)
 from tasks.merge import MergeJob, merge_full
 from tasks.registry import check_reachable
-from tasks.tracking import BASE_TAG, FLOW_TAG, MERGE_KEY_TAG, METHOD_TAG, PARAMS_KEY_TAG, close_run, log_run, open_run
+from tasks.tracking import (
+    BASE_TAG,
+    FLOW_TAG,
+    MERGE_KEY_TAG,
+    METHOD_TAG,
+    PARAMS_KEY_TAG,
+    NestedRun,
+    log_nested_runs,
+    tracked_run,
+)
 
 FLOW_NAME = "merge-pipeline"
 
@@ -26,6 +43,12 @@ def resolve_experts(config: PipelineConfig, settings: Settings) -> list[Checkpoi
     if config.experts == "all":
         return registered_experts(config.base.name, settings)
     return stored_experts(config.experts, settings)
+
+
+def fetch_data(config: PipelineConfig, settings: Settings) -> LocalCheckpoint:
+    """The evaluation data, local or from the store."""
+    ref = data_ref(config.data, settings)
+    return fresh(fetch_checkpoint, ref)(ref)
 
 
 def fetch_many(refs: list[CheckpointRef]) -> list[LocalCheckpoint]:
@@ -43,18 +66,17 @@ def merge_job(config: PipelineConfig, base: LocalCheckpoint, experts: list[Local
                     calibration=config.calibration)
 
 
-def measure_prefixes(run_id: str, job: MergeJob, config: PipelineConfig) -> None:
+def measure_prefixes(run_id: str, job: MergeJob, data: LocalCheckpoint, config: PipelineConfig) -> None:
     """Nested runs for the first k experts, k in law.prefix_points below the full count: points for the law."""
     ks = [k for k in config.law.prefix_points if k < len(job.experts)]
     prefixes = [job.model_copy(update={"experts": job.experts[:k]}) for k in ks]
     merged = [future.result() for future in [fresh(merge_full, job).submit(job) for job in prefixes]]
-    scores = [future.result() for future in evaluate_merged.map([eval_job(m, config) for m in merged])]
-    for prefix, model, score in zip(prefixes, merged, scores, strict=True):
-        nested = open_run(config.experiment_name, f"k={len(prefix.experts)}", run_tags(config, FLOW_NAME),
-                          parent_run_id=run_id)
-        log_run(nested, params=job_params(prefix), metrics=score_metrics(score, len(prefix.experts)),
-                tags={MERGE_KEY_TAG: model.key})
-        close_run(nested)
+    scores = [future.result() for future in evaluate_merged.map([eval_job(m, data, config) for m in merged])]
+    runs = [NestedRun(name=f"k={len(prefix.experts)}", params=job_params(prefix, data),
+                      metrics=score_metrics(score, len(prefix.experts)), tags={MERGE_KEY_TAG: model.key})
+            for prefix, model, score in zip(prefixes, merged, scores, strict=True)]
+    if runs:
+        log_nested_runs(run_id, config.experiment_name, run_tags(config, FLOW_NAME), runs)
 
 
 @flow(name=FLOW_NAME)
@@ -65,18 +87,14 @@ def merge_pipeline(config: PipelineConfig) -> Outcome:
     clock = StageClock()
     base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
     experts = resolve_experts(config, settings)
-    run_id = open_run(config.experiment_name, f"{config.method} k={len(experts)}", run_tags(config, FLOW_NAME))
-    try:
+    with tracked_run(config.experiment_name, f"{config.method} k={len(experts)}",
+                     run_tags(config, FLOW_NAME)) as run_id:
         local_base, *local_experts = fetch_many([base, *experts])
+        data = fetch_data(config, settings)
         clock.lap("fetch")
         job = merge_job(config, local_base, local_experts)
-        measure_prefixes(run_id, job, config)
+        measure_prefixes(run_id, job, data, config)
         clock.lap("prefixes")
         merged = fresh(merge_full, job)(job)
         clock.lap("merge")
-        outcome = conclude(run_id, job, merged, config, clock, settings)
-    except BaseException:
-        close_run(run_id, "FAILED")
-        raise
-    close_run(run_id)
-    return outcome
+        return conclude(run_id, job, merged, data, config, clock, settings)

@@ -14,7 +14,7 @@ import json
 
 from prefect import flow
 
-from flows.merge_pipeline import fetch_many, merge_job, run_tags
+from flows.merge_pipeline import fetch_data, fetch_many, merge_job, run_tags
 from flows.outcome import Outcome, StageClock, conclude
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
@@ -23,7 +23,8 @@ from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, base_ref, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
 from tasks.registry import MERGE_KEY, champion_version, check_reachable, check_same_base
-from tasks.tracking import DECISION_TAG, REASON_TAG, close_run, log_run, open_run
+from tasks.storage import cached_folder
+from tasks.tracking import DECISION_TAG, REASON_TAG, log_run, tracked_run
 
 FLOW_NAME = "on-new-expert"
 
@@ -57,7 +58,7 @@ def previous_merge(champion, config: PipelineConfig, job_of_champion) -> MergedM
 
 def _expected_local(ref: CheckpointRef, settings: Settings) -> LocalCheckpoint:
     """Where the cache keeps REF: an incremental merge names the earlier experts but never reads them."""
-    return LocalCheckpoint(ref=ref, path=settings.cache_dir.resolve() / "experts" / ref.sha256)
+    return LocalCheckpoint(ref=ref, path=cached_folder(settings.cache_dir.resolve(), ref.sha256))
 
 
 @flow(name=FLOW_NAME)
@@ -66,9 +67,8 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
     settings = Settings.from_env()
     check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
     clock = StageClock()
-    run_id = open_run(config.experiment_name, f"add {domain} v{version}",
-                      run_tags(config, FLOW_NAME) | {"mergeplan.new_expert": s3_uri})
-    try:
+    with tracked_run(config.experiment_name, f"add {domain} v{version}",
+                     run_tags(config, FLOW_NAME) | {"mergeplan.new_expert": s3_uri}) as run_id:
         refusal = refuse_other_base(base, s3_uri, config, settings)
         if refusal is not None:
             log_run(run_id, tags={DECISION_TAG: "refused", REASON_TAG: refusal})
@@ -77,8 +77,9 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
         champion = champion_version(config.base.name, settings=settings)
         members = (champion_experts(champion) if champion is not None
                    else registered_experts(config.base.name, settings))
-        base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
-        local_base = fresh(fetch_checkpoint, base)(base)
+        base_checkpoint = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+        local_base = fresh(fetch_checkpoint, base_checkpoint)(base_checkpoint)
+        data = fetch_data(config, settings)
         previous = None
         if champion is not None and all(e.domain != domain for e in members):
             previous_job = merge_job(config, local_base, [_expected_local(e, settings) for e in members])
@@ -94,9 +95,4 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
             clock.lap("fetch")
             merged = fresh(merge_full, job)(job)
         clock.lap("merge")
-        outcome = conclude(run_id, job, merged, config, clock, settings)
-    except BaseException:
-        close_run(run_id, "FAILED")
-        raise
-    close_run(run_id)
-    return outcome
+        return conclude(run_id, job, merged, data, config, clock, settings)

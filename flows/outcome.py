@@ -13,7 +13,8 @@ from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
 from merging.merger import COEFFICIENTS_PLOT
 from tasks.caching import content_hash, fresh
-from tasks.evaluation import EvalJob, Scores, data_sha256, evaluate_merged
+from tasks.evaluation import EvalJob, Scores, evaluate_merged
+from tasks.fetch import LocalCheckpoint
 from tasks.law import Decision, LawJob, fit_and_decide
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
 from tasks.registry import MERGE_KEY, champion_version, crown, register_merged
@@ -62,16 +63,17 @@ class StageClock:
         return time.perf_counter() - self.started
 
 
-def eval_job(model: MergedModel, config: PipelineConfig) -> EvalJob:
+def eval_job(model: MergedModel, data: LocalCheckpoint, config: PipelineConfig) -> EvalJob:
     settings = config.eval
-    return EvalJob(model=model, data=config.data, data_sha256=data_sha256(config.data), split=settings.split,
+    return EvalJob(model=model, data=data.path, data_sha256=data.ref.sha256, split=settings.split,
                    domains=settings.domains, max_examples=settings.max_examples, batch_size=settings.batch_size,
                    accuracy_samples=settings.accuracy_samples)
 
 
-def job_params(job: MergeJob) -> dict[str, object]:
-    """Run params: the method and its params, the seed, the base and every expert with its sha256."""
+def job_params(job: MergeJob, data: LocalCheckpoint) -> dict[str, object]:
+    """Run params: the method and its params, the seed, the data, the base and every expert with its sha256."""
     params: dict[str, object] = {"method": job.method, "params": json_tag(job.params), "seed": job.seed,
+                                 "data": data.ref.uri, "data.sha256": data.ref.sha256,
                                  "base": job.base.ref.name, "base.sha256": job.base.ref.sha256,
                                  "experts": ",".join(e.ref.name for e in job.experts), "k": len(job.experts)}
     params |= {f"expert.{e.ref.name}.sha256": e.ref.sha256 for e in job.experts}
@@ -88,9 +90,9 @@ def score_metrics(scores: Scores, k: int) -> dict[str, float]:
     return metrics
 
 
-def conclude(run_id: str, job: MergeJob, merged: MergedModel, config: PipelineConfig, clock: StageClock,
-             settings: Settings) -> Outcome:
-    scores = evaluate_merged(eval_job(merged, config))
+def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpoint, config: PipelineConfig,
+             clock: StageClock, settings: Settings) -> Outcome:
+    scores = evaluate_merged(eval_job(merged, data, config))
     clock.lap("evaluate")
     uri = upload_merged(Upload(model=merged, s3_uri=f"s3://{settings.bucket}/merged/{config.base.name}/{run_id}"))
     clock.lap("upload")
@@ -123,7 +125,8 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, config: PipelineCo
         files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))
     if decision.plot is not None:
         files.append(("law", decision.plot))
-    log_run(run_id, params=job_params(job), metrics=metrics, texts={"plan.md": decision.plan_markdown}, files=files,
+    log_run(run_id, params=job_params(job, data), metrics=metrics, texts={"plan.md": decision.plan_markdown},
+            files=files,
             tags={DECISION_TAG: decision.action, REASON_TAG: decision.reason, MERGE_KEY_TAG: merged.key,
                   "mergeplan.incremental": str(merged.incremental).lower(), "mergeplan.merged_uri": uri,
                   "mergeplan.champion": str(beats).lower()})

@@ -5,7 +5,7 @@
     method: ties
     params: {density: 0.3, lambda: 0.5}
     calibration: {algebra: data/algebra/calib.jsonl}   # expert_merging(_pp) only
-    data: path/to/data                       # DOMAIN/{eval,calib}.jsonl
+    data: path/to/data                       # DOMAIN/{eval,calib}.jsonl; or s3://BUCKET/data (mergeplan data upload)
     eval: {split: eval, max_examples: 64, batch_size: 32}
     law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4]}
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
@@ -100,7 +100,7 @@ class PipelineConfig(BaseModel):
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Path] = Field(default_factory=dict)
-    data: Path
+    data: Path | str  # a local folder, or a folder in the store (s3://...)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     law: LawSettings = Field(default_factory=LawSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
@@ -119,6 +119,11 @@ class PipelineConfig(BaseModel):
                 raise ValueError(f"{bad[0]!r} is not an S3 URI (s3://BUCKET/experts/BASE/NAME)")
         return experts
 
+    @field_validator("data")
+    @classmethod
+    def _local_or_s3(cls, data: Path | str) -> Path | str:
+        return data if str(data).startswith("s3://") else Path(data)
+
     @property
     def experiment_name(self) -> str:
         return self.experiment or f"mergeplan/{self.base.name}"
@@ -126,7 +131,7 @@ class PipelineConfig(BaseModel):
     def resolved_against(self, folder: Path) -> PipelineConfig:
         base = self.base if self.base.path is None else self.base.model_copy(update={"path": folder / self.base.path})
         return self.model_copy(update={
-            "base": base, "data": folder / self.data,
+            "base": base, "data": self.data if isinstance(self.data, str) else folder / self.data,
             "calibration": {name: folder / path for name, path in self.calibration.items()}})
 
     def method_identity(self) -> dict[str, Any]:

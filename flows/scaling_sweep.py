@@ -22,11 +22,10 @@ from infra.settings import Settings
 from merging.law_report import MACRO, PlanRequest, plan_from_fit
 from merging.sweep import read_table
 from tasks.caching import fresh
-from tasks.evaluation import data_sha256
-from tasks.fetch import base_ref
+from tasks.fetch import base_ref, data_ref
 from tasks.registry import check_reachable
 from tasks.sweeping import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
-from tasks.tracking import DECISION_TAG, REASON_TAG, close_run, json_tag, log_nested_runs, log_run, open_run
+from tasks.tracking import DECISION_TAG, REASON_TAG, NestedRun, json_tag, log_nested_runs, log_run, tracked_run
 
 FLOW_NAME = "scaling-sweep"
 
@@ -39,17 +38,17 @@ class SweepOutcome(BaseModel):
     plan: dict[str, str]  # method -> sentence
 
 
-def merge_runs(tables: list[SweepTable]) -> list[tuple[str, dict[str, object], dict[str, float]]]:
-    """One (name, params, metrics) per merged subset: its CE per domain and their macro mean."""
+def merge_runs(tables: list[SweepTable]) -> list[NestedRun]:
+    """One nested run per merged subset: its CE per domain and their macro mean."""
     merges: dict[tuple[str, str], dict] = {}
     for table in tables:
         columns = read_table(table.path)
         for row in (dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)):
             merge = merges.setdefault((row["method"], row["subset"]), {"k": row["k"], "ce": {}})
             merge["ce"][row["domain"]] = row["ce"]
-    return [(f"{method} {subset}", {"method": method, "subset": subset, "k": merge["k"]},
-             {"experts": merge["k"], "macro_ce": sum(merge["ce"].values()) / len(merge["ce"])}
-             | {f"ce.{domain}": ce for domain, ce in merge["ce"].items()})
+    return [NestedRun(name=f"{method} {subset}", params={"method": method, "subset": subset, "k": merge["k"]},
+                      metrics={"experts": merge["k"], "macro_ce": sum(merge["ce"].values()) / len(merge["ce"])}
+                      | {f"ce.{domain}": ce for domain, ce in merge["ce"].items()})
             for (method, subset), merge in merges.items()]
 
 
@@ -70,10 +69,9 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
     experts = resolve_experts(config, settings)
     sweep = config.sweep
     tags = run_tags(config, FLOW_NAME)
-    run_id = open_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags)
-    try:
-        data = data_sha256(config.data)
-        parts = [SweepPart(base=base, experts=experts, data=config.data, data_sha256=data, method=method,
+    with tracked_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags) as run_id:
+        data = data_ref(config.data, settings)
+        parts = [SweepPart(base=base, experts=experts, data=data, method=method,
                            settings=sweep.model_dump(mode="json", exclude={"methods"})) for method in sweep.methods]
         tables = [future.result() for future in [fresh(sweep_method, part).submit(part) for part in parts]]
         clock.lap("sweep")
@@ -104,10 +102,6 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
                 + [(f"fit/{png.parent.relative_to(fit.fit).as_posix()}", png)
                    for png in sorted((fit.fit / "plots").rglob("*.png"))],
                 tags={DECISION_TAG: "plan", REASON_TAG: decision})
-    except BaseException:
-        close_run(run_id, "FAILED")
-        raise
-    close_run(run_id)
     return SweepOutcome(run_id=run_id, table=fit.table, fit=fit.fit, merges=len(merges), plan=plan)
 
 

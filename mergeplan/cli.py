@@ -199,6 +199,15 @@ def _expert_upload(args: argparse.Namespace) -> None:
     print(f"{args.s3_uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
 
 
+def _data_upload(args: argparse.Namespace) -> None:
+    from tasks.storage import data_uri, upload_data
+
+    settings = _settings()
+    uri = args.s3_uri or data_uri(settings)
+    manifest = upload_data(args.folder, uri, settings=settings)
+    print(f"{uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
+
+
 def _expert_register(args: argparse.Namespace) -> None:
     from tasks.registry import register_expert
 
@@ -208,9 +217,9 @@ def _expert_register(args: argparse.Namespace) -> None:
 
 
 def _expert_download(args: argparse.Namespace) -> None:
-    from tasks.storage import download_expert
+    from tasks.storage import download_folder
 
-    print(download_expert(args.s3_uri, args.cache, settings=_settings()))
+    print(download_folder(args.s3_uri, args.cache, settings=_settings()))
 
 
 def _expert_list(args: argparse.Namespace) -> None:
@@ -445,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing = expert_commands.add_parser("list", help="the experts of a base in the store", epilog=stack_help)
     listing.add_argument("--base", required=True)
     listing.set_defaults(run=_expert_list)
+
+    data = commands.add_parser("data", help="evaluation and calibration data in the S3 store")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data_upload = data_commands.add_parser(
+        "upload", help="upload a data folder (DOMAIN/{eval,calib}.jsonl) and its manifest", epilog=stack_help,
+        description="A pipeline YAML then names it as data: s3://BUCKET/data; runs download it once, verified.")
+    data_upload.add_argument("folder", type=Path, help="data folder with one subfolder per domain")
+    data_upload.add_argument("s3_uri", metavar="S3_URI", nargs="?", help="default: s3://BUCKET/data")
+    data_upload.set_defaults(run=_data_upload)
     return parser
 
 

@@ -1,8 +1,8 @@
 """`mergeplan demo` (what `make demo` runs): the orchestrated pipeline on the tiny zoo, on the local stack.
 
-Starts the stack, builds the zoo, puts the base and six experts in S3 and registers the experts in MLflow, runs
-merge-pipeline once, serves the deployments, registers a seventh expert, and shows the on-new-expert run that
-the registration triggered (MLflow webhook -> receiver -> Prefect event -> deployment) and its decision.
+Starts the stack, builds the zoo, puts the base, the evaluation data and seven experts in S3 and registers six of
+the experts in MLflow, runs merge-pipeline once, serves the deployments, registers the seventh expert, and shows
+the on-new-expert run that the registration triggered (MLflow webhook -> receiver -> Prefect event -> deployment) and its decision.
 The stack keeps running afterwards for the UIs; `mergeplan down` stops it.
 """
 
@@ -26,7 +26,7 @@ from infra.settings import Settings, redact_url
 from merging.errors import StackError
 from merging.zoo import build_zoo, expert_folders
 from tasks.registry import expert_model_name, mlflow_client, register_expert
-from tasks.storage import base_uri, expert_uri, upload_expert
+from tasks.storage import base_uri, data_uri, expert_uri, upload_data, upload_expert
 
 BASE = "tiny-base"
 FIRST_EXPERTS = 6
@@ -43,12 +43,14 @@ def _step(text: str, started: float) -> None:
 
 def _store(zoo: Path, settings: Settings, started: float) -> list[Path]:
     upload_expert(zoo / "base", base_uri(BASE, settings), settings=settings)
+    upload_data(zoo / "data", data_uri(settings), settings=settings)
     experts = expert_folders(zoo)[:FIRST_EXPERTS + 1]
     for folder in experts:
         upload_expert(folder, expert_uri(BASE, folder.name, settings), settings=settings)
     for folder in experts[:FIRST_EXPERTS]:
         register_expert(expert_uri(BASE, folder.name, settings), folder.name, BASE, settings=settings)
-    _step(f"base and {len(experts)} experts in {settings.s3_endpoint_name}; {FIRST_EXPERTS} registered", started)
+    _step(f"base, data and {len(experts)} experts in {settings.s3_endpoint_name}; {FIRST_EXPERTS} registered",
+          started)
     return experts
 
 
@@ -111,7 +113,7 @@ def run_pipeline_demo(workdir: Path) -> None:
     _step(f"tiny zoo in {zoo}", started)
     experts = _store(zoo, settings, started)
     config = PipelineConfig.model_validate(DEMO_PIPELINE | {
-        "base": {"name": BASE}, "data": (zoo / "data").resolve(),
+        "base": {"name": BASE}, "data": data_uri(settings),
         "experts": [expert_uri(BASE, folder.name, settings) for folder in experts[:FIRST_EXPERTS]]})
     config_file = workdir / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(config.as_parameters(), sort_keys=False))

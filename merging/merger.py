@@ -181,9 +181,10 @@ def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, ov
 
 
 def add_experts(state_dir: str | Path, experts: list[ExpertRef | str | Path], out: str | Path, *,
-                overwrite: bool = False) -> Path:
-    """Merge saved accumulators with new experts into `out`, reading only the new experts; the state in
-    `state_dir` is updated in place to include them. Equals a batch merge of all experts."""
+                overwrite: bool = False, state_out: str | Path | None = None) -> Path:
+    """Merge saved accumulators with new experts into `out`, reading only the new experts. The updated state goes
+    to `state_out`, or replaces the one in `state_dir` (only once the output exists). Equals a batch merge of all
+    experts."""
     state_dir = Path(state_dir)
     state_in = CheckpointReader(state_dir, prefix=STATE_PREFIX, config_name=STATE_FILE)
     source = str(state_dir / STATE_FILE)
@@ -201,7 +202,7 @@ def add_experts(state_dir: str | Path, experts: list[ExpertRef | str | Path], ou
     expected = {name for name, _, _ in plan.state_layout}
     if set(state_in.tensors) != expected:
         raise CheckpointError(f"{source}: accumulators do not match the base's tensors; run a full merge again")
-    return _run(plan, Path(out), overwrite, state_in, state_dir)
+    return _run(plan, Path(out), overwrite, state_in, Path(state_out) if state_out is not None else state_dir)
 
 
 def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: str) -> Path:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 from merging.evaluate import evaluate
-from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
+from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash
 from tasks.merge import MergedModel
 from tasks.stages import StageCost, measured
 
@@ -41,11 +41,6 @@ class Scores(BaseModel):
     micro_ce: float
     accuracy: dict[str, float]
     cost: StageCost
-
-
-def data_sha256(data: Path) -> str:
-    """One hash of every file of the evaluation data folder."""
-    return tree_hash(data)
 
 
 @task(name="evaluate", cache_policy=content_cache(), persist_result=True, result_serializer=RESULT_SERIALIZER)

@@ -1,6 +1,7 @@
-"""Which experts a pipeline merges, and verified local copies of them and of the base.
+"""Which experts a pipeline merges, and verified local copies of them, of the base and of the evaluation data.
 
-`resolve_experts` reads only manifests and registry tags (no weights); `fetch_checkpoint` downloads through the
+`registered_experts` and `stored_experts` read only registry tags and manifests (no weights); `fetch_checkpoint`
+downloads through the
 content-addressed cache of tasks/storage.py and is cached by Prefect on the manifest's sha256, so a second run
 neither downloads nor re-reads anything but the registry.
 """
@@ -16,16 +17,17 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.settings import Settings
 from merging.errors import RegistryError
-from tasks.caching import RESULT_SERIALIZER, content_cache, tree_hash
+from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.registry import mlflow_client, refused
-from tasks.storage import S3Location, base_uri, download_expert, read_manifest
+from tasks.storage import S3Location, base_uri, cached_folder, download_folder, read_manifest
 
 log = logging.getLogger("mergeplan")
 IO_RETRIES = 2
 
 
 class CheckpointRef(BaseModel):
-    """A checkpoint in the store (or a local folder), identified by the sha256 of its manifest."""
+    """A folder in the store (or a local one): a checkpoint, or the evaluation data; identified by the sha256 of its
+    manifest (of its files, for a local folder)."""
 
     model_config = ConfigDict(frozen=True)
     name: str
@@ -36,12 +38,13 @@ class CheckpointRef(BaseModel):
 
     @property
     def cache_key(self) -> str:
-        return self.sha256
+        # A local folder's "copy" is the folder itself: the same content elsewhere is another result.
+        return self.sha256 if self.uri.startswith("s3://") else content_hash([self.uri, self.sha256])
 
     @property
     def output(self) -> Path | None:
         """The cache folder the download lands in (for content_cache); None for a local folder."""
-        return Settings.from_env().cache_dir / "experts" / self.sha256 if self.uri.startswith("s3://") else None
+        return cached_folder(Settings.from_env().cache_dir, self.sha256) if self.uri.startswith("s3://") else None
 
 
 class LocalCheckpoint(BaseModel):
@@ -50,12 +53,22 @@ class LocalCheckpoint(BaseModel):
     path: Path
 
 
+def folder_ref(name: str, domain: str, where: str | Path, settings: Settings) -> CheckpointRef:
+    """A folder to fetch: a local one (hashed here) or one in the store (its manifest read)."""
+    if not str(where).startswith("s3://"):
+        return CheckpointRef(name=name, domain=domain, uri=str(where), sha256=tree_hash(Path(where)))
+    return CheckpointRef(name=name, domain=domain, uri=str(where),
+                         sha256=read_manifest(str(where), settings=settings).sha256)
+
+
 def base_ref(name: str, uri: str | None, path: Path | None, settings: Settings) -> CheckpointRef:
-    """The base: a local folder (hashed here) or a store folder (its manifest read)."""
-    if path is not None:
-        return CheckpointRef(name=name, domain="base", uri=str(path), sha256=tree_hash(path))
-    uri = uri or base_uri(name, settings)
-    return CheckpointRef(name=name, domain="base", uri=uri, sha256=read_manifest(uri, settings=settings).sha256)
+    """The base: a local folder, or a store folder (by default s3://BUCKET/bases/NAME)."""
+    return folder_ref(name, "base", path if path is not None else uri or base_uri(name, settings), settings)
+
+
+def data_ref(where: str | Path, settings: Settings) -> CheckpointRef:
+    """The evaluation data: a local folder, or a store folder (s3://BUCKET/data)."""
+    return folder_ref("data", "data", where, settings)
 
 
 def registered_experts(base: str, settings: Settings) -> list[CheckpointRef]:
@@ -100,7 +113,7 @@ def local_copy(ref: CheckpointRef) -> LocalCheckpoint:
     """REF in this machine's cache (downloaded when missing): how a task on any worker gets its inputs from S3."""
     if not ref.uri.startswith("s3://"):
         return LocalCheckpoint(ref=ref, path=Path(ref.uri))
-    path = download_expert(ref.uri, settings=Settings.from_env())
+    path = download_folder(ref.uri, settings=Settings.from_env())
     if path.name != ref.sha256:
         raise RegistryError(f"{ref.uri}: its manifest changed since it was registered (sha256 {path.name[:12]}... "
                             f"not {ref.sha256[:12]}...); register the new upload as a new version")

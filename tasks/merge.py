@@ -9,7 +9,6 @@ so either one serves the other's cache. Outputs live under STATE_DIR/work/merges
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +99,12 @@ def merge_full(job: MergeJob) -> MergedModel:
 def merge_incremental(job: MergeJob, previous: MergedModel, expert: LocalCheckpoint) -> MergedModel:
     """JOB (the previous experts plus EXPERT) from PREVIOUS's accumulators, reading only the new expert.
 
-    The previous state is copied first: add_experts updates a state in place, and the previous merge stays valid."""
+    The updated accumulators go to JOB's own folder: the previous merge stays valid."""
     if previous.state is None or not previous.state.is_dir():
         raise FileNotFoundError(previous.state)
     with measured() as cost:
-        state = job.folder / "state"
-        shutil.rmtree(state, ignore_errors=True)
-        shutil.copytree(previous.state, state)
-        add_experts(state, [ExpertRef(path=expert.path, name=expert.ref.name)], job.output, overwrite=True)
+        add_experts(previous.state, [ExpertRef(path=expert.path, name=expert.ref.name)], job.output,
+                    overwrite=True, state_out=job.folder / "state")
     return _merged(job, cost, incremental=True)
 
 

@@ -1,15 +1,16 @@
-"""S3 expert store: checkpoint folders under s3://BUCKET/experts/BASE/NAME/, each with a manifest.json.
+"""S3 store: checkpoint folders under s3://BUCKET/experts/BASE/NAME/ (and the bases under s3://BUCKET/bases/BASE/),
+evaluation data under s3://BUCKET/data/ (DOMAIN/{eval,calib}.jsonl), each folder with a manifest.json.
 
-The manifest maps every file of the folder to {sha256, size}; it is written last, so an expert whose manifest
+The manifest maps every file of the folder to {sha256, size}; it is written last, so a folder whose manifest
 exists is complete. Downloads land in a content-addressed cache:
 
-    CACHE/blobs/SHA256          verified file contents, read-only, shared by every expert that has the file
+    CACHE/blobs/SHA256          verified file contents, read-only, shared by every folder that has the file
     CACHE/partial/SHA256.part*  downloads in progress; never read, deleted by the next download of that blob
-    CACHE/experts/MANIFEST_SHA  one folder per expert version: hard links to the blobs + manifest.json
+    CACHE/folders/MANIFEST_SHA  one folder per stored version: hard links to the blobs + manifest.json
     CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once
 
-An expert folder appears by an atomic rename once every blob is verified, so a folder in experts/ is always
-complete, and a second download of the same manifest fetches nothing but the manifest.
+A folder appears by an atomic rename once every blob is verified, so a folder in folders/ is always complete,
+and a second download of the same manifest fetches nothing but the manifest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from s3transfer.exceptions import RetriesExceededError
 
 from infra.settings import Settings
 from merging.checkpoint import PICKLE_SUFFIXES, CheckpointReader
+from merging.data.loading import data_domains
 from merging.errors import CheckpointError, StorageError
 
 log = logging.getLogger("mergeplan")
@@ -65,7 +67,7 @@ _MANIFEST_FILES = TypeAdapter(dict[str, ManifestEntry])
 
 @dataclass(frozen=True)
 class Manifest:
-    """An expert's file list; sha256 is the hash of the manifest's own bytes, which identifies the version."""
+    """A stored folder's file list; sha256 is the hash of the manifest's own bytes, which identifies the version."""
 
     files: dict[str, ManifestEntry]
     sha256: str
@@ -104,6 +106,11 @@ def expert_uri(base: str, name: str, settings: Settings) -> str:
 def base_uri(base: str, settings: Settings) -> str:
     """Where the layout keeps the base checkpoint BASE itself (its experts are checked against its config)."""
     return f"s3://{settings.bucket}/bases/{base}"
+
+
+def data_uri(settings: Settings) -> str:
+    """Where the layout keeps the evaluation and calibration data (one subfolder per domain)."""
+    return f"s3://{settings.bucket}/data"
 
 
 def s3_client(settings: Settings):
@@ -196,8 +203,7 @@ def _transfer_config(settings: Settings) -> TransferConfig:
 
 
 def _folder_files(folder: Path) -> dict[str, Path]:
-    """The checkpoint's files by their relative POSIX name; refuses pickles and folders that are no checkpoint."""
-    CheckpointReader(folder)
+    """The folder's files by their relative POSIX name; refuses pickles."""
     files = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -212,7 +218,19 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 
 
 def upload_expert(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
-    """Upload a checkpoint folder to S3_URI (files in parallel, multipart), then its manifest.json."""
+    """Upload a checkpoint folder (a base or an expert; checked to be one) to S3_URI."""
+    CheckpointReader(Path(folder))
+    return upload_folder(folder, s3_uri, settings=settings, client=client)
+
+
+def upload_data(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
+    """Upload a data folder (DOMAIN/{eval,calib}.jsonl; checked to have domains) to S3_URI."""
+    data_domains(folder)
+    return upload_folder(folder, s3_uri, settings=settings, client=client)
+
+
+def upload_folder(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
+    """Upload every file of FOLDER to S3_URI (in parallel, multipart), then its manifest.json."""
     settings = settings or Settings.from_env()
     client = client or s3_client(settings)
     location, folder = S3Location.parse(s3_uri), Path(folder)
@@ -251,12 +269,12 @@ def read_manifest(s3_uri: str, *, settings: Settings | None = None, client=None)
     try:
         files = _MANIFEST_FILES.validate_json(raw)
     except ValidationError as exc:
-        raise StorageError(f"{location.uri(MANIFEST)}: not a manifest ({exc.errors()[0]['msg']}); re-upload the "
-                           "expert") from exc
+        raise StorageError(f"{location.uri(MANIFEST)}: not a manifest ({exc.errors()[0]['msg']}); re-upload "
+                           "the folder") from exc
     for name in files:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or "\\" in name or not name or name == MANIFEST:
-            raise StorageError(f"{location.uri(MANIFEST)}: unsafe file name {name!r}; re-upload the expert")
+            raise StorageError(f"{location.uri(MANIFEST)}: unsafe file name {name!r}; re-upload it")
         if path.suffix in PICKLE_SUFFIXES:
             raise StorageError(f"{location.uri(MANIFEST)}: lists pickle file {name}; mergeplan never loads pickles")
     return Manifest(files, hashlib.sha256(raw).hexdigest(), raw)
@@ -272,19 +290,24 @@ def read_json_file(s3_uri: str, name: str, manifest: Manifest, *, settings: Sett
         raise StorageError(f"{location.uri(MANIFEST)}: lists no {name}; is this a checkpoint folder?")
     raw = _get_bytes(client, location, name, settings)
     if hashlib.sha256(raw).hexdigest() != manifest.files[name].sha256:
-        raise StorageError(f"{location.uri(name)}: sha256 differs from the manifest's; re-upload the expert")
+        raise StorageError(f"{location.uri(name)}: sha256 differs from the manifest's; re-upload it")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StorageError(f"{location.uri(name)}: not JSON ({exc})") from exc
 
 
-class ExpertCache:
+def cached_folder(cache_dir: Path, manifest_sha256: str) -> Path:
+    """Where the cache under CACHE_DIR keeps (or will keep) the stored folder with this manifest."""
+    return Path(cache_dir) / "folders" / manifest_sha256
+
+
+class FolderCache:
     """The content-addressed download cache (layout in the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        for folder in ("blobs", "partial", "experts", "locks"):
+        for folder in ("blobs", "partial", "folders", "locks"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
     def blob(self, sha256: str) -> Path:
@@ -294,8 +317,8 @@ class ExpertCache:
         path = self.blob(entry.sha256)
         return path.is_file() and path.stat().st_size == entry.size
 
-    def expert(self, manifest_sha256: str) -> Path:
-        return self.root / "experts" / manifest_sha256
+    def folder(self, manifest_sha256: str) -> Path:
+        return cached_folder(self.root, manifest_sha256)
 
     def partial(self, sha256: str) -> Path:
         return self.root / "partial" / f"{sha256}.part"
@@ -316,7 +339,7 @@ class ExpertCache:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: ExpertCache,
+def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: FolderCache,
                 settings: Settings) -> int:
     """Download one file into the cache, verified; returns the bytes fetched (0 when another process had it)."""
     with cache.lock(entry.sha256):
@@ -330,7 +353,7 @@ def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, c
             actual = sha256_file(partial)
             if actual != entry.sha256:
                 raise StorageError(f"{location.uri(name)}: sha256 {actual[:12]}... differs from the manifest's "
-                                   f"{entry.sha256[:12]}...; the download was deleted; re-upload the expert")
+                                   f"{entry.sha256[:12]}...; the download was deleted; re-upload it")
             partial.chmod(0o444)  # blobs are shared through hard links: nobody may edit one in place
             os.replace(partial, cache.blob(entry.sha256))
         finally:  # ours, and any a killed download left: a partial file is never used, only deleted
@@ -338,10 +361,10 @@ def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, c
     return entry.size
 
 
-def _assemble(cache: ExpertCache, manifest: Manifest) -> Path:
-    """The expert folder of hard links to verified blobs, published by one rename."""
-    final = cache.expert(manifest.sha256)
-    with cache.lock(f"expert-{manifest.sha256}"):
+def _assemble(cache: FolderCache, manifest: Manifest) -> Path:
+    """The folder of hard links to verified blobs, published by one rename."""
+    final = cache.folder(manifest.sha256)
+    with cache.lock(f"folder-{manifest.sha256}"):
         if final.is_dir():
             return final
         staging = final.with_name(f".{manifest.sha256}.staging")
@@ -358,18 +381,18 @@ def _assemble(cache: ExpertCache, manifest: Manifest) -> Path:
     return final
 
 
-def download_expert(s3_uri: str, cache_dir: str | Path | None = None, *, settings: Settings | None = None,
+def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, settings: Settings | None = None,
                     client=None) -> Path:
-    """The expert at S3_URI as a local checkpoint folder in the cache; only files not yet cached are fetched,
-    in parallel (multipart each), each verified against the manifest's sha256."""
+    """The folder at S3_URI (an expert, a base or data) as a local folder in the cache; only files not yet cached
+    are fetched, in parallel (multipart each), each verified against the manifest's sha256."""
     settings = settings or Settings.from_env()
     client = client or s3_client(settings)
     location = S3Location.parse(s3_uri)
-    cache = ExpertCache(Path(cache_dir) if cache_dir else settings.cache_dir)
+    cache = FolderCache(Path(cache_dir) if cache_dir else settings.cache_dir)
     manifest = read_manifest(s3_uri, settings=settings, client=client)
-    if cache.expert(manifest.sha256).is_dir():
-        log.info("%s: in the cache (%s), nothing downloaded", location.uri(), cache.expert(manifest.sha256))
-        return cache.expert(manifest.sha256)
+    if cache.folder(manifest.sha256).is_dir():
+        log.info("%s: in the cache (%s), nothing downloaded", location.uri(), cache.folder(manifest.sha256))
+        return cache.folder(manifest.sha256)
     wanted: dict[str, str] = {}  # sha256 -> one file name that has it: identical files are fetched once
     for name, entry in manifest.files.items():
         if not cache.has_blob(entry):

@@ -2,8 +2,8 @@
 subsets of the design, sharing the task vectors of that method's merges), a task that joins their tables, and
 the law fit of the joined table (`merging.law_report.fit_sweep`). Each is cached on content.
 
-A method's task fetches its own inputs from S3 (the cache of the worker's machine), so that it runs on any Dask
-worker; the evaluation data is read from its path, which every worker must see.
+A method's task fetches its own inputs from S3 (the cache of the worker's machine), the evaluation data included
+when it is in the store, so that it runs on any Dask worker (a local data folder must be seen by every worker).
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ class SweepPart(BaseModel):
     model_config = ConfigDict(frozen=True)
     base: CheckpointRef
     experts: list[CheckpointRef]
-    data: Path
-    data_sha256: str
+    data: CheckpointRef
     method: str
     settings: dict[str, Any]  # SweepSettings fields (methods is this part's one method)
 
     @property
     def cache_key(self) -> str:
         return content_hash({"base": self.base.sha256, "experts": [(e.name, e.sha256) for e in self.experts],
-                             "data": self.data_sha256, "method": self.method, "settings": self.settings})
+                             "data": self.data.sha256, "method": self.method, "settings": self.settings})
 
     @property
     def output(self) -> Path:
@@ -60,7 +59,7 @@ def _zoo_layout(part: SweepPart, folder: Path) -> Path:
     """A one-size zoo (base/, experts/NAME/, data/) of links to the local copies, named after the base."""
     zoo = folder / part.base.name
     (zoo / "experts").mkdir(parents=True, exist_ok=True)
-    links = {zoo / "base": local_copy(part.base).path, zoo / "data": part.data.resolve()}
+    links = {zoo / "base": local_copy(part.base).path, zoo / "data": local_copy(part.data).path.resolve()}
     links |= {zoo / "experts" / e.name: local_copy(e).path for e in part.experts}
     for link, target in links.items():
         if not link.is_symlink():

@@ -12,12 +12,15 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from prefect import task
+from pydantic import BaseModel
 
 from infra.settings import AWS_ENV, Settings
 from tasks.registry import mlflow_client, refused
@@ -149,13 +152,32 @@ def json_tag(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+class NestedRun(BaseModel):
+    """A finished child run: one merge of a sweep, or one of the law's prefix points."""
+
+    name: str
+    params: dict[str, object]
+    metrics: dict[str, float]
+    tags: dict[str, str] = {}
+
 
 @task(name="log-nested-runs", retries=IO_RETRIES, retry_delay_seconds=2)
-def log_nested_runs(parent_run_id: str, experiment: str, tags: dict[str, str],
-                    runs: list[tuple[str, dict[str, object], dict[str, float]]]) -> int:
-    """One finished child run of PARENT_RUN_ID per (name, params, metrics): the merges of a sweep."""
-    for name, params, metrics in runs:
-        run_id = open_run.fn(experiment, name, tags, parent_run_id=parent_run_id)
-        log_run.fn(run_id, params=params, metrics=metrics)
+def log_nested_runs(parent_run_id: str, experiment: str, tags: dict[str, str], runs: list[NestedRun]) -> int:
+    """One finished child run of PARENT_RUN_ID per entry of RUNS, each with TAGS besides its own."""
+    for run in runs:
+        run_id = open_run.fn(experiment, run.name, tags, parent_run_id=parent_run_id)
+        log_run.fn(run_id, params=run.params, metrics=run.metrics, tags=run.tags)
         close_run.fn(run_id)
     return len(runs)
+
+
+@contextmanager
+def tracked_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """A new MLflow run for the block: FINISHED when the block ends, FAILED when it raises (the error goes on)."""
+    run_id = open_run(experiment, run_name, tags)
+    try:
+        yield run_id
+    except BaseException:
+        close_run(run_id, "FAILED")
+        raise
+    close_run(run_id)

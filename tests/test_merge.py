@@ -122,6 +122,22 @@ def test_incremental_merge_equals_batch_merge(zoo, tmp_path, method):
     assert not list(tmp_path.glob(".*"))  # no partial folders left behind
 
 
+def test_incremental_merge_can_keep_the_previous_state(zoo, tmp_path):
+    config = MergeConfig(base=zoo["base"], experts=zoo["experts"][:3], method="ties", params={"density": 0.5},
+                         dtype="float32")
+    batch = read_all(merge(config, tmp_path / "batch"))
+    head = MergeConfig(base=zoo["base"], experts=zoo["experts"][:2], method="ties", params={"density": 0.5},
+                       dtype="float32")
+    merge(head, tmp_path / "two", save_state=tmp_path / "s2")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s2").iterdir()}
+    incremental = read_all(add_experts(tmp_path / "s2", [zoo["experts"][2]], tmp_path / "three",
+                                       state_out=tmp_path / "s3"))
+    assert all(torch.equal(tensor, incremental[name]) for name, tensor in batch.items())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s2").iterdir()} == before
+    state = json.loads((tmp_path / "s3" / "state.json").read_text())
+    assert len(state["config"]["experts"]) == 3
+
+
 def test_add_expert_refuses_a_changed_base(zoo, tmp_path, copy_model):
     base = copy_model(zoo["base"], "base")
     config = MergeConfig(base=base, experts=zoo["experts"][:2], method="task_arithmetic")

@@ -73,11 +73,28 @@ def test_pipeline_runs_end_to_end_and_a_second_run_recomputes_nothing(pipeline_e
 def test_unreachable_mlflow_fails_before_any_download(pipeline_env, tiny_zoo):
     config = pipeline_config(tiny_zoo)
     down = {"MERGEPLAN_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
-    with (mock.patch.dict(os.environ, down), mock.patch("tasks.fetch.download_expert") as download,
+    with (mock.patch.dict(os.environ, down), mock.patch("tasks.fetch.download_folder") as download,
           pytest.raises(RegistryError, match="unreachable")):
         configured(merge_pipeline, config.runner, pipeline_env)(config)
     download.assert_not_called()
 
+
+def test_evaluation_data_from_the_store_gives_the_same_scores(pipeline_env, tiny_zoo, run_cli):
+    local = configured(merge_pipeline, pipeline_config(tiny_zoo).runner, pipeline_env)(pipeline_config(tiny_zoo))
+    status, out, err = run_cli("data", "upload", tiny_zoo / "data")
+    uri = f"s3://{pipeline_env.bucket}/data"
+    assert status == 0 and out.startswith(f"{uri} ("), err
+    config = pipeline_config(tiny_zoo, data=uri)
+    stored = configured(merge_pipeline, config.runner, pipeline_env)(config)
+    assert stored.merge_key == local.merge_key and stored.macro_ce == local.macro_ce  # same model, same examples
+    params = MlflowClient(pipeline_env.mlflow_tracking_uri).get_run(stored.run_id).data.params
+    assert params["data"] == uri and (pipeline_env.cache_dir / "folders" / params["data.sha256"] / "algebra").is_dir()
+
+
+def test_uploading_a_folder_without_domains_as_data_is_refused(pipeline_env, tmp_path, run_cli):
+    (tmp_path / "empty").mkdir()
+    status, _, err = run_cli("data", "upload", tmp_path / "empty", f"s3://{pipeline_env.bucket}/data/empty")
+    assert status == 2 and "no domain folders" in err and err.count("\n") == 1
 
 
 def test_a_new_expert_is_merged_incrementally_into_the_champion(pipeline_env, tiny_zoo):
@@ -92,7 +109,7 @@ def test_a_new_expert_is_merged_incrementally_into_the_champion(pipeline_env, ti
     assert run.data.tags["mergeplan.flow"] == "on-new-expert" and run.data.metrics["experts"] == 4
     assert run.data.tags["mergeplan.incremental"] == "true"
     # The incremental merge equals a full merge of the same four experts.
-    cache = pipeline_env.cache_dir / "experts"
+    cache = pipeline_env.cache_dir / "folders"
     experts = [ExpertRef(path=cache / sha, name=name) for name, sha in zip(
         outcome.experts, [run.data.params[f"expert.{n}.sha256"] for n in outcome.experts], strict=True)]
     full = merge(MergeConfig(base=cache / run.data.params["base.sha256"], experts=experts, method=config.method,
@@ -111,7 +128,6 @@ def test_an_expert_of_another_base_is_refused_with_the_reason(pipeline_env, tiny
     experiment = client.get_experiment_by_name(config.experiment_name)
     refused = client.search_runs([experiment.experiment_id], "tags.`mergeplan.decision` = 'refused'")
     assert refused and "other-base" in refused[0].data.tags["mergeplan.reason"]
-
 
 
 def test_mergeplan_run_prints_the_decision(pipeline_env, prefect_api_url, tiny_zoo, tmp_path, run_cli):

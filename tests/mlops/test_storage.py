@@ -18,7 +18,7 @@ from merging.checkpoint import CheckpointReader
 from merging.errors import CheckpointError, StorageError
 from tasks.storage import (
     MANIFEST,
-    download_expert,
+    download_folder,
     expert_uri,
     list_experts,
     read_manifest,
@@ -39,7 +39,7 @@ def count_gets(client) -> list[str]:
 def test_round_trip_verifies_every_file(s3_service, zoo, tmp_path):
     uri = expert_uri("tiny-base", "roundtrip", s3_service)
     manifest = upload_expert(zoo["experts"][0], uri, settings=s3_service)
-    folder = download_expert(uri, tmp_path / "cache", settings=s3_service)
+    folder = download_folder(uri, tmp_path / "cache", settings=s3_service)
 
     source_files = sorted(p.name for p in zoo["experts"][0].iterdir())
     assert sorted(manifest.files) == source_files and len(source_files) > 3  # sharded: several files
@@ -54,21 +54,21 @@ def test_second_download_fetches_only_the_manifest(s3_service, s3, zoo, tmp_path
     uri = expert_uri("tiny-base", "cached", s3_service)
     upload_expert(zoo["experts"][1], uri, settings=s3_service)
     first_gets = count_gets(s3)
-    first = download_expert(uri, tmp_path, settings=s3_service, client=s3)
+    first = download_folder(uri, tmp_path, settings=s3_service, client=s3)
     assert len(first_gets) > 3
 
     second_client = s3_client(s3_service)
     second_gets = count_gets(second_client)
-    assert download_expert(uri, tmp_path, settings=s3_service, client=second_client) == first
+    assert download_folder(uri, tmp_path, settings=s3_service, client=second_client) == first
     assert second_gets == [f"experts/tiny-base/cached/{MANIFEST}"]
 
 
 def test_files_shared_between_experts_are_fetched_once(s3_service, s3, zoo, tmp_path):
     for index in (2, 3):
         upload_expert(zoo["experts"][index], expert_uri("tiny-base", f"shared{index}", s3_service), settings=s3_service)
-    download_expert(expert_uri("tiny-base", "shared2", s3_service), tmp_path, settings=s3_service)
+    download_folder(expert_uri("tiny-base", "shared2", s3_service), tmp_path, settings=s3_service)
     gets = count_gets(s3)
-    download_expert(expert_uri("tiny-base", "shared3", s3_service), tmp_path, settings=s3_service, client=s3)
+    download_folder(expert_uri("tiny-base", "shared3", s3_service), tmp_path, settings=s3_service, client=s3)
     # Both experts have the base's config.json: its blob is in the cache already.
     assert "experts/tiny-base/shared3/config.json" not in gets
     assert any(key.endswith(".safetensors") for key in gets)
@@ -82,16 +82,16 @@ def test_sha256_mismatch_is_refused_and_nothing_is_kept(s3_service, s3, tmp_path
 
     cache = tmp_path / "cache"
     with pytest.raises(StorageError, match=r"tampered/model\.safetensors: sha256 .* differs from the manifest"):
-        download_expert(uri, cache, settings=s3_service)
+        download_folder(uri, cache, settings=s3_service)
     assert not (cache / "blobs" / manifest.files["model.safetensors"].sha256).exists()
     assert not list((cache / "partial").iterdir())
-    assert not list((cache / "experts").iterdir())
+    assert not list((cache / "folders").iterdir())
 
 
 KILLED_DOWNLOAD = """
 import os, signal, sys, time
 from infra.settings import Settings
-from tasks.storage import download_expert, s3_client
+from tasks.storage import download_folder, s3_client
 
 settings = Settings.from_env()
 client = s3_client(settings)
@@ -105,7 +105,7 @@ def die_on_third_part(params, **_):
             os.kill(os.getpid(), signal.SIGKILL)
 
 client.meta.events.register("provide-client-params.s3.GetObject", die_on_third_part)
-download_expert(sys.argv[1], sys.argv[2], settings=settings, client=client)
+download_folder(sys.argv[1], sys.argv[2], settings=settings, client=client)
 """
 
 
@@ -122,9 +122,9 @@ def test_killed_download_leaves_only_a_partial_that_the_next_run_discards(s3_ser
     partials = list((cache / "partial").iterdir())
     assert partials and sum(p.stat().st_size for p in partials) > 0  # the killed run wrote part of the file
     weights = manifest.files["model.safetensors"].sha256
-    assert not (cache / "blobs" / weights).exists() and not list((cache / "experts").iterdir())
+    assert not (cache / "blobs" / weights).exists() and not list((cache / "folders").iterdir())
 
-    result = download_expert(uri, cache, settings=settings)
+    result = download_folder(uri, cache, settings=settings)
     assert sha256_file(result / "model.safetensors") == manifest.files["model.safetensors"].sha256
     assert not list((cache / "partial").iterdir())
 
@@ -145,7 +145,7 @@ def test_connection_lost_mid_file_is_retried(s3_service, tmp_path, caplog):
 
     client.meta.events.register("provide-client-params.s3.GetObject", drop_second_part_once)
     with caplog.at_level(logging.WARNING, logger="mergeplan"):
-        result = download_expert(uri, tmp_path / "cache", settings=settings, client=client)
+        result = download_folder(uri, tmp_path / "cache", settings=settings, client=client)
     assert sha256_file(result / "model.safetensors") == manifest.files["model.safetensors"].sha256
     assert "retrying" in caplog.text and len(ranged) > 3
 
@@ -156,14 +156,14 @@ def test_unreachable_endpoint_is_retried_then_named(s3_service, tmp_path, caplog
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="mergeplan"), \
             pytest.raises(StorageError, match=f"S3 endpoint {endpoint} failed 3 times .*MERGEPLAN_S3_ENDPOINT"):
-        download_expert("s3://mergeplan/experts/tiny-base/algebra", tmp_path / "cache", settings=settings)
+        download_folder("s3://mergeplan/experts/tiny-base/algebra", tmp_path / "cache", settings=settings)
     assert time.monotonic() - started < 10
     assert caplog.text.count("retrying") == 2
 
 
 def test_missing_expert_names_the_manifest_key(s3_service, tmp_path):
     with pytest.raises(StorageError, match=r"s3://mergeplan/experts/tiny-base/nobody/manifest\.json: no such object"):
-        download_expert(expert_uri("tiny-base", "nobody", s3_service), tmp_path, settings=s3_service)
+        download_folder(expert_uri("tiny-base", "nobody", s3_service), tmp_path, settings=s3_service)
 
 
 def test_missing_file_names_its_key(s3_service, s3, tmp_path):
@@ -172,13 +172,13 @@ def test_missing_file_names_its_key(s3_service, s3, tmp_path):
     upload_expert(folder, uri, settings=s3_service)
     s3.delete_object(Bucket=s3_service.bucket, Key="experts/tiny-base/incomplete/model.safetensors")
     with pytest.raises(StorageError, match=r"incomplete/model\.safetensors: no such object"):
-        download_expert(uri, tmp_path / "cache", settings=s3_service)
-    assert not list((tmp_path / "cache" / "experts").iterdir())
+        download_folder(uri, tmp_path / "cache", settings=s3_service)
+    assert not list((tmp_path / "cache" / "folders").iterdir())
 
 
 def test_missing_bucket_is_named(s3_service, tmp_path):
     with pytest.raises(StorageError, match="s3://no-such-bucket/x/manifest.json: the bucket does not exist"):
-        download_expert("s3://no-such-bucket/x", tmp_path, settings=s3_service)
+        download_folder("s3://no-such-bucket/x", tmp_path, settings=s3_service)
 
 
 def test_pickle_files_are_never_uploaded(s3_service, s3, tmp_path):
@@ -193,7 +193,7 @@ def test_manifest_with_an_escaping_name_is_refused(s3_service, s3, tmp_path):
     manifest = {"../../outside": {"sha256": "0" * 64, "size": 1}}
     s3.put_object(Bucket=s3_service.bucket, Key="experts/tiny-base/escape/manifest.json", Body=json.dumps(manifest))
     with pytest.raises(StorageError, match="unsafe file name"):
-        download_expert(expert_uri("tiny-base", "escape", s3_service), tmp_path, settings=s3_service)
+        download_folder(expert_uri("tiny-base", "escape", s3_service), tmp_path, settings=s3_service)
     assert not (tmp_path.parent / "outside").exists()
 
 
@@ -214,7 +214,7 @@ def test_no_credentials_in_log_records(s3_service, zoo, tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="mergeplan"):
         uri = expert_uri("tiny-base", "quiet", s3_service)
         upload_expert(zoo["experts"][0], uri, settings=s3_service)
-        download_expert(uri, tmp_path, settings=s3_service)
+        download_folder(uri, tmp_path, settings=s3_service)
         logging.getLogger("mergeplan").info("settings in use: %r", s3_service)
     assert caplog.records
     assert SECRET_KEY not in caplog.text and ACCESS_KEY not in caplog.text
@@ -224,7 +224,7 @@ def test_no_credentials_in_log_records(s3_service, zoo, tmp_path, caplog):
 def test_cache_folder_is_read_only_shared_content(s3_service, zoo, tmp_path):
     uri = expert_uri("tiny-base", "readonly", s3_service)
     upload_expert(zoo["experts"][0], uri, settings=s3_service)
-    folder = download_expert(uri, tmp_path, settings=s3_service)
+    folder = download_folder(uri, tmp_path, settings=s3_service)
     shard = next(Path(folder).glob("*.safetensors"))
     assert shard.stat().st_nlink == 2  # the expert's file and its blob are one inode
     assert not shard.stat().st_mode & 0o222

@@ -65,8 +65,10 @@ def test_registering_an_expert_runs_on_new_expert_and_logs_its_decision(pipeline
         server = subprocess.Popen([sys.executable, "-m", "mergeplan.cli", "serve", str(config_file)], env=env,
                                   stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
     try:
-        wait_for(lambda: served_deployment(prefect_api_url, f"on-new-expert/{BASE}") or server.poll() is not None,
-                 90, "the deployment")
+        # serve creates the deployments one after the other: wait for the last one, not just the first
+        wait_for(lambda: (served_deployment(prefect_api_url, f"on-new-expert/{BASE}")
+                          and served_deployment(prefect_api_url, f"scaling-sweep/{BASE}")) or server.poll() is not None,
+                 90, "the deployments")
         assert server.poll() is None, "mergeplan serve exited"
         nightly = served_deployment(prefect_api_url, f"scaling-sweep/{BASE}")
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
