@@ -4,7 +4,8 @@
    base and K experts stored and registered. merge-pipeline runs once with empty caches (wall time measured around
    the call); then the same stages run as plain library calls in one process: download base + experts, merge,
    evaluate, upload, fit. Overhead = flow wall time - library wall time (Prefect task runs, result persistence,
-   MLflow logging and registration).
+   MLflow logging and registration). Then expert K+1 is registered and on-new-expert adds it to that champion
+   (incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs.
 2. Incremental vs full. Random Llama checkpoints (merging.synthetic), K experts merged with their state kept; then
    expert K+1 is added by the flows' incremental path (copy the state, add_experts) and, separately, all K+1 are
    merged at once. Both are the merge tasks' own functions, without Prefect. Target: incremental <= 1.5/(K+1) of
@@ -12,7 +13,7 @@
 
 This is a benchmark, not a test: nothing is asserted. Results go to WORKDIR/pipeline.md.
 
-    .venv/bin/python bench/pipeline.py                      # K = 8, hidden 512 x 8 layers, 3 repeats
+    .venv/bin/python bench/pipeline.py                      # K = 8, hidden 1024 x 8 layers, 5 repeats
     .venv/bin/python bench/pipeline.py --experts 4 --hidden 128 --layers 2 --repeats 1   # a quick run
 """
 
@@ -44,9 +45,12 @@ def bench_settings(state_dir: Path):
                     webhook_port=free_port())
 
 
-def overhead(zoo: Path, experts: int, workdir: Path) -> dict[str, float]:
-    """Flow wall time vs the same stages as library calls, both with empty caches."""
+def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[str, float]:
+    """On a local stack: the orchestration overhead of merge-pipeline (flow wall time vs the same stages as library
+    calls, both with empty caches), then an on-new-expert run adding expert K+1 to that champion against a
+    merge-pipeline run of all K+1 (both with the experts' downloads cached, nothing else)."""
     from flows.merge_pipeline import merge_pipeline
+    from flows.on_new_expert import on_new_expert
     from flows.pipeline_config import PipelineConfig
     from flows.runtime import configured, prefect_api
     from infra import stack
@@ -62,39 +66,61 @@ def overhead(zoo: Path, experts: int, workdir: Path) -> dict[str, float]:
     stack.up(settings, ["s3", "mlflow", "prefect"])
     try:
         upload_expert(zoo / "base", base_uri("bench-base", settings), settings=settings)
-        folders = expert_folders(zoo)[:experts]
+        folders = expert_folders(zoo)[:experts + 1]
         uris = [expert_uri("bench-base", folder.name, settings) for folder in folders]
         for folder, uri in zip(folders, uris, strict=True):
             upload_expert(folder, uri, settings=settings)
+        for folder, uri in zip(folders[:experts], uris[:experts], strict=True):
             register_expert(uri, folder.name, "bench-base", settings=settings)
-        config = PipelineConfig.model_validate({
-            "base": {"name": "bench-base"}, "method": "ties", "params": METHODS["ties"], "data": zoo / "data",
-            "eval": {"max_examples": 16, "batch_size": 16}, "experts": uris})
+        fields = {"base": {"name": "bench-base"}, "method": "ties", "params": METHODS["ties"], "data": zoo / "data",
+                  "eval": {"max_examples": 16, "batch_size": 16}}
+        config = PipelineConfig.model_validate(fields | {"experts": uris[:experts]})
+
+        def fresh_state(downloads_too: bool) -> None:
+            for folder in ("results", "work", *(["cache"] if downloads_too else [])):
+                shutil.rmtree(settings.state_dir / folder, ignore_errors=True)
+
+        def timed(call) -> tuple[float, object]:
+            started = time.perf_counter()
+            result = call()
+            return time.perf_counter() - started, result
+
+        def library_stages() -> None:
+            base = download_folder(base_uri("bench-base", settings), settings=settings)
+            local = [download_folder(uri, settings=settings) for uri in uris[:experts]]
+            out = merge(MergeConfig(base=base, experts=local, method="ties", params=METHODS["ties"]),
+                        workdir / "library-merge", overwrite=True, save_state=workdir / "library-state")
+            scores = evaluate(out, zoo / "data", max_examples=16, batch_size=16)
+            upload_expert(out, f"s3://{settings.bucket}/merged/bench-base/library", settings=settings)
+            decide(LawJob(method="ties", points=[(experts, scores.macro_ce)], experts=experts, loss=scores.macro_ce,
+                          min_gain=0.002))
+
+        flows, library = [], []
         with prefect_api(settings):
             configured(merge_pipeline, config.runner, settings)(config)  # warm-up: Prefect's first-flow start
-            shutil.rmtree(settings.state_dir / "results")
-            shutil.rmtree(settings.state_dir / "work")
-            shutil.rmtree(settings.cache_dir)
-            started = time.perf_counter()
-            outcome = configured(merge_pipeline, config.runner, settings)(config)
-            flow_s = time.perf_counter() - started
-
-        shutil.rmtree(settings.cache_dir)
-        started = time.perf_counter()
-        base = download_folder(base_uri("bench-base", settings), settings=settings)
-        local = [download_folder(uri, settings=settings) for uri in uris]
-        out = merge(MergeConfig(base=base, experts=local, method="ties", params=METHODS["ties"]),
-                    workdir / "library-merge", overwrite=True, save_state=workdir / "library-state")
-        scores = evaluate(out, zoo / "data", max_examples=16, batch_size=16)
-        upload_expert(out, f"s3://{settings.bucket}/merged/bench-base/library", settings=settings)
-        decide(LawJob(method="ties", points=[(experts, scores.macro_ce)], experts=experts, loss=scores.macro_ce,
-                      min_gain=0.002))
-        library_s = time.perf_counter() - started
+            for _ in range(repeats):  # the flow and the library calls in turn, each from empty caches
+                fresh_state(downloads_too=True)
+                seconds, outcome = timed(lambda: configured(merge_pipeline, config.runner, settings)(config))
+                flows.append(seconds)
+                fresh_state(downloads_too=True)
+                library.append(timed(library_stages)[0])
+            fresh_state(downloads_too=False)
+            configured(merge_pipeline, config.runner, settings)(config)  # the champion, with its accumulators
+            new = register_expert(uris[experts], folders[experts].name, "bench-base", settings=settings)
+            incremental_s, added = timed(lambda: configured(on_new_expert, config.runner, settings)(
+                config, s3_uri=new.s3_uri, sha256=new.sha256, version=new.version, domain=new.domain,
+                base="bench-base"))
+            assert added.incremental, "on-new-expert did not take the incremental path"
+            fresh_state(downloads_too=False)
+            everything = PipelineConfig.model_validate(fields | {"experts": uris})
+            full_s, whole = timed(lambda: configured(merge_pipeline, config.runner, settings)(everything))
     finally:
         stack.down(settings, ["s3", "mlflow", "prefect"])
-    compute_s = sum(cost.seconds for cost in outcome.stages.values())
+    flow_s, library_s = statistics.median(flows), statistics.median(library)
     return {"flow_s": flow_s, "library_s": library_s, "overhead_s": flow_s - library_s,
-            "task_compute_s": compute_s}
+            "task_compute_s": sum(cost.seconds for cost in outcome.stages.values()),
+            "incremental_run_s": incremental_s, "full_run_s": full_s,
+            "incremental_merge_s": added.stages["merge"].seconds, "full_merge_s": whole.stages["merge"].seconds}
 
 
 def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repeats: int,
@@ -138,9 +164,9 @@ def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=8, help="K: experts before the new one")
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--pipeline-experts", type=int, default=6, help="experts of the tiny zoo in the flow")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "pipeline")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -162,13 +188,22 @@ def main() -> None:
         zoo = args.workdir / "zoo"
         build_zoo("tiny", zoo)
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            figures = overhead(zoo, args.pipeline_experts, Path(tmp))
-        lines += ["", f"Orchestration overhead (tiny zoo, ties, K = {args.pipeline_experts}, empty caches, warm "
-                  "Prefect)", "", "| flow s | same stages as library calls s | overhead s | merge+evaluate inside "
-                  "tasks s |", "| --- | --- | --- | --- |",
+            figures = pipeline_runs(zoo, args.pipeline_experts, args.repeats, Path(tmp))
+        k = args.pipeline_experts
+        lines += ["", f"Orchestration overhead (tiny zoo, ties, K = {k}, empty caches, warm Prefect, median of "
+                  f"{args.repeats})", "",
+                  "| flow s | same stages as library calls s | overhead s | merge+evaluate inside tasks s |",
+                  "| --- | --- | --- | --- |",
                   f"| {figures['flow_s']:.2f} | {figures['library_s']:.2f} | {figures['overhead_s']:.2f} | "
-                  f"{figures['task_compute_s']:.2f} |"]
-        print(lines[-1], flush=True)
+                  f"{figures['task_compute_s']:.2f} |", "",
+                  f"Runs: on-new-expert adding expert {k + 1} to the champion vs merge-pipeline with all {k + 1} "
+                  "(tiny zoo, ties, downloads cached)", "",
+                  "| run | incremental s | full s | ratio | target 1.5/(K+1) |", "| --- | --- | --- | --- | --- |",
+                  f"| whole flow | {figures['incremental_run_s']:.2f} | {figures['full_run_s']:.2f} | "
+                  f"{figures['incremental_run_s'] / figures['full_run_s']:.3f} | {1.5 / (k + 1):.3f} |",
+                  f"| merge task | {figures['incremental_merge_s']:.3f} | {figures['full_merge_s']:.3f} | "
+                  f"{figures['incremental_merge_s'] / figures['full_merge_s']:.3f} | {1.5 / (k + 1):.3f} |"]
+        print("\n".join(lines[-10:]), flush=True)
     (args.workdir / "pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,6 +39,18 @@ from tasks.tracking import (
 FLOW_NAME = "merge-pipeline"
 
 
+def recording_settings() -> Settings:
+    """The settings of this process, once MLflow answered: a pipeline that cannot record its results does not
+    start (no download, no merge)."""
+    settings = Settings.from_env()
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    return settings
+
+
+def pipeline_base(config: PipelineConfig, settings: Settings) -> CheckpointRef:
+    return base_ref(config.base.name, config.base.uri, config.base.path, settings)
+
+
 def resolve_experts(config: PipelineConfig, settings: Settings) -> list[CheckpointRef]:
     if config.experts == "all":
         return registered_experts(config.base.name, settings)
@@ -81,11 +93,9 @@ def measure_prefixes(run_id: str, job: MergeJob, data: LocalCheckpoint, config: 
 
 @flow(name=FLOW_NAME)
 def merge_pipeline(config: PipelineConfig) -> Outcome:
-    settings = Settings.from_env()
-    # Before any download or merge: a pipeline that cannot record its results should not start.
-    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    settings = recording_settings()
     clock = StageClock()
-    base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+    base = pipeline_base(config, settings)
     experts = resolve_experts(config, settings)
     with tracked_run(config.experiment_name, f"{config.method} k={len(experts)}",
                      run_tags(config, FLOW_NAME)) as run_id:

@@ -14,15 +14,15 @@ import json
 
 from prefect import flow
 
-from flows.merge_pipeline import fetch_data, fetch_many, merge_job, run_tags
+from flows.merge_pipeline import fetch_data, fetch_many, merge_job, pipeline_base, recording_settings, run_tags
 from flows.outcome import Outcome, StageClock, conclude
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
 from merging.errors import RegistryError
 from tasks.caching import fresh
-from tasks.fetch import CheckpointRef, LocalCheckpoint, base_ref, fetch_checkpoint, registered_experts
+from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
-from tasks.registry import MERGE_KEY, champion_version, check_reachable, check_same_base
+from tasks.registry import MERGE_KEY, champion_version, check_same_base
 from tasks.storage import cached_folder
 from tasks.tracking import DECISION_TAG, REASON_TAG, log_run, tracked_run
 
@@ -64,8 +64,7 @@ def _expected_local(ref: CheckpointRef, settings: Settings) -> LocalCheckpoint:
 @flow(name=FLOW_NAME)
 def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str,
                   base: str) -> Outcome:
-    settings = Settings.from_env()
-    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    settings = recording_settings()
     clock = StageClock()
     with tracked_run(config.experiment_name, f"add {domain} v{version}",
                      run_tags(config, FLOW_NAME) | {"mergeplan.new_expert": s3_uri}) as run_id:
@@ -77,7 +76,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
         champion = champion_version(config.base.name, settings=settings)
         members = (champion_experts(champion) if champion is not None
                    else registered_experts(config.base.name, settings))
-        base_checkpoint = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+        base_checkpoint = pipeline_base(config, settings)
         local_base = fresh(fetch_checkpoint, base_checkpoint)(base_checkpoint)
         data = fetch_data(config, settings)
         previous = None

@@ -5,7 +5,7 @@ every point measured so far, decide, log all of it to the flow's MLflow run, and
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel
 
@@ -125,6 +125,9 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
         files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))
     if decision.plot is not None:
         files.append(("law", decision.plot))
+    if config.log_model:
+        files += [(PurePosixPath("model", path.parent.relative_to(merged.path).as_posix()).as_posix(), path)
+                  for path in sorted(merged.path.rglob("*")) if path.is_file()]
     log_run(run_id, params=job_params(job, data), metrics=metrics, texts={"plan.md": decision.plan_markdown},
             files=files,
             tags={DECISION_TAG: decision.action, REASON_TAG: decision.reason, MERGE_KEY_TAG: merged.key,

@@ -11,6 +11,7 @@
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
     sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
     experiment: mergeplan/tiny-base          # default
+    log_model: false                         # true: also copy the merged model into the MLflow run (model/)
     seed: 0
 
 Relative paths are taken from the YAML file's folder. Errors are one line naming the field.
@@ -106,6 +107,8 @@ class PipelineConfig(BaseModel):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     experiment: str | None = None
+    # The merged model goes to S3 and is registered by URI; true also copies its files into the MLflow run.
+    log_model: bool = False
     seed: int = 0
 
     @field_validator("experts")

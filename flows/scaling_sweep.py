@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.merge_pipeline import resolve_experts, run_tags
+from flows.merge_pipeline import pipeline_base, recording_settings, resolve_experts, run_tags
 from flows.outcome import StageClock
 from flows.pipeline_config import PipelineConfig, load_pipeline_config
 from flows.runtime import configured, prefect_api
@@ -22,8 +22,7 @@ from infra.settings import Settings
 from merging.law_report import MACRO, PlanRequest, plan_from_fit
 from merging.sweep import read_table
 from tasks.caching import fresh
-from tasks.fetch import base_ref, data_ref
-from tasks.registry import check_reachable
+from tasks.fetch import data_ref
 from tasks.sweeping import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
 from tasks.tracking import DECISION_TAG, REASON_TAG, NestedRun, json_tag, log_nested_runs, log_run, tracked_run
 
@@ -62,10 +61,9 @@ def plan_markdown(plan: dict[str, str], fit: SweepFit) -> str:
 
 @flow(name=FLOW_NAME)
 def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
-    settings = Settings.from_env()
-    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    settings = recording_settings()
     clock = StageClock()
-    base = base_ref(config.base.name, config.base.uri, config.base.path, settings)
+    base = pipeline_base(config, settings)
     experts = resolve_experts(config, settings)
     sweep = config.sweep
     tags = run_tags(config, FLOW_NAME)

@@ -233,6 +233,7 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     from flows.merge_pipeline import merge_pipeline
     from flows.pipeline_config import load_pipeline_config
     from flows.runtime import configured, prefect_api
+    from flows.scaling_sweep import scaling_sweep
     from infra.settings import redact_url
     from tasks.registry import check_reachable
 
@@ -240,6 +241,13 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     config = load_pipeline_config(args.config)
     check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)  # in seconds, before Prefect starts
     with prefect_api(settings):
+        if args.flow == "scaling-sweep":
+            swept = configured(scaling_sweep, config.runner, settings)(config)
+            print(f"swept {swept.merges} merges; table {swept.table}, fit {swept.fit}")
+            for method, sentence in swept.plan.items():
+                print(f"{method}: {sentence}")
+            print(f"MLflow run {swept.run_id}: {redact_url(settings.mlflow_tracking_uri)}")
+            return
         outcome = configured(merge_pipeline, config.runner, settings)(config)
     print(f"merged {len(outcome.experts)} experts ({', '.join(outcome.experts)}) with {config.method}: macro CE "
           f"{outcome.macro_ce:.4f}")
@@ -419,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the merge-pipeline flow on the stack of `mergeplan up` (or the servers the MERGEPLAN_* "
                     "URLs name).", epilog=stack_help)
     run.add_argument("config", type=Path, help="pipeline YAML (see flows/pipeline_config.py)")
+    run.add_argument("--flow", choices=["merge-pipeline", "scaling-sweep"], default="merge-pipeline",
+                     help="merge-pipeline (default) or scaling-sweep (the nightly deployment's flow, now)")
     run.set_defaults(run=_run_pipeline)
     serve = commands.add_parser(
         "serve", help="serve the deployments: on-new-expert (event trigger) and the nightly scaling sweep (cron)",

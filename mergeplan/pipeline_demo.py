@@ -2,8 +2,8 @@
 
 Starts the stack, builds the zoo, puts the base, the evaluation data and seven experts in S3 and registers six of
 the experts in MLflow, runs merge-pipeline once, serves the deployments, registers the seventh expert, and shows
-the on-new-expert run that the registration triggered (MLflow webhook -> receiver -> Prefect event -> deployment) and its decision.
-The stack keeps running afterwards for the UIs; `mergeplan down` stops it.
+the on-new-expert run that the registration triggered (MLflow webhook -> receiver -> Prefect event -> deployment)
+and its decision. The stack keeps running afterwards for the UIs; `mergeplan down` stops it.
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ def _served_since(name: str, since: datetime) -> bool:
             return False
 
 
-def _wait(check, timeout_s: float, what: str):
+def wait_until(check, timeout_s: float, what: str):
+    """CHECK's first truthy answer, polled every second; StackError after TIMEOUT_S."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = check()
         if found:
             return found
         time.sleep(1)
-    raise StackError(f"demo: gave up after {timeout_s:.0f} s waiting for {what}")
+    raise StackError(f"gave up after {timeout_s:.0f} s waiting for {what}")
 
 
 def _triggered_run(settings: Settings, experiment: str, s3_uri: str, since_ms: int):
@@ -126,7 +127,7 @@ def run_pipeline_demo(workdir: Path) -> None:
             server = subprocess.Popen([sys.executable, "-m", "mergeplan.cli", "serve", str(config_file)],
                                       stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:
-            _wait(lambda: _served_since(f"on-new-expert/{BASE}", serve_started) or server.poll() is not None, 120,
+            wait_until(lambda: _served_since(f"on-new-expert/{BASE}", serve_started) or server.poll() is not None, 120,
                   "mergeplan serve")
             if server.poll() is not None:
                 raise StackError(f"demo: mergeplan serve exited; see {log}")
@@ -136,7 +137,7 @@ def run_pipeline_demo(workdir: Path) -> None:
             how = ("registered -> MLflow webhook -> Prefect event mergeplan.expert.registered" if new else
                    "was registered by an earlier demo (no new version, no webhook): deployment run directly")
             _step(f"expert {experts[FIRST_EXPERTS].name} {how}", started)
-            run = _wait(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms), TRIGGER_TIMEOUT_S,
+            run = wait_until(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms), TRIGGER_TIMEOUT_S,
                         f"the on-new-expert run (see {log})")
         finally:
             server.terminate()

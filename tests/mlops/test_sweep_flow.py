@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
+import yaml
 from mlflow import MlflowClient
 from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config
 
@@ -16,10 +18,14 @@ METHODS = ["average", "task_arithmetic"]
 MERGES_PER_METHOD = 7
 
 
+def sweep_config(tiny_zoo, settings, **overrides):
+    return pipeline_config(
+        tiny_zoo, experts=[expert_uri(BASE, domain, settings) for domain in PIPELINE_DOMAINS],
+        sweep={"methods": METHODS, "design": "balanced", "eval_examples": 4}, **overrides)
+
+
 def test_sweep_fans_out_on_dask_and_logs_a_run_per_merge(pipeline_env, tiny_zoo):
-    config = pipeline_config(
-        tiny_zoo, experts=[expert_uri(BASE, domain, pipeline_env) for domain in PIPELINE_DOMAINS],
-        runner={"kind": "dask", "n_workers": 2}, sweep={"methods": METHODS, "design": "balanced", "eval_examples": 4})
+    config = sweep_config(tiny_zoo, pipeline_env, runner={"kind": "dask", "n_workers": 2})
     outcome = configured(scaling_sweep, config.runner, pipeline_env)(config)
     assert outcome.merges == MERGES_PER_METHOD * len(METHODS)
     assert set(outcome.plan) == set(METHODS) and all(outcome.plan.values())
@@ -35,3 +41,15 @@ def test_sweep_fans_out_on_dask_and_logs_a_run_per_merge(pipeline_env, tiny_zoo)
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"sweep.parquet", "plan.md", "fit"} <= artifacts
     assert os.path.isfile(outcome.table)
+
+
+def test_mergeplan_run_runs_the_sweep_now_and_prints_the_plan(pipeline_env, prefect_api_url, tiny_zoo, tmp_path,
+                                                              run_cli):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(sweep_config(tiny_zoo, pipeline_env).as_parameters()))
+    with mock.patch.dict(os.environ, {"MERGEPLAN_PREFECT_API_URL": prefect_api_url}):
+        status, out, err = run_cli("run", path, "--flow", "scaling-sweep")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"swept {MERGES_PER_METHOD * len(METHODS)} merges; table ")
+    assert [line.split(":")[0] for line in lines[1:3]] == METHODS and lines[3].startswith("MLflow run ")

@@ -22,17 +22,9 @@ from flows.merge_pipeline import merge_pipeline
 from flows.runtime import configured
 from infra.settings import local_url
 from infra.webhook import WebhookServer, prefect_emitter
+from mergeplan.pipeline_demo import wait_until
+from merging.errors import StackError
 from tasks.registry import WEBHOOK_NAME, ensure_webhook, mlflow_client
-
-
-def wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def served_deployment(api_url: str, name: str):
@@ -66,7 +58,7 @@ def test_registering_an_expert_runs_on_new_expert_and_logs_its_decision(pipeline
                                   stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
     try:
         # serve creates the deployments one after the other: wait for the last one, not just the first
-        wait_for(lambda: (served_deployment(prefect_api_url, f"on-new-expert/{BASE}")
+        wait_until(lambda: (served_deployment(prefect_api_url, f"on-new-expert/{BASE}")
                           and served_deployment(prefect_api_url, f"scaling-sweep/{BASE}")) or server.poll() is not None,
                  90, "the deployments")
         assert server.poll() is None, "mergeplan serve exited"
@@ -78,9 +70,9 @@ def test_registering_an_expert_runs_on_new_expert_and_logs_its_decision(pipeline
             added = store_expert(tiny_zoo, "discrete", pipeline_env)
             client = MlflowClient(pipeline_env.mlflow_tracking_uri)
             experiment = client.get_experiment_by_name(config.experiment_name).experiment_id
-            run = wait_for(lambda: finished_run_for(client, experiment, added.s3_uri), 240,
+            run = wait_until(lambda: finished_run_for(client, experiment, added.s3_uri), 240,
                            f"a finished on-new-expert run for {added.s3_uri}")
-    except AssertionError as failure:
+    except (AssertionError, StackError) as failure:
         raise AssertionError(f"{failure}; serve log:\n{log.read_text()[-3000:]}") from None
     finally:
         server.terminate()
