@@ -32,13 +32,16 @@ def expert_trigger(base: str) -> DeploymentEventTrigger:
 
 
 def pipeline_deployments(config: PipelineConfig, settings: Settings, cron: str = NIGHTLY) -> list[RunnerDeployment]:
-    """One deployment per flow, named after the base; the pipeline config is each one's default parameter."""
+    """One deployment per flow, named after the base; the pipeline config is each one's default parameter.
+
+    One run at a time of each (the others wait): two experts registered together are added one after the other,
+    the second to the champion the first left, not both to the same one."""
     parameters = {"config": config.as_parameters()}
     new_expert = configured(on_new_expert, config.runner, settings).to_deployment(
-        name=config.base.name, parameters=parameters, triggers=[expert_trigger(config.base.name)],
+        name=config.base.name, parameters=parameters, triggers=[expert_trigger(config.base.name)], concurrency_limit=1,
         description=f"Merge each new expert of {config.base.name} into the champion")
     sweep = configured(scaling_sweep, config.runner, settings).to_deployment(
-        name=config.base.name, parameters=parameters, cron=cron,
+        name=config.base.name, parameters=parameters, cron=cron, concurrency_limit=1,
         description=f"Sweep subsets of {config.base.name}'s experts and refit the law")
     return [new_expert, sweep]
 

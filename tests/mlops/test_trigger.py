@@ -64,6 +64,8 @@ def test_registering_an_expert_runs_on_new_expert_and_logs_its_decision(pipeline
         assert server.poll() is None, "mergeplan serve exited"
         nightly = served_deployment(prefect_api_url, f"scaling-sweep/{BASE}")
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        triggered = served_deployment(prefect_api_url, f"on-new-expert/{BASE}")
+        assert triggered.global_concurrency_limit.limit == 1 and nightly.global_concurrency_limit.limit == 1
         with contextmanager(running)(WebhookServer(settings, WEBHOOK_SECRET, emit=prefect_emitter(prefect_api_url))):
             ensure_webhook(settings.webhook_url, WEBHOOK_SECRET, settings=settings)
             time.sleep(1.5)  # the MLflow server of the tests caches its webhook list for 1 s
