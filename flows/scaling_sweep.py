@@ -1,6 +1,7 @@
-"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (one mapped task
-per method, spread over the task runner's workers), fit the law on the joined table, and plan. One MLflow run
-with a nested run per merged subset; the sweep table, the fit and its plots and the plan are its artifacts.
+"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (one task per
+method and expert count k, spread over the task runner's workers), fit the law on the joined table, and plan.
+One MLflow run with a nested run per merged subset; the sweep table, the fit and its plots and the plan are its
+artifacts.
 
 Run as a script with a Dask runner, this module needs its `if __name__ == "__main__"` guard: Dask's worker
 processes import the main module again.
@@ -69,8 +70,10 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
     tags = run_tags(config, FLOW_NAME)
     with tracked_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags) as run_id:
         data = data_ref(config.data, settings)
+        # One task per (method, k): they spread over the runner's workers, and a worker fetches its own inputs.
         parts = [SweepPart(base=base, experts=experts, data=data, method=method,
-                           settings=sweep.model_dump(mode="json", exclude={"methods"})) for method in sweep.methods]
+                           settings=sweep.model_dump(mode="json", exclude={"methods"}) | {"ks": [k]})
+                 for method in sweep.methods for k in sweep.ks or range(1, len(experts) + 1)]
         tables = [future.result() for future in [fresh(sweep_method, part).submit(part) for part in parts]]
         clock.lap("sweep")
         job = FitJob(tables=tables, settings={"seed": config.seed})
@@ -85,8 +88,9 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
         metrics = {f"law.{row['method']}.{name}": row[name] for row in fit.summary if row["domain"] == MACRO
                    for name in ("floor", "amplitude", "offset", "r_squared")}
         metrics |= {f"stage.{stage}.seconds": seconds for stage, seconds in clock.seconds.items()}
-        metrics |= {f"stage.sweep.{part.method}.compute_seconds": table.cost.seconds
-                    for part, table in zip(parts, tables, strict=True)}
+        for part, table in zip(parts, tables, strict=True):
+            key = f"stage.sweep.{part.method}.compute_seconds"
+            metrics[key] = metrics.get(key, 0.0) + table.cost.seconds
         metrics |= {"merges": len(merges), "flow.seconds": clock.total}
         decision = plan.get(config.method, next(iter(plan.values())))
         log_run(run_id, params={"methods": ",".join(sweep.methods), "design": sweep.design,

@@ -107,6 +107,15 @@ class SweepSettings(BaseModel):
     seed: int = 0
     flush_seconds: float = Field(30.0, ge=0, description="write the table at most this often while sweeping")
     workers: int = Field(1, ge=1, description="processes merging and evaluating subsets in parallel, 1 thread each")
+    ks: tuple[int, ...] | None = Field(None, description="only these expert counts (default every k = 1 … M): one "
+                                       "part of a sweep that is spread over machines")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if ks is not None and (not ks or min(ks) < 1):
+            raise ValueError("give at least one k, each >= 1")
+        return ks
 
     @field_validator("methods")
     @classmethod
@@ -424,7 +433,7 @@ def sweep_plan(families: list[SizeFamily], settings: SweepSettings) -> list[Grou
     for family in families:
         designs = design_subsets(settings.design, len(family.experts), settings.max_subsets, settings.seed)
         plan += [Group(family, method, k, subset) for method in settings.methods
-                 for k, subsets in designs.items() for subset in subsets]
+                 for k, subsets in designs.items() if settings.ks is None or k in settings.ks for subset in subsets]
     return plan
 
 

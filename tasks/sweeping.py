@@ -1,8 +1,9 @@
-"""The scaling sweep as Prefect tasks: one mapped task per method (each a `merging.sweep.run_sweep` over the
-subsets of the design, sharing the task vectors of that method's merges), a task that joins their tables, and
-the law fit of the joined table (`merging.law_report.fit_sweep`). Each is cached on content.
+"""The scaling sweep as Prefect tasks: one task per part (a method and the expert counts k of the part settings'
+`ks`; each a `merging.sweep.run_sweep` over those subsets of the design, sharing their task vectors), a task that
+joins their tables, and the law fit of the joined table (`merging.law_report.fit_sweep`). Each is cached on
+content.
 
-A method's task fetches its own inputs from S3 (the cache of the worker's machine), the evaluation data included
+A part's task fetches its own inputs from S3 (the cache of the worker's machine), the evaluation data included
 when it is in the store, so that it runs on any Dask worker (a local data folder must be seen by every worker).
 """
 
@@ -30,7 +31,7 @@ def _work(kind: str, key: str) -> Path:
 
 
 class SweepPart(BaseModel):
-    """The sweep of one method over the subsets of BASE's experts."""
+    """The sweep of one method over the subsets of BASE's experts (those of size k in settings' ks, when given)."""
 
     model_config = ConfigDict(frozen=True)
     base: CheckpointRef

@@ -176,6 +176,19 @@ def test_worker_processes_measure_the_same_rows(tiny_zoo, tiny_sweep, tmp_path):
         key: values for key, values in serial.items() if key != "ce"}
 
 
+def test_parts_by_k_join_to_the_whole_sweep(tiny_zoo, tiny_sweep, tmp_path):
+    whole = read_table(tiny_sweep[0])
+    rows = []
+    for ks in [(1, 2), (3,), tuple(range(4, POOL + 1))]:
+        part = tmp_path / f"part-{ks[0]}.parquet"
+        run_sweep(tiny_zoo, part, SMALL_SWEEP.model_copy(update={"methods": ("ties",), "ks": ks}))
+        table = read_table(part)
+        assert set(table["k"]) == set(ks)
+        rows += list(zip(*table.values(), strict=True))
+    ties = [row for row in zip(*whole.values(), strict=True) if row[list(whole).index("method")] == "ties"]
+    assert sorted(rows) == sorted(ties)
+
+
 def test_a_group_missing_a_domain_is_measured_again(tiny_zoo, tiny_sweep, tmp_path):
     whole, _ = tiny_sweep
     table = read_table(whole)
