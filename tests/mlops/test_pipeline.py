@@ -135,6 +135,7 @@ def test_an_expert_of_another_base_is_refused_with_the_reason(pipeline_env, tiny
     experiment = client.get_experiment_by_name(config.experiment_name)
     refused = client.search_runs([experiment.experiment_id], "tags.`mergeplan.decision` = 'refused'")
     assert refused and "other-base" in refused[0].data.tags["mergeplan.reason"]
+    assert refused[0].info.status == "FAILED"  # the run of a flow that raised is closed as failed, not left running
 
 
 def test_mergeplan_run_prints_the_decision(pipeline_env, prefect_api_url, tiny_zoo, tmp_path, run_cli):
