@@ -15,6 +15,7 @@ This is a benchmark, not a test: nothing is asserted. Results go to WORKDIR/pipe
 
     .venv/bin/python bench/pipeline.py                      # K = 8, hidden 1024 x 8 layers, 5 repeats
     .venv/bin/python bench/pipeline.py --experts 4 --hidden 128 --layers 2 --repeats 1   # a quick run
+    .venv/bin/python bench/pipeline.py --cold --skip-overhead   # reads from disk, as for models beyond the memory
 """
 
 from __future__ import annotations
@@ -123,8 +124,16 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
             "incremental_merge_s": added.stages["merge"].seconds, "full_merge_s": whole.stages["merge"].seconds}
 
 
-def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repeats: int,
-                      workdir: Path) -> dict[str, float]:
+def settle(cold: bool) -> None:
+    """Before a timed merge: earlier writes on disk; with COLD, the page cache emptied too (root only), so that
+    every read comes from the disk, as it does for models larger than the memory."""
+    os.sync()
+    if cold:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repeats: int, workdir: Path,
+                      cold: bool) -> dict[str, float]:
     """Median seconds of the incremental add of expert K+1 and of the full merge of K+1, and their ratio."""
     from merging.synthetic import llama_config, write_random_base, write_random_expert
     from tasks.fetch import CheckpointRef, LocalCheckpoint
@@ -150,10 +159,12 @@ def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repea
     for _ in range(repeats):
         shutil.rmtree(workdir / "state" / "work", ignore_errors=True)
         previous = merge_full.fn(head)
+        settle(cold)
         started = time.perf_counter()
         merge_incremental.fn(full_job, previous, pool[experts])
         incremental.append(time.perf_counter() - started)
         shutil.rmtree(full_job.folder)
+        settle(cold)
         started = time.perf_counter()
         merge_full.fn(full_job)
         full.append(time.perf_counter() - started)
@@ -170,15 +181,19 @@ def main() -> None:
     parser.add_argument("--pipeline-experts", type=int, default=6, help="experts of the tiny zoo in the flow")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out" / "pipeline")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each timed merge (needs root): reads from disk")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ["MERGEPLAN_STATE_DIR"] = str(args.workdir / "state")
     lines = ["# Pipeline benchmark", ""]
     lines += [f"Incremental add of expert K+1 vs full merge of K+1 (K = {args.experts}, random Llama hidden "
-              f"{args.hidden} x {args.layers} layers, float32, median of {args.repeats})", "",
+              f"{args.hidden} x {args.layers} layers, float32, median of {args.repeats}, "
+              f"{'page cache emptied' if args.cold else 'earlier writes synced'} before each)", "",
               "| method | incremental s | full s | ratio | target 1.5/(K+1) |", "| --- | --- | --- | --- | --- |"]
     for method in METHODS:
-        figures = incremental_ratio(method, args.experts, args.hidden, args.layers, args.repeats, args.workdir)
+        figures = incremental_ratio(method, args.experts, args.hidden, args.layers, args.repeats, args.workdir,
+                                    args.cold)
         lines.append(f"| {method} | {figures['incremental_s']:.2f} | {figures['full_s']:.2f} | "
                      f"{figures['ratio']:.3f} | {figures['target']:.3f} |")
         print(lines[-1], flush=True)
