@@ -7,11 +7,14 @@ law has points to fit from the first run on.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from flows.outcome import Outcome, StageClock, conclude, eval_job, job_params, score_metrics
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
+from merging.calibration import CALIBRATED_METHODS
 from tasks.caching import content_hash, fresh
 from tasks.evaluation import evaluate_merged
 from tasks.fetch import (
@@ -73,15 +76,30 @@ def run_tags(config: PipelineConfig, flow_name: str) -> dict[str, str]:
             PARAMS_KEY_TAG: content_hash(config.method_identity())}
 
 
-def merge_job(config: PipelineConfig, base: LocalCheckpoint, experts: list[LocalCheckpoint]) -> MergeJob:
+def calibration_files(config: PipelineConfig, experts: list[LocalCheckpoint], data: LocalCheckpoint
+                      ) -> dict[str, Path]:
+    """The calibration samples of each of EXPERTS (calibrated methods only): as configured, or else its domain's
+    calib split in the evaluation data. Configured names of experts not in this merge are left out: the set of
+    registered experts changes from run to run."""
+    if config.method not in CALIBRATED_METHODS:
+        return {}
+    names = {e.ref.name for e in experts}
+    if config.calibration:
+        return {name: path for name, path in config.calibration.items() if name in names}
+    files = {e.ref.name: data.path / e.ref.domain / "calib.jsonl" for e in experts}
+    return {name: path for name, path in files.items() if path.is_file()}
+
+
+def merge_job(config: PipelineConfig, base: LocalCheckpoint, experts: list[LocalCheckpoint],
+              data: LocalCheckpoint) -> MergeJob:
     return MergeJob(base=base, experts=experts, method=config.method, params=config.params, seed=config.seed,
-                    calibration=config.calibration)
+                    calibration=calibration_files(config, experts, data))
 
 
 def measure_prefixes(run_id: str, job: MergeJob, data: LocalCheckpoint, config: PipelineConfig) -> None:
     """Nested runs for the first k experts, k in law.prefix_points below the full count: points for the law."""
     ks = [k for k in config.law.prefix_points if k < len(job.experts)]
-    prefixes = [job.model_copy(update={"experts": job.experts[:k]}) for k in ks]
+    prefixes = [merge_job(config, job.base, job.experts[:k], data) for k in ks]
     merged = [future.result() for future in [fresh(merge_full, job).submit(job) for job in prefixes]]
     scores = [future.result() for future in evaluate_merged.map([eval_job(m, data, config) for m in merged])]
     runs = [NestedRun(name=f"k={len(prefix.experts)}", params=job_params(prefix, data),
@@ -102,7 +120,7 @@ def merge_pipeline(config: PipelineConfig) -> Outcome:
         local_base, *local_experts = fetch_many([base, *experts])
         data = fetch_data(config, settings)
         clock.lap("fetch")
-        job = merge_job(config, local_base, local_experts)
+        job = merge_job(config, local_base, local_experts, data)
         measure_prefixes(run_id, job, data, config)
         clock.lap("prefixes")
         merged = fresh(merge_full, job)(job)

@@ -81,7 +81,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
         data = fetch_data(config, settings)
         previous = None
         if champion is not None and all(e.domain != domain for e in members):
-            previous_job = merge_job(config, local_base, [_expected_local(e, settings) for e in members])
+            previous_job = merge_job(config, local_base, [_expected_local(e, settings) for e in members], data)
             previous = previous_merge(champion, config, previous_job)
         if previous is not None:
             local_new = fresh(fetch_checkpoint, new)(new)
@@ -90,7 +90,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
             merged = fresh(merge_incremental, job)(job, previous, local_new)
         else:
             experts = [e for e in members if e.domain != domain] + [new]
-            job = merge_job(config, local_base, fetch_many(experts))
+            job = merge_job(config, local_base, fetch_many(experts), data)
             clock.lap("fetch")
             merged = fresh(merge_full, job)(job)
         clock.lap("merge")

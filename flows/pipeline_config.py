@@ -4,7 +4,7 @@
     experts: all                             # every expert registered for the base in MLflow, or a list of S3 URIs
     method: ties
     params: {density: 0.3, lambda: 0.5}
-    calibration: {algebra: data/algebra/calib.jsonl}   # expert_merging(_pp) only
+    calibration: {algebra: data/algebra/calib.jsonl}   # expert_merging(_pp); default: DOMAIN/calib.jsonl of data
     data: path/to/data                       # DOMAIN/{eval,calib}.jsonl; or s3://BUCKET/data (mergeplan data upload)
     eval: {split: eval, max_examples: 64, batch_size: 32}
     law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from unittest import mock
 
@@ -96,6 +97,21 @@ def test_log_model_also_copies_the_merged_checkpoint_into_the_run(pipeline_env, 
     outcome = configured(merge_pipeline, config.runner, pipeline_env)(config)
     logged = {a.path for a in MlflowClient(pipeline_env.mlflow_tracking_uri).list_artifacts(outcome.run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= logged
+
+
+def test_a_calibrated_method_learns_on_the_data_calib_split_and_logs_its_coefficients(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo, method="expert_merging_pp", law={"min_gain": 0.001, "prefix_points": [2]},
+                             params={"samples_per_expert": 2, "grad_accumulation": 2, "epochs": 1})
+    outcome = configured(merge_pipeline, config.runner, pipeline_env)(config)
+    assert outcome.experts == PIPELINE_DOMAINS and not outcome.incremental
+    # no calibration: in the config, so each expert's samples are its domain's calib split of the data
+    learned = json.loads((outcome.model_path / "calibration.json").read_text())
+    assert learned["samples"] == dict.fromkeys(PIPELINE_DOMAINS, 2)
+    client = MlflowClient(pipeline_env.mlflow_tracking_uri)
+    assert "coefficients/coefficients.png" in {a.path for a in client.list_artifacts(outcome.run_id, "coefficients")}
+    nested = client.search_runs([client.get_run(outcome.run_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{outcome.run_id}'")
+    assert [r.data.params["experts"] for r in nested] == ["algebra,analysis"]  # the prefix learns on its own two
 
 
 def test_uploading_a_folder_without_domains_as_data_is_refused(pipeline_env, tmp_path, run_cli):
