@@ -5,7 +5,8 @@
    the call); then the same stages run as plain library calls in one process: download base + experts, merge,
    evaluate, upload, fit. Overhead = flow wall time - library wall time (Prefect task runs, result persistence,
    MLflow logging and registration). Then expert K+1 is registered and on-new-expert adds it to that champion
-   (incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs.
+   (incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs. Last, the
+   scaling-sweep flow over the K+1 experts on the thread runner and on a 2-worker Dask LocalCluster.
 2. Incremental vs full. Random Llama checkpoints (merging.synthetic), K experts merged with their state kept; then
    expert K+1 is added by the flows' incremental path (copy the state, add_experts) and, separately, all K+1 are
    merged at once. Both are the merge tasks' own functions, without Prefect. Target: incremental <= 1.5/(K+1) of
@@ -31,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = {"task_arithmetic": {"lambda": 0.3}, "ties": {"density": 0.3, "lambda": 0.5}}
+SWEEP_RUNNERS = {"threads": {"kind": "threads"}, "dask": {"kind": "dask", "n_workers": 2}}
 
 
 def free_port() -> int:
@@ -54,6 +56,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from flows.on_new_expert import on_new_expert
     from flows.pipeline_config import PipelineConfig
     from flows.runtime import configured, prefect_api
+    from flows.scaling_sweep import scaling_sweep
     from infra import stack
     from merging import MergeConfig, merge
     from merging.evaluate import evaluate
@@ -81,9 +84,9 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
             for folder in ("results", "work", *(["cache"] if downloads_too else [])):
                 shutil.rmtree(settings.state_dir / folder, ignore_errors=True)
 
-        def timed(call) -> tuple[float, object]:
+        def timed(call, *args) -> tuple[float, object]:
             started = time.perf_counter()
-            result = call()
+            result = call(*args)
             return time.perf_counter() - started, result
 
         def library_stages() -> None:
@@ -115,13 +118,21 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
             fresh_state(downloads_too=False)
             everything = PipelineConfig.model_validate(fields | {"experts": uris})
             full_s, whole = timed(lambda: configured(merge_pipeline, config.runner, settings)(everything))
+            sweep = {"methods": ["ties"], "params": {"ties": METHODS["ties"]}, "design": "balanced",
+                     "eval_examples": 16}
+            sweep_s = {}
+            for name, runner in SWEEP_RUNNERS.items():
+                fresh_state(downloads_too=False)
+                swept = PipelineConfig.model_validate(fields | {"experts": uris, "sweep": sweep, "runner": runner})
+                sweep_s[name] = timed(configured(scaling_sweep, swept.runner, settings), swept)[0]
     finally:
         stack.down(settings, ["s3", "mlflow", "prefect"])
     flow_s, library_s = statistics.median(flows), statistics.median(library)
     return {"flow_s": flow_s, "library_s": library_s, "overhead_s": flow_s - library_s,
             "task_compute_s": sum(cost.seconds for cost in outcome.stages.values()),
             "incremental_run_s": incremental_s, "full_run_s": full_s,
-            "incremental_merge_s": added.stages["merge"].seconds, "full_merge_s": whole.stages["merge"].seconds}
+            "incremental_merge_s": added.stages["merge"].seconds, "full_merge_s": whole.stages["merge"].seconds,
+            **{f"sweep_{name}_s": seconds for name, seconds in sweep_s.items()}}
 
 
 def settle(cold: bool) -> None:
@@ -218,7 +229,10 @@ def main() -> None:
                   f"{figures['incremental_run_s'] / figures['full_run_s']:.3f} | {1.5 / (k + 1):.3f} |",
                   f"| merge task | {figures['incremental_merge_s']:.3f} | {figures['full_merge_s']:.3f} | "
                   f"{figures['incremental_merge_s'] / figures['full_merge_s']:.3f} | {1.5 / (k + 1):.3f} |"]
-        print("\n".join(lines[-10:]), flush=True)
+        lines += ["", f"scaling-sweep flow, ties, balanced design over the {k + 1} experts ({(k + 1) ** 2} merges, one "
+                  "task per k), caches emptied but downloads", "", "| runner | seconds |", "| --- | --- |"]
+        lines += [f"| {name} | {figures[f'sweep_{name}_s']:.1f} |" for name in SWEEP_RUNNERS]
+        print("\n".join(lines[-16:]), flush=True)
     (args.workdir / "pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
