@@ -84,7 +84,7 @@ class RunnerSettings(BaseModel):
     kind: Literal["threads", "dask"] = "threads"
     max_workers: int | None = Field(None, ge=1)  # threads
     address: str | None = None  # dask: tcp://HOST:PORT of a running scheduler
-    n_workers: int = Field(2, ge=1)  # dask: workers of a new LocalCluster
+    n_workers: int = Field(2, ge=1)  # dask: workers of a new LocalCluster; with address, tasks per sweep method
     threads_per_worker: int = Field(1, ge=1)
 
     @model_validator(mode="after")

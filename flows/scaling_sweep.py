@@ -1,5 +1,5 @@
-"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (one task per
-method and expert count k, spread over the task runner's workers), fit the law on the joined table, and plan.
+"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (tasks per method
+and share of the expert counts k, spread over the task runner's workers), fit the law on the joined table, and plan.
 One MLflow run with a nested run per merged subset; the sweep table, the fit and its plots and the plan are its
 artifacts.
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from flows.merge_pipeline import pipeline_base, recording_settings, resolve_experts, run_tags
 from flows.outcome import StageClock
-from flows.pipeline_config import PipelineConfig, load_pipeline_config
+from flows.pipeline_config import PipelineConfig, RunnerSettings, load_pipeline_config
 from flows.runtime import configured, prefect_api
 from infra.settings import Settings
 from merging.law_report import MACRO, PlanRequest, plan_from_fit
@@ -36,6 +36,14 @@ class SweepOutcome(BaseModel):
     fit: Path
     merges: int
     plan: dict[str, str]  # method -> sentence
+
+
+def k_shares(runner: RunnerSettings, ks: list[int]) -> list[list[int]]:
+    """The expert counts of each task of one method's sweep. Every task holds all the experts' task vectors, so
+    threads get one task per method; a Dask cluster gets one per worker (a worker fetches its own inputs), with k
+    dealt round-robin so that the shares cost about the same."""
+    shares = 1 if runner.kind == "threads" else runner.n_workers
+    return [ks[start::shares] for start in range(min(shares, len(ks)))]
 
 
 def merge_runs(tables: list[SweepTable]) -> list[NestedRun]:
@@ -70,10 +78,10 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
     tags = run_tags(config, FLOW_NAME)
     with tracked_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags) as run_id:
         data = data_ref(config.data, settings)
-        # One task per (method, k): they spread over the runner's workers, and a worker fetches its own inputs.
+        ks = list(sweep.ks or range(1, len(experts) + 1))
         parts = [SweepPart(base=base, experts=experts, data=data, method=method,
-                           settings=sweep.model_dump(mode="json", exclude={"methods"}) | {"ks": [k]})
-                 for method in sweep.methods for k in sweep.ks or range(1, len(experts) + 1)]
+                           settings=sweep.model_dump(mode="json", exclude={"methods"}) | {"ks": part_ks})
+                 for method in sweep.methods for part_ks in k_shares(config.runner, ks)]
         tables = [future.result() for future in [fresh(sweep_method, part).submit(part) for part in parts]]
         clock.lap("sweep")
         job = FitJob(tables=tables, settings={"seed": config.seed})
