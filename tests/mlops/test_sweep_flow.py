@@ -9,8 +9,8 @@ import yaml
 from mlflow import MlflowClient
 from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config
 
-from flows.runtime import configured
 from flows.pipeline_config import RunnerSettings
+from flows.runtime import configured
 from flows.scaling_sweep import k_shares, scaling_sweep
 from tasks.storage import expert_uri
 
