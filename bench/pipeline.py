@@ -128,7 +128,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
                 swept = PipelineConfig.model_validate(fields | {"experts": uris, "sweep": sweep, "runner": runner})
                 sweep_s[name] = timed(configured(scaling_sweep, swept.runner, settings), swept)[0]
     finally:
-        APILogHandler.flush()  # the flows' last log lines, while Prefect still answers
+        APILogHandler().flush()  # the flows' last log lines, while Prefect still answers
         stack.down(settings, ["s3", "mlflow", "prefect"])
     flow_s, library_s = statistics.median(flows), statistics.median(library)
     return {"flow_s": flow_s, "library_s": library_s, "overhead_s": flow_s - library_s,
@@ -232,8 +232,8 @@ def main() -> None:
                   f"{figures['incremental_run_s'] / figures['full_run_s']:.3f} | {1.5 / (k + 1):.3f} |",
                   f"| merge task | {figures['incremental_merge_s']:.3f} | {figures['full_merge_s']:.3f} | "
                   f"{figures['incremental_merge_s'] / figures['full_merge_s']:.3f} | {1.5 / (k + 1):.3f} |"]
-        lines += ["", f"scaling-sweep flow, ties, balanced design over the {k + 1} experts (one task per k), caches "
-                  "emptied but downloads", "", "| runner | seconds |", "| --- | --- |"]
+        lines += ["", f"scaling-sweep flow, ties, balanced design over the {k + 1} experts (one task on threads, one "
+                  "per Dask worker), caches emptied but downloads", "", "| runner | seconds |", "| --- | --- |"]
         lines += [f"| {name} | {figures[f'sweep_{name}_s']:.1f} |" for name in SWEEP_RUNNERS]
         print("\n".join(lines[-16:]), flush=True)
     (args.workdir / "pipeline.md").write_text("\n".join(lines) + "\n")
