@@ -64,7 +64,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from merging.evaluate import evaluate
     from merging.zoo import expert_folders
     from tasks.law import LawJob, decide
-    from tasks.registry import register_expert
+    from tasks.registry import crown, register_expert
     from tasks.storage import base_uri, download_folder, expert_uri, upload_expert
 
     settings = bench_settings(workdir / "state")
@@ -110,16 +110,23 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
                 flows.append(seconds)
                 fresh_state(downloads_too=True)
                 library.append(timed(library_stages)[0])
-            fresh_state(downloads_too=False)
-            configured(merge_pipeline, config.runner, settings)(config)  # the champion, with its accumulators
             new = register_expert(uris[experts], folders[experts].name, "bench-base", settings=settings)
-            incremental_s, added = timed(lambda: configured(on_new_expert, config.runner, settings)(
-                config, s3_uri=new.s3_uri, sha256=new.sha256, version=new.version, domain=new.domain,
-                base="bench-base"))
-            assert added.incremental, "on-new-expert did not take the incremental path"
-            fresh_state(downloads_too=False)
             everything = PipelineConfig.model_validate(fields | {"experts": uris})
-            full_s, whole = timed(lambda: configured(merge_pipeline, config.runner, settings)(everything))
+            runs: dict[str, list[float]] = {"incremental_run": [], "full_run": [], "incremental_merge": [],
+                                            "full_merge": []}
+            for _ in range(repeats):
+                fresh_state(downloads_too=False)
+                champion = configured(merge_pipeline, config.runner, settings)(config)
+                crown("bench-base", champion.version, settings=settings)  # the K-expert merge, with its accumulators
+                seconds, added = timed(configured(on_new_expert, config.runner, settings), config, new.s3_uri,
+                                       new.sha256, new.version, new.domain, "bench-base")
+                assert added.incremental, "on-new-expert did not take the incremental path"
+                runs["incremental_run"].append(seconds)
+                runs["incremental_merge"].append(added.stages["merge"].seconds)
+                fresh_state(downloads_too=False)
+                seconds, whole = timed(configured(merge_pipeline, config.runner, settings), everything)
+                runs["full_run"].append(seconds)
+                runs["full_merge"].append(whole.stages["merge"].seconds)
             sweep = {"methods": ["ties"], "params": {"ties": METHODS["ties"]}, "design": "balanced",
                      "eval_examples": 16}
             sweep_s = {}
@@ -133,8 +140,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     flow_s, library_s = statistics.median(flows), statistics.median(library)
     return {"flow_s": flow_s, "library_s": library_s, "overhead_s": flow_s - library_s,
             "task_compute_s": sum(cost.seconds for cost in outcome.stages.values()),
-            "incremental_run_s": incremental_s, "full_run_s": full_s,
-            "incremental_merge_s": added.stages["merge"].seconds, "full_merge_s": whole.stages["merge"].seconds,
+            **{f"{name}_s": statistics.median(seconds) for name, seconds in runs.items()},
             **{f"sweep_{name}_s": seconds for name, seconds in sweep_s.items()}}
 
 
@@ -226,7 +232,7 @@ def main() -> None:
                   f"| {figures['flow_s']:.2f} | {figures['library_s']:.2f} | {figures['overhead_s']:.2f} | "
                   f"{figures['task_compute_s']:.2f} |", "",
                   f"Runs: on-new-expert adding expert {k + 1} to the champion vs merge-pipeline with all {k + 1} "
-                  "(tiny zoo, ties, downloads cached)", "",
+                  f"(tiny zoo, ties, downloads cached, median of {args.repeats})", "",
                   "| run | incremental s | full s | ratio | target 1.5/(K+1) |", "| --- | --- | --- | --- | --- |",
                   f"| whole flow | {figures['incremental_run_s']:.2f} | {figures['full_run_s']:.2f} | "
                   f"{figures['incremental_run_s'] / figures['full_run_s']:.3f} | {1.5 / (k + 1):.3f} |",
