@@ -476,9 +476,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OurErrorsOnOneLine(logging.Formatter):
+    """Prefect logs a failed task or flow with its traceback; for a MergeplanError the message says what to do, and
+    the traceback only hides it (Prefect's UI keeps the full record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and isinstance(record.exc_info[1], MergeplanError):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    console = logging.StreamHandler()
+    console.setFormatter(_OurErrorsOnOneLine("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[console])
     logging.getLogger("mergeplan").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         args.run(args)

@@ -19,10 +19,10 @@ from infra.settings import Settings
 from merging.errors import RegistryError
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.registry import mlflow_client, refused
+from tasks.retrying import IO_TASK_OPTIONS
 from tasks.storage import S3Location, base_uri, cached_folder, download_folder, read_manifest
 
 log = logging.getLogger("mergeplan")
-IO_RETRIES = 2
 
 
 class CheckpointRef(BaseModel):
@@ -102,7 +102,7 @@ def stored_experts(uris: list[str], settings: Settings) -> list[CheckpointRef]:
     return refs
 
 
-@task(name="fetch-checkpoint", retries=IO_RETRIES, retry_delay_seconds=2, cache_policy=content_cache(),
+@task(name="fetch-checkpoint", **IO_TASK_OPTIONS, cache_policy=content_cache(),
       persist_result=True, result_serializer=RESULT_SERIALIZER, task_run_name="fetch {ref.name}")
 def fetch_checkpoint(ref: CheckpointRef) -> LocalCheckpoint:
     """A verified local copy (only files not yet in the cache are downloaded)."""

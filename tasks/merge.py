@@ -20,7 +20,8 @@ from merging.calibration import CALIBRATED_METHODS
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
-from tasks.fetch import IO_RETRIES, LocalCheckpoint
+from tasks.fetch import LocalCheckpoint
+from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
 from tasks.storage import upload_expert
 
@@ -120,7 +121,7 @@ class Upload(BaseModel):
         return self.model.key
 
 
-@task(name="upload-merged", retries=IO_RETRIES, retry_delay_seconds=2, cache_policy=content_cache(),
+@task(name="upload-merged", **IO_TASK_OPTIONS, cache_policy=content_cache(),
       persist_result=True, result_serializer=RESULT_SERIALIZER)
 def upload_merged(upload: Upload) -> str:
     """The S3 URI the merged model now has (the first upload's, when this merge was uploaded before)."""

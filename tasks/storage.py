@@ -162,7 +162,8 @@ def _storage_error(exc: ClientError, what: str, settings: Settings) -> StorageEr
     code = _error_code(exc)
     if code in _MISSING_CODES:
         return StorageError(f"{what}: no such object at {settings.s3_endpoint_name}; upload it first "
-                            "(mergeplan expert upload FOLDER S3_URI)")
+                            "(`mergeplan expert upload FOLDER S3_URI` for a checkpoint, `mergeplan data upload "
+                            "FOLDER S3_URI` for data)")
     if code == "NoSuchBucket":
         return StorageError(f"{what}: the bucket does not exist at {settings.s3_endpoint_name}; create it, or set "
                             "MERGEPLAN_BUCKET (`mergeplan up` creates the local one)")

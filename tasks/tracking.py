@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from infra.settings import AWS_ENV, Settings
 from tasks.registry import mlflow_client, refused
+from tasks.retrying import IO_TASK_OPTIONS
 
 # MLflow prints the run's URL, tracking server included (user:password@ too), when a run ends: never to our output.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -34,7 +35,6 @@ BASE_TAG, MERGE_KEY_TAG = "mergeplan.base", "mergeplan.merge_key"
 # Hash of (method, params, seed): the law is fitted on points that differ only in their experts.
 PARAMS_KEY_TAG = "mergeplan.params_key"
 EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
-IO_RETRIES = 2
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _TEXT_SUFFIXES = {".md", ".txt", ".yaml", ".yml", ".json", ".csv"}
 _BATCH = 100  # MLflow's limit of params per log_batch call
@@ -65,7 +65,7 @@ def _experiment_id(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-@task(name="open-mlflow-run", retries=IO_RETRIES, retry_delay_seconds=2)
+@task(name="open-mlflow-run", **IO_TASK_OPTIONS)
 def open_run(experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
     """A new run (nested under PARENT_RUN_ID when given); returns its id."""
     settings = Settings.from_env()
@@ -80,7 +80,7 @@ def open_run(experiment: str, run_name: str, tags: dict[str, str], parent_run_id
         raise refused(exc, f"a run in experiment {experiment}", settings) from exc
 
 
-@task(name="log-to-mlflow", retries=IO_RETRIES, retry_delay_seconds=2)
+@task(name="log-to-mlflow", **IO_TASK_OPTIONS)
 def log_run(run_id: str, params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, str] | None = None, texts: dict[str, str] | None = None,
             files: list[tuple[str, Path]] | None = None) -> None:
@@ -114,7 +114,7 @@ def _log_file(client, run_id: str, path: Path, folder: str, secrets: list[str]) 
         client.log_artifact(run_id, str(clean), folder or None)
 
 
-@task(name="close-mlflow-run", retries=IO_RETRIES, retry_delay_seconds=2)
+@task(name="close-mlflow-run", **IO_TASK_OPTIONS)
 def close_run(run_id: str, status: str = "FINISHED") -> None:
     settings = Settings.from_env()
     try:
@@ -123,7 +123,7 @@ def close_run(run_id: str, status: str = "FINISHED") -> None:
         raise refused(exc, f"ending run {run_id}", settings) from exc
 
 
-@task(name="read-law-points", retries=IO_RETRIES, retry_delay_seconds=2)
+@task(name="read-law-points", **IO_TASK_OPTIONS)
 def law_points(experiment: str, params_key: str) -> dict[str, tuple[int, float]]:
     """(experts, macro CE) by merge key, of every finished run in EXPERIMENT with PARAMS_KEY (the same method,
     params and seed), nested runs included.
@@ -161,7 +161,7 @@ class NestedRun(BaseModel):
     tags: dict[str, str] = {}
 
 
-@task(name="log-nested-runs", retries=IO_RETRIES, retry_delay_seconds=2)
+@task(name="log-nested-runs", **IO_TASK_OPTIONS)
 def log_nested_runs(parent_run_id: str, experiment: str, tags: dict[str, str], runs: list[NestedRun]) -> int:
     """One finished child run of PARENT_RUN_ID per entry of RUNS, each with TAGS besides its own."""
     for run in runs:

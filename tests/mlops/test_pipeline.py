@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -112,6 +115,22 @@ def test_a_calibrated_method_learns_on_the_data_calib_split_and_logs_its_coeffic
     nested = client.search_runs([client.get_run(outcome.run_id).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{outcome.run_id}'")
     assert [r.data.params["experts"] for r in nested] == ["algebra,analysis"]  # the prefix learns on its own two
+
+
+def test_evaluation_data_missing_from_the_store_is_named_without_a_traceback(pipeline_env, prefect_api_url, tiny_zoo,
+                                                                              tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    config = pipeline_config(tiny_zoo, data=f"s3://{pipeline_env.bucket}/data/never-uploaded")
+    path.write_text(yaml.safe_dump(config.as_parameters()))
+    env = {**pipeline_env.as_env(), "MERGEPLAN_PREFECT_API_URL": prefect_api_url, "PATH": "/usr/bin:/bin",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "mergeplan.cli", "run", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "data/never-uploaded/manifest.json: no such object" in last
+    assert "mergeplan data upload" in last and "Traceback" not in done.stderr  # Prefect's log lines, one each
+    assert "Retry 1/2" not in done.stderr  # a missing object is final: the task is not tried again
 
 
 def test_uploading_a_folder_without_domains_as_data_is_refused(pipeline_env, tmp_path, run_cli):
