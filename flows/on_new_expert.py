@@ -23,7 +23,6 @@ from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
 from tasks.registry import MERGE_KEY, champion_version, check_same_base
-from tasks.storage import cached_folder
 from tasks.tracking import DECISION_TAG, REASON_TAG, log_run, tracked_run
 
 FLOW_NAME = "on-new-expert"
@@ -56,9 +55,9 @@ def previous_merge(champion, config: PipelineConfig, job_of_champion) -> MergedM
                        experts=[e.ref.name for e in job_of_champion.experts])
 
 
-def _expected_local(ref: CheckpointRef, settings: Settings) -> LocalCheckpoint:
+def _expected_local(ref: CheckpointRef) -> LocalCheckpoint:
     """Where the cache keeps REF: an incremental merge names the earlier experts but never reads them."""
-    return LocalCheckpoint(ref=ref, path=cached_folder(settings.cache_dir.resolve(), ref.sha256))
+    return LocalCheckpoint(ref=ref, path=ref.output.resolve())
 
 
 @flow(name=FLOW_NAME)
@@ -81,7 +80,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
         data = fetch_data(config, settings)
         previous = None
         if champion is not None and all(e.domain != domain for e in members):
-            previous_job = merge_job(config, local_base, [_expected_local(e, settings) for e in members], data)
+            previous_job = merge_job(config, local_base, [_expected_local(e) for e in members], data)
             previous = previous_merge(champion, config, previous_job)
         if previous is not None:
             local_new = fresh(fetch_checkpoint, new)(new)

@@ -7,11 +7,15 @@ import logging
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from merging.config import describe_validation_error
 from merging.errors import ConfigError, MergeplanError
+
+if TYPE_CHECKING:
+    from tasks.storage import Manifest
 
 MERGE_EXAMPLE = """\
 merge.yaml:
@@ -195,8 +199,11 @@ def _status(args: argparse.Namespace) -> None:
 def _expert_upload(args: argparse.Namespace) -> None:
     from tasks.storage import upload_expert
 
-    manifest = upload_expert(args.folder, args.s3_uri, settings=_settings())
-    print(f"{args.s3_uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
+    _print_upload(args.s3_uri, upload_expert(args.folder, args.s3_uri, settings=_settings()))
+
+
+def _print_upload(uri: str, manifest: Manifest) -> None:
+    print(f"{uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
 
 
 def _data_upload(args: argparse.Namespace) -> None:
@@ -204,8 +211,7 @@ def _data_upload(args: argparse.Namespace) -> None:
 
     settings = _settings()
     uri = args.s3_uri or data_uri(settings)
-    manifest = upload_data(args.folder, uri, settings=settings)
-    print(f"{uri.rstrip('/')} ({len(manifest.files)} files, manifest sha256 {manifest.sha256})")
+    _print_upload(uri, upload_data(args.folder, uri, settings=settings))
 
 
 def _expert_register(args: argparse.Namespace) -> None:

@@ -127,8 +127,8 @@ def run_pipeline_demo(workdir: Path) -> None:
             server = subprocess.Popen([sys.executable, "-m", "mergeplan.cli", "serve", str(config_file)],
                                       stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:
-            wait_until(lambda: _served_since(f"on-new-expert/{BASE}", serve_started) or server.poll() is not None, 120,
-                  "mergeplan serve")
+            wait_until(lambda: _served_since(f"on-new-expert/{BASE}", serve_started) or server.poll() is not None,
+                       120, "mergeplan serve")
             if server.poll() is not None:
                 raise StackError(f"demo: mergeplan serve exited; see {log}")
             _step(f"serving on-new-expert (event trigger) and scaling-sweep (nightly); log in {log}", started)
@@ -137,8 +137,8 @@ def run_pipeline_demo(workdir: Path) -> None:
             how = ("registered -> MLflow webhook -> Prefect event mergeplan.expert.registered" if new else
                    "was registered by an earlier demo (no new version, no webhook): deployment run directly")
             _step(f"expert {experts[FIRST_EXPERTS].name} {how}", started)
-            run = wait_until(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms), TRIGGER_TIMEOUT_S,
-                        f"the on-new-expert run (see {log})")
+            run = wait_until(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms),
+                             TRIGGER_TIMEOUT_S, f"the on-new-expert run (see {log})")
         finally:
             server.terminate()
             server.wait(30)

@@ -1,9 +1,8 @@
 """Which experts a pipeline merges, and verified local copies of them, of the base and of the evaluation data.
 
 `registered_experts` and `stored_experts` read only registry tags and manifests (no weights); `fetch_checkpoint`
-downloads through the
-content-addressed cache of tasks/storage.py and is cached by Prefect on the manifest's sha256, so a second run
-neither downloads nor re-reads anything but the registry.
+downloads through the content-addressed cache of tasks/storage.py and is cached by Prefect on the manifest's
+sha256, so a second run neither downloads nor re-reads anything but the registry.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from merging.errors import RegistryError
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.registry import mlflow_client, refused
 from tasks.retrying import IO_TASK_OPTIONS
-from tasks.storage import S3Location, base_uri, cached_folder, download_folder, read_manifest
+from tasks.storage import S3Location, base_uri, cached_folder, download_folder, is_s3_uri, read_manifest
 
 log = logging.getLogger("mergeplan")
 
@@ -39,12 +38,12 @@ class CheckpointRef(BaseModel):
     @property
     def cache_key(self) -> str:
         # A local folder's "copy" is the folder itself: the same content elsewhere is another result.
-        return self.sha256 if self.uri.startswith("s3://") else content_hash([self.uri, self.sha256])
+        return self.sha256 if is_s3_uri(self.uri) else content_hash([self.uri, self.sha256])
 
     @property
     def output(self) -> Path | None:
         """The cache folder the download lands in (for content_cache); None for a local folder."""
-        return cached_folder(Settings.from_env().cache_dir, self.sha256) if self.uri.startswith("s3://") else None
+        return cached_folder(Settings.from_env().cache_dir, self.sha256) if is_s3_uri(self.uri) else None
 
 
 class LocalCheckpoint(BaseModel):
@@ -55,7 +54,7 @@ class LocalCheckpoint(BaseModel):
 
 def folder_ref(name: str, domain: str, where: str | Path, settings: Settings) -> CheckpointRef:
     """A folder to fetch: a local one (hashed here) or one in the store (its manifest read)."""
-    if not str(where).startswith("s3://"):
+    if not is_s3_uri(where):
         return CheckpointRef(name=name, domain=domain, uri=str(where), sha256=tree_hash(Path(where)))
     return CheckpointRef(name=name, domain=domain, uri=str(where),
                          sha256=read_manifest(str(where), settings=settings).sha256)
@@ -111,7 +110,7 @@ def fetch_checkpoint(ref: CheckpointRef) -> LocalCheckpoint:
 
 def local_copy(ref: CheckpointRef) -> LocalCheckpoint:
     """REF in this machine's cache (downloaded when missing): how a task on any worker gets its inputs from S3."""
-    if not ref.uri.startswith("s3://"):
+    if not is_s3_uri(ref.uri):
         return LocalCheckpoint(ref=ref, path=Path(ref.uri))
     path = download_folder(ref.uri, settings=Settings.from_env())
     if path.name != ref.sha256:

@@ -74,6 +74,11 @@ class Manifest:
     raw: bytes = field(repr=False)
 
 
+def is_s3_uri(where: str | Path) -> bool:
+    """Whether WHERE names a folder in the store (s3://...) rather than a local one."""
+    return str(where).startswith("s3://")
+
+
 @dataclass(frozen=True)
 class S3Location:
     """A folder in a bucket: s3://BUCKET/PREFIX (no trailing slash)."""
@@ -83,7 +88,7 @@ class S3Location:
 
     @classmethod
     def parse(cls, uri: str) -> S3Location:
-        if not uri.startswith("s3://"):
+        if not is_s3_uri(uri):
             raise StorageError(f"{uri}: not an S3 URI; write s3://BUCKET/experts/BASE/NAME")
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         prefix = prefix.strip("/")
