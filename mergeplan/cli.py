@@ -65,6 +65,15 @@ def _zoo_build(args: argparse.Namespace) -> None:
     print(build_zoo(args.preset, args.out, args.domains, args.data))
 
 
+def _import_gguf(args: argparse.Namespace) -> None:
+    import torch
+
+    from merging.gguf_import import import_gguf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    print(import_gguf(args.gguf, args.out, dtype=dtype, overwrite=args.overwrite))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     import json
 
@@ -82,7 +91,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         return
     if args.data is None:
         raise ConfigError("evaluate: --data is required for one model (or use --matrix ZOO)")
-    result = evaluate(args.target, args.data, args.domains, **options)
+    result = evaluate(args.target, args.data, args.domains, base=args.base, **options)
     for score in result.domains:
         accuracy = "" if score.accuracy is None else f"  exact match {score.accuracy:.3f} (n={score.accuracy_examples})"
         print(f"{score.domain:<16} CE {score.ce:.4f} nats over {score.tokens} tokens{accuracy}")
@@ -324,10 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", type=Path, help="your own data: DATA/DOMAIN/ folders of .txt/.jsonl files")
     build.set_defaults(run=_zoo_build)
 
+    base = commands.add_parser("base", help="bring a base model in: GGUF -> Hugging Face safetensors folder")
+    base_commands = base.add_subparsers(dest="base_command", required=True, metavar="BASE_COMMAND")
+    gguf = base_commands.add_parser(
+        "import-gguf", help="de-quantize a GGUF file into a safetensors folder with config and tokenizer",
+        description="Llama, Mistral and Qwen2/3 GGUF files, through transformers' GGUF loader (needs the gguf "
+                    "package: pip install 'mergeplan[gguf]'). Writes config.json, model.safetensors, tokenizer "
+                    "files and generation_config.json, atomically.")
+    gguf.add_argument("gguf", type=Path, help="the .gguf file")
+    gguf.add_argument("--out", type=Path, required=True, help="output model folder")
+    gguf.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="dtype of the saved weights (default float32)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    gguf.set_defaults(run=_import_gguf)
+
     evaluate = commands.add_parser(
         "evaluate", help="held-out cross-entropy per domain (and exact-match accuracy)",
         description="Token-weighted CE in nats on response tokens (prompts masked), per domain, macro, micro.")
-    evaluate.add_argument("target", type=Path, help="model folder, or a zoo folder with --matrix")
+    evaluate.add_argument("target", type=Path, help="model folder, LoRA adapter folder, or a zoo folder with --matrix")
+    evaluate.add_argument("--base", type=Path, help="the base model of a LoRA adapter (default: the local folder "
+                          "its base_model_name_or_path names)")
     evaluate.add_argument("--data", type=Path, help="data folder: DATA/DOMAIN/{eval,calib,train}.jsonl")
     evaluate.add_argument("--domains", type=lambda s: s.split(","), help="comma-separated (default: all)")
     evaluate.add_argument("--split", default="eval", help="split to evaluate (default eval)")

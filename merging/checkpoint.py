@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -151,6 +152,29 @@ def check_compatible(base: CheckpointReader, expert: CheckpointReader) -> None:
         log.warning("%s: %d tensors differ in dtype from the base (e.g. %s: %s vs %s); computing in float32",
                     expert.folder, len(upcast), upcast[0], expert.tensors[upcast[0]].dtype,
                     base.tensors[upcast[0]].dtype)
+
+
+@contextmanager
+def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden sibling folder to write into, renamed over `target` when the block succeeds and removed when it
+    fails: a half-written folder never appears under its real name, and an existing one is replaced only whole."""
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target}: output folder exists; pass --overwrite or choose another")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def plan_shards(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int,

@@ -18,7 +18,8 @@ import torch
 from merging.data.example import Example
 from merging.data.loading import IGNORE_INDEX, collate, data_domains, encode, load_split
 from merging.errors import ConfigError
-from merging.hf import load_causal_lm, load_tokenizer
+from merging.experts import declared_base, is_adapter, load_expert_model
+from merging.hf import load_tokenizer
 from merging.zoo import expert_folders
 
 ANSWER_LINE = re.compile(r"Answer:\s*(.+?)\s*$", re.MULTILINE)
@@ -56,19 +57,30 @@ class EvalResult:
                 "domains": [asdict(d) for d in self.domains]}
 
 
-def load_for_evaluation(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer from a checkpoint folder, refusing what cannot be evaluated."""
-    folder = Path(folder)
+def check_causal_lm(folder: Path) -> None:
+    """Refuse a folder that is not a Hugging Face causal LM with its tokenizer."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ConfigError(f"{folder}: no config.json; evaluate a Hugging Face model folder")
+        raise ConfigError(f"{folder}: no config.json; evaluate a Hugging Face model folder or a LoRA adapter")
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in architectures):
         raise ConfigError(f"{folder}: architectures {architectures} is not a causal LM (*ForCausalLM)")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer files next to the model; copy the zoo's tokenizer/ there")
-    tokenizer = load_tokenizer(folder)
-    model = load_causal_lm(folder, dtype)
+
+
+def load_for_evaluation(folder: str | Path, dtype: torch.dtype = torch.float32, base: str | Path | None = None):
+    """A causal LM and its tokenizer from a checkpoint folder, or from a LoRA adapter folder applied to `base`
+    (default: the local folder the adapter names); refuses what cannot be evaluated."""
+    folder = Path(folder)
+    model_folder = folder
+    if is_adapter(folder):
+        model_folder = Path(base) if base is not None else declared_base(folder)
+        if model_folder is None:
+            raise ConfigError(f"{folder}: a LoRA adapter is evaluated on its base: pass --base FOLDER")
+    check_causal_lm(model_folder)
+    tokenizer = load_tokenizer(model_folder)
+    model = load_expert_model(folder, model_folder, dtype)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"{folder}: the model's vocab_size is {model.config.vocab_size} but its tokenizer has "
                           f"{len(tokenizer)} tokens; use the tokenizer the model was trained with")
@@ -118,9 +130,11 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, domains: list[str] | None = None, split: str = "eval",
              batch_size: int = 32, dtype: str = "float32", accuracy_samples: int = 0,
-             max_examples: int | None = None) -> EvalResult:
-    """CE per domain on a split of a data folder; accuracy on the first `accuracy_samples` answered examples."""
-    model, tokenizer = load_for_evaluation(model_dir, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+             max_examples: int | None = None, base: str | Path | None = None) -> EvalResult:
+    """CE per domain on a split of a data folder; accuracy on the first `accuracy_samples` answered examples.
+    `base`: the base model of a LoRA adapter `model_dir`."""
+    model, tokenizer = load_for_evaluation(model_dir, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype],
+                                           base)
     max_length = model.config.max_position_embeddings
     result = EvalResult(str(model_dir), split)
     for domain in domains or data_domains(data_dir):
@@ -150,7 +164,8 @@ def evaluate_matrix(zoo_dir: str | Path, out_dir: str | Path | None = None, **op
     zoo_dir = Path(zoo_dir)
     if not (zoo_dir / "base").is_dir() or not (zoo_dir / "experts").is_dir():
         raise ConfigError(f"{zoo_dir}: not a zoo folder (expected base/ and experts/; see mergeplan zoo build)")
-    results = {name: evaluate(path, zoo_dir / "data", **options) for name, path in zoo_models(zoo_dir).items()}
+    results = {name: evaluate(path, zoo_dir / "data", base=zoo_dir / "base", **options)
+               for name, path in zoo_models(zoo_dir).items()}
     out_dir = Path(out_dir or zoo_dir)
     write_matrix(results, out_dir / "ce_matrix.csv", out_dir / "ce_matrix.png")
     return results

@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -21,7 +21,7 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A local causal LM from safetensors (never pickle, never trust_remote_code)."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
+    quiet_transformers()
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
                                                 local_files_only=True)
 
@@ -29,14 +29,14 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    _quiet()
+    quiet_transformers()
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
 
 
 def load_model_config(folder: str | Path):
     from transformers import AutoConfig
 
-    _quiet()
+    quiet_transformers()
     return AutoConfig.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
 
 

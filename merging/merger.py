@@ -19,9 +19,10 @@ import yaml
 from pydantic import ValidationError
 
 from merging.calibration import CALIBRATED_METHODS, CalibrationParams, Coefficients, calibrate, calibrated_tensors
-from merging.checkpoint import CheckpointReader, CheckpointWriter, check_compatible, parse_size
+from merging.checkpoint import CheckpointReader, CheckpointWriter, parse_size
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
+from merging.experts import log_mixed_adapters, open_expert
 from merging.methods import MergeMethod, build_method
 from merging.methods.learned import LearnedCoefficients
 from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
@@ -86,9 +87,10 @@ def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
         if resolved in seen:
             log.warning("expert %s is listed more than once; it counts once per listing", ref.path)
         seen.append(resolved)
-        reader = CheckpointReader(ref.path)
-        check_compatible(base, reader)
-        experts.append(WeightedExpert(reader, ref.weight, start_index + offset))
+        expert = open_expert(ref.path)
+        expert.check_compatible(base)
+        experts.append(WeightedExpert(expert, ref.weight, start_index + offset))
+    log_mixed_adapters([e.expert for e in experts])
     return experts
 
 
@@ -221,7 +223,7 @@ def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: s
     names = calibrated_tensors(plan.base, plan.merged_names, params.exclude)
     if not names:
         raise ConfigError(f"{source}: params.exclude: every merged tensor is excluded; nothing to calibrate")
-    result = calibrate(config, params, plan.base, [e.reader for e in plan.experts], names, source)
+    result = calibrate(config, params, plan.base, [e.expert for e in plan.experts], names, source)
     return apply_coefficients(result.coefficients, out, overwrite=overwrite, report=result.report)
 
 

@@ -1,7 +1,7 @@
 """The per-tensor merge loop: read ahead on a thread, fold experts in float32, write each tensor at once.
 
 Memory stays per tensor: the base tensor, the method's accumulators, and at most `READ_AHEAD` raw tensors
-read ahead; a written tensor is on disk, not in a shard buffer.
+(or LoRA factors) read ahead; a written tensor is on disk, not in a shard buffer.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from merging.checkpoint import CheckpointReader, CheckpointWriter
-from merging.errors import CheckpointError
+from merging.experts import Expert, require_finite
 from merging.methods import MergeMethod
 
 log = logging.getLogger("mergeplan")
@@ -26,7 +25,7 @@ READ_AHEAD = 2
 
 @dataclass(frozen=True)
 class WeightedExpert:
-    reader: CheckpointReader
+    expert: Expert
     weight: float
     index: int  # position in the merge, fixed for the merge's lifetime: DARE seeds depend on it
 
@@ -66,12 +65,6 @@ class Scratch:
         return buffer[:numel].view(shape)
 
 
-def _require_finite(tensor: torch.Tensor, folder: Path, name: str) -> None:
-    # one cheap reduction first; the exact test only when the sum is not finite
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{folder}: tensor {name} contains NaN or Inf; fix or re-export that checkpoint")
-
-
 def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: MergeMethod,
                  merged_names: set[str], total_weight: float, writer: CheckpointWriter,
                  dtype: torch.dtype | None = None, state_in: CheckpointReader | None = None,
@@ -83,7 +76,7 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
     """
     names = base.names()
 
-    def jobs() -> Iterator[Callable[[], torch.Tensor]]:
+    def jobs() -> Iterator[Callable[[], object]]:
         for name in names:
             yield lambda name=name: base.read(name)
             if name in merged_names:
@@ -91,7 +84,7 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
                     for key in method.state_names:
                         yield lambda key=key, name=name: state_in.read(state_key(key, name))
                 for expert in experts:
-                    yield lambda reader=expert.reader, name=name: reader.read(name)
+                    yield lambda source=expert.expert, name=name: source.load(name)
 
     tensors = read_ahead(jobs())
     scratch = Scratch()
@@ -102,16 +95,16 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
             writer.write(name, stored.to(target))
             continue
         base_tensor = scratch.take("base", stored.shape).copy_(stored)
-        _require_finite(base_tensor, base.folder, name)
+        require_finite(base_tensor, base.folder, name)
         if state_in is not None:
             state = {key: next(tensors) for key in method.state_names}
         else:
             state = {key: scratch.take(key, stored.shape).zero_() for key in method.state_names}
         delta = scratch.take("delta", stored.shape)
         for expert in experts:
-            torch.sub(next(tensors), base_tensor, out=delta)
-            _require_finite(delta, expert.reader.folder, name)
-            method.add(state, method.sparsify(delta, name, expert.index), expert.weight)
+            vector = expert.expert.task_vector(name, next(tensors), base_tensor, delta)
+            if vector is not None:  # a zero task vector adds nothing to any method's accumulators
+                method.add(state, method.sparsify(vector, name, expert.index), expert.weight)
         if state_out is not None:
             for key, value in state.items():
                 state_out.write(state_key(key, name), value)

@@ -55,13 +55,13 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merging.checkpoint import CheckpointReader, check_compatible
+from merging.checkpoint import CheckpointReader
 from merging.data.loading import data_domains, load_split
 from merging.errors import CheckpointError, ConfigError
 from merging.evaluate import cross_entropy, load_for_evaluation
+from merging.experts import Expert, open_expert, require_finite
 from merging.methods import MergeMethod, build_method
 from merging.seeding import derived_seed
-from merging.streaming import _require_finite
 from merging.zoo import expert_folders
 
 log = logging.getLogger("mergeplan")
@@ -309,26 +309,25 @@ class TaskVectors:
 
     def __init__(self, family: SizeFamily):
         base = CheckpointReader(family.base)
-        readers = [CheckpointReader(path) for path in family.experts]
-        for reader in readers:
-            check_compatible(base, reader)
+        experts = [open_expert(path) for path in family.experts]
+        for expert in experts:
+            expert.check_compatible(base)
         # integer and boolean tensors are never merged (as in merging.merger): the loaded base keeps them
         self.names = [name for name, info in base.tensors.items() if info.dtype.is_floating_point]
         self.stored_dtype = {name: base.tensors[name].dtype for name in self.names}
         self.base = {name: base.read(name).float() for name in self.names}
         for name, tensor in self.base.items():
-            _require_finite(tensor, base.folder, name)
-        self.vectors = [self._task_vector(reader) for reader in readers]
+            require_finite(tensor, base.folder, name)
+        self.vectors = [self._task_vector(expert) for expert in experts]
 
-    def _task_vector(self, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-        vector = {name: torch.sub(reader.read(name), self.base[name]) for name in self.names}
-        for name, tensor in vector.items():
-            _require_finite(tensor, reader.folder, name)
-        return vector
+    def _task_vector(self, expert: Expert) -> dict[str, torch.Tensor]:
+        """The expert's non-zero task vectors (an adapter leaves most tensors as the base has them)."""
+        vectors = {name: expert.read_task_vector(name, self.base[name]) for name in self.names}
+        return {name: vector for name, vector in vectors.items() if vector is not None}
 
     def sparsified(self, method: MergeMethod) -> list[dict[str, torch.Tensor]]:
         """Each expert's part that enters `method`'s fold; it does not depend on the subset, so it is cached."""
-        return [{name: method.sparsify(vector[name].clone(), name, index) for name in self.names}
+        return [{name: method.sparsify(tensor.clone(), name, index) for name, tensor in vector.items()}
                 for index, vector in enumerate(self.vectors)]
 
     def merge_into(self, targets: dict[str, torch.Tensor], method: MergeMethod,
@@ -339,6 +338,8 @@ class TaskVectors:
             state = {key: torch.zeros_like(base) for key in method.state_names}
             scratch = torch.empty_like(base)
             for index in subset:
+                if name not in sparsified[index]:
+                    continue  # a zero task vector adds nothing to any method's accumulators
                 # a method may fold the delta in place (TIES splits it by sign), so the cache is copied first
                 method.add(state, scratch.copy_(sparsified[index][name]), 1.0)
             merged = base + method.delta(state, float(len(subset)))

@@ -85,3 +85,31 @@ def write_random_expert(base_folder: str | Path, folder: str | Path, seed: int, 
             out.write(name, (base.read(name).float() + noise).to(info.dtype))
         out.write_text("config.json", json.dumps(base.config, indent=2))
     return Path(folder)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_lora(base_folder: str | Path, folder: str | Path, seed: int, rank: int = 4, alpha: float = 8.0,
+                      targets: tuple[str, ...] = LORA_TARGETS, scale: float = 0.1, dtype: str = "float32",
+                      use_rslora: bool = False) -> Path:
+    """A PEFT LoRA adapter folder for the base: A ~ N(0, 0.02), B ~ N(0, scale·0.02) on the target modules,
+    seeded by (seed, tensor name); written without peft, in the layout peft's save_pretrained uses."""
+    base = CheckpointReader(base_folder)
+    torch_dtype = getattr(torch, dtype)
+    factors = []
+    for name, info in base.tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.split(".")[-1] in targets and len(info.shape) == 2:
+            rows, columns = info.shape
+            factors += [(f"base_model.model.{module}.lora_A.weight", (rank, columns), INIT_STD),
+                        (f"base_model.model.{module}.lora_B.weight", (rows, rank), scale * INIT_STD)]
+    with CheckpointWriter(folder, [(n, torch_dtype, s) for n, s, _ in factors], prefix="adapter_model") as out:
+        for name, shape, std in factors:
+            out.write(name, (torch.randn(shape, generator=generator(seed, name)) * std).to(torch_dtype))
+        out.write_json("adapter_config.json", {
+            "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
+            "use_rslora": use_rslora, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
+            "modules_to_save": None, "base_model_name_or_path": str(Path(base_folder).resolve()),
+            "task_type": "CAUSAL_LM"})
+    return Path(folder)

@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from merging.checkpoint import staged_folder
 from merging.data.domains import DOMAINS
 from merging.data.example import Example, write_jsonl
 from merging.data.loading import SPLITS, encode, load_split
@@ -137,19 +136,10 @@ def _reusable(folder: Path, key: str) -> bool:
 
 @contextmanager
 def _staged(folder: Path, record: dict) -> Iterator[Path]:
-    """A hidden sibling folder to write into, renamed over `folder` with its recipe record when the block
-    succeeds, and removed when it fails: a half-built model or data set is never left under its real name."""
-    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
+    """staged_folder, with the recipe record written last: a folder with a recipe is complete."""
+    with staged_folder(folder, overwrite=True) as staging:
         yield staging
         (staging / RECIPE_FILE).write_text(json.dumps(record))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.replace(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def build_data(out: Path, preset: ZooPreset, user_data: Path | None) -> dict[str, dict[str, str]]:

@@ -12,6 +12,7 @@ from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.samples import Sample, balanced_order
 from merging.checkpoint import CheckpointReader
 from merging.data.example import Example, write_jsonl
+from merging.experts import open_expert
 from merging.methods.learned import LearnedCoefficients, chunk_sizes, combine
 from merging.safetensors_file import read_header
 
@@ -226,15 +227,15 @@ def test_blocks_run_one_at_a_time_reproduce_the_whole_model(tiny_zoo):
     from merging.calibration.params import CalibrationParams
     from merging.hf import load_causal_lm
 
-    expert = CheckpointReader(tiny_zoo / "experts" / "code")
+    expert = open_expert(tiny_zoo / "experts" / "code")
     runner = BlockwiseRunner(CheckpointReader(tiny_zoo / "base"), [expert], ["model.layers.0.mlp.up_proj.weight"],
                              [], [1.0], CalibrationParams(), 0, torch.device("cpu"), torch.float32, "test")
     ids = torch.tensor([[0, 17, 42, 99, 5, 230, 7]])
     with torch.no_grad():
         expected = load_causal_lm(tiny_zoo / "experts" / "code")(input_ids=ids, output_hidden_states=True)
-        hidden = runner._embed(expert, [Sample(0, ids)])[0]
+        hidden = runner._embed([Sample(0, ids)], expert)[0]
         assert torch.equal(hidden, expected.hidden_states[0])
-        hidden = runner.block_forward(0, runner._read_block(expert, 0), hidden)
+        hidden = runner.block_forward(0, runner._read_block(0, expert), hidden)
     assert torch.allclose(hidden, expected.hidden_states[1], atol=1e-6)  # the last entry has the final norm
 
 

@@ -27,6 +27,7 @@ from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample
 from merging.checkpoint import CheckpointReader
 from merging.errors import ConfigError
+from merging.experts import Expert
 from merging.hf import causal_lm_skeleton
 
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -35,7 +36,7 @@ BLOCK = re.compile(r"\.layers\.(\d+)\.")
 class BlockwiseRunner:
     """Runs a calibration stage one block at a time; task_vector_l1 fills in as blocks are read."""
 
-    def __init__(self, base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
+    def __init__(self, base: CheckpointReader, experts: list[Expert], names: list[str],
                  samples: list[Sample], task_weights: list[float], params: CalibrationParams, seed: int,
                  device: torch.device, dtype: torch.dtype, source: str):
         outside = [name for name in names if not BLOCK.search(name)]
@@ -55,8 +56,13 @@ class BlockwiseRunner:
         self.peak_task_vectors_mb = 0.0
         self.hidden_cache_mb = 0.0
 
-    def _embed(self, reader: CheckpointReader, samples: list[Sample]) -> list[torch.Tensor]:
-        table = reader.read(self.embedding_name).to(self.device, self.dtype)
+    def _read(self, name: str, expert: Expert | None) -> torch.Tensor:
+        """The base's tensor, or the expert's own value of it."""
+        tensor = self.base.read(name) if expert is None else expert.weights(name, self.base)
+        return tensor.to(self.device, self.dtype)
+
+    def _embed(self, samples: list[Sample], expert: Expert | None = None) -> list[torch.Tensor]:
+        table = self._read(self.embedding_name, expert)
         return [F.embedding(sample.input_ids.to(self.device), table) for sample in samples]
 
     def block_forward(self, index: int, weights: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
@@ -69,25 +75,25 @@ class BlockwiseRunner:
                                kwargs={"attention_mask": None, "position_ids": positions,
                                        "position_embeddings": rotary})
 
-    def _read_block(self, reader: CheckpointReader, index: int) -> dict[str, torch.Tensor]:
+    def _read_block(self, index: int, expert: Expert | None = None) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{index}."
-        return {n: reader.read(n).to(self.device, self.dtype) for n in reader.names() if n.startswith(prefix)}
+        return {n: self._read(n, expert) for n in self.base.names() if n.startswith(prefix)}
 
     @torch.no_grad()
     def _advance_teachers(self, index: int, teacher_states: list[torch.Tensor]) -> None:
         for k, expert in enumerate(self.experts):
             own = [j for j, sample in enumerate(self.samples) if sample.expert == k]
             if own:
-                weights = self._read_block(expert, index)
+                weights = self._read_block(index, expert)
                 for j in own:
                     teacher_states[j] = self.block_forward(index, weights, teacher_states[j])
 
     def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> StageResult:
-        student_states = self._embed(self.base, self.samples)
+        student_states = self._embed(self.samples)
         teacher_states = list(student_states)
         for k, expert in enumerate(self.experts):
             own = [j for j, sample in enumerate(self.samples) if sample.expert == k]
-            for j, state in zip(own, self._embed(expert, [self.samples[j] for j in own]), strict=True):
+            for j, state in zip(own, self._embed([self.samples[j] for j in own], expert), strict=True):
                 teacher_states[j] = state
         self.hidden_cache_mb = 2 * sum(h.numel() * h.element_size() for h in student_states) / 2**20
         result = StageResult({}, {}, [])
@@ -100,7 +106,7 @@ class BlockwiseRunner:
                          student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
                          result: StageResult) -> list[torch.Tensor]:
         """Learn block `index`'s coefficients into `result`; returns the student's states after the block."""
-        base_weights = self._read_block(self.base, index)
+        base_weights = self._read_block(index)
         calibrated = [n for n in base_weights if n in raw or n in fixed]
         task_vectors = load_task_vectors(self.base, self.experts, calibrated, self.device, self.dtype)
         self.peak_task_vectors_mb = max(self.peak_task_vectors_mb, sum(

@@ -30,6 +30,7 @@ from merging.calibration.samples import Sample, load_samples
 from merging.checkpoint import CheckpointReader
 from merging.config import MergeConfig
 from merging.errors import ConfigError
+from merging.experts import Expert, load_expert_model
 from merging.hf import load_causal_lm, load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
@@ -57,7 +58,7 @@ def _teachers(config: MergeConfig, samples, layers: list[int], temperature: floa
         own = [i for i, sample in enumerate(samples) if sample.expert == k]
         if not own:
             continue
-        teacher = load_causal_lm(ref.path, dtype).to(device).eval()
+        teacher = load_expert_model(ref.path, config.base, dtype).to(device).eval()
         chosen = [samples[i] for i in own]
         for i, output in zip(own, teacher_outputs(teacher, chosen, layers, temperature), strict=True):
             outputs[i] = output
@@ -78,7 +79,7 @@ def _megabytes(tensors) -> float:
 class FullModelRunner:
     """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against cached teachers."""
 
-    def __init__(self, config: MergeConfig, base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
+    def __init__(self, config: MergeConfig, base: CheckpointReader, experts: list[Expert], names: list[str],
                  samples: list[Sample], layers: list[int], task_weights: list[float], params: CalibrationParams,
                  seed: int, device: torch.device, dtype: torch.dtype):
         model = load_causal_lm(config.base, dtype).to(device).eval().requires_grad_(False)
@@ -123,7 +124,7 @@ def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[st
 
 
 def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointReader,
-              experts: list[CheckpointReader], names: list[str], source: str) -> CalibrationResult:
+              experts: list[Expert], names: list[str], source: str) -> CalibrationResult:
     """Learn the coefficients of `config.method` for the tensors `names`."""
     started = time.perf_counter()
     device = params.torch_device()

@@ -22,6 +22,7 @@ from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
 from merging.checkpoint import CheckpointReader
 from merging.errors import TrainingError
+from merging.experts import Expert
 from merging.methods.learned import combine
 
 log = logging.getLogger("mergeplan")
@@ -49,15 +50,17 @@ class StageResult:
     reports: list[StageReport]
 
 
-def load_task_vectors(base: CheckpointReader, experts: list[CheckpointReader], names: list[str],
+def load_task_vectors(base: CheckpointReader, experts: list[Expert], names: list[str],
                       device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """(K, numel) per tensor, computed in float32 then stored once in the compute dtype on the device."""
     vectors = {}
     for name in names:
-        base_tensor = base.read(name).float().view(-1)
-        stacked = torch.empty((len(experts), base_tensor.numel()), dtype=dtype, device=device)
+        base_tensor = base.read(name).float()
+        stacked = torch.zeros((len(experts), base_tensor.numel()), dtype=dtype, device=device)
         for k, expert in enumerate(experts):
-            stacked[k].copy_(expert.read(name).float().view(-1).sub_(base_tensor))
+            vector = expert.read_task_vector(name, base_tensor)
+            if vector is not None:
+                stacked[k].copy_(vector.view(-1))
         vectors[name] = stacked
     return vectors
 
