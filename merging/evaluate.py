@@ -8,7 +8,6 @@ and compares the final `Answer: X` line with the example's answer (synthetic dom
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from merging.data.example import Example
 from merging.data.loading import IGNORE_INDEX, collate, data_domains, encode, load_split
 from merging.errors import ConfigError
 from merging.experts import declared_base, is_adapter, load_expert_model
-from merging.hf import load_tokenizer
+from merging.hf import check_causal_lm, load_tokenizer
 from merging.zoo import expert_folders
 
 ANSWER_LINE = re.compile(r"Answer:\s*(.+?)\s*$", re.MULTILINE)
@@ -55,18 +54,6 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {"model": self.model, "split": self.split, "macro_ce": self.macro_ce, "micro_ce": self.micro_ce,
                 "domains": [asdict(d) for d in self.domains]}
-
-
-def check_causal_lm(folder: Path) -> None:
-    """Refuse a folder that is not a Hugging Face causal LM with its tokenizer."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{folder}: no config.json; evaluate a Hugging Face model folder or a LoRA adapter")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in architectures):
-        raise ConfigError(f"{folder}: architectures {architectures} is not a causal LM (*ForCausalLM)")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise ConfigError(f"{folder}: no tokenizer files next to the model; copy the zoo's tokenizer/ there")
 
 
 def load_for_evaluation(folder: str | Path, dtype: torch.dtype = torch.float32, base: str | Path | None = None):

@@ -31,8 +31,10 @@ def gguf_architecture(path: Path) -> str:
         raise CheckpointError(f"{path}: no such GGUF file")
     with open(path, "rb") as f:
         head = f.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+    if head[:4] != GGUF_MAGIC:
         raise CheckpointError(f"{path}: not a GGUF file (no GGUF header); re-download or re-convert it")
+    if len(head) < 24:
+        raise CheckpointError(f"{path}: truncated GGUF file ({len(head)} bytes); re-download it")
     try:
         from gguf import GGUFReader
     except ImportError as exc:
@@ -49,21 +51,26 @@ def gguf_architecture(path: Path) -> str:
 
 def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> Path:
-    """Write `out`: config.json, model.safetensors, tokenizer files and generation_config.json."""
+    """Write `out`: config.json, model.safetensors, tokenizer files and generation_config.json, atomically."""
+    gguf_file, out = Path(gguf_file), Path(out)
+    with staged_folder(out, overwrite) as staging:
+        write_gguf_as_hf(gguf_file, staging, dtype)
+    return out
+
+
+def write_gguf_as_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """De-quantize `gguf_file` into the (existing, empty) model folder `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file, out = Path(gguf_file), Path(out)
     architecture = gguf_architecture(gguf_file)
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{gguf_file}: architecture {architecture!r} is not supported; mergeplan imports "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output folder exists; pass --overwrite or choose another")
     quiet_transformers()
-    folder, name = str(gguf_file.parent), gguf_file.name
+    location, name = str(gguf_file.parent), gguf_file.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(location, gguf_file=name, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name, local_files_only=True)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{gguf_file}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
     config = loaded.config
@@ -73,12 +80,9 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: torch.dtype = 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     del loaded
-    with staged_folder(out, overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    log.info("imported %s (%s, %.1fM parameters) into %s", gguf_file, architecture,
-             model.num_parameters() / 1e6, out)
-    return out
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    log.info("imported %s (%s, %.1fM parameters)", gguf_file, architecture, model.num_parameters() / 1e6)
 
 
 def packaged_smollm2() -> Path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+
+from merging.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
@@ -46,3 +49,15 @@ def causal_lm_skeleton(folder: str | Path):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(load_model_config(folder), trust_remote_code=False)
+
+
+def check_causal_lm(folder: Path) -> None:
+    """Refuse a folder that is not a Hugging Face causal LM with its tokenizer."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{folder}: no config.json; expected a Hugging Face model folder (config.json + safetensors)")
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ConfigError(f"{folder}: architectures {architectures} is not a causal LM (*ForCausalLM)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{folder}: no tokenizer files next to the model; copy the zoo's tokenizer/ there")

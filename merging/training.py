@@ -47,11 +47,12 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 
 
 def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettings, pad_id: int,
-          seed: int, label: str = "training") -> list[float]:
-    """Train `model` in place; returns the loss of every step. Reports progress once a minute."""
+          seed: int, label: str = "training", device: torch.device | str = "cpu") -> list[float]:
+    """Train `model`'s trainable parameters in place (on `device`, where the model is); returns the loss of every
+    step. Reports progress once a minute."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.95))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
     stream = batches(examples, settings.batch_size, seed)
     losses = []
     last_report = time.perf_counter()
@@ -59,11 +60,12 @@ def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettin
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        loss = model(**collate(next(stream), pad_id, settings.all_tokens)).loss
+        batch = {key: value.to(device) for key, value in collate(next(stream), pad_id, settings.all_tokens).items()}
+        loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise TrainingError(f"{label}: loss is {loss.item()} at step {step + 1}; lower the learning rate")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

@@ -102,11 +102,13 @@ class Encoded:
 
 
 def encode(tokenizer, example: Example, max_length: int) -> Encoded:
-    """BOS + prompt + response + EOS; only response and EOS tokens are marked. Truncated to max_length."""
+    """BOS (when the tokenizer has one) + prompt + response + EOS; only response and EOS tokens are marked.
+    Truncated to max_length."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     prompt = tokenizer.encode(example.prompt, add_special_tokens=False) if example.prompt else []
     response = tokenizer.encode(example.response, add_special_tokens=False)
-    ids = [tokenizer.bos_token_id, *prompt, *response, tokenizer.eos_token_id]
-    mask = [False] * (1 + len(prompt)) + [True] * (len(response) + 1)
+    ids = [*bos, *prompt, *response, tokenizer.eos_token_id]
+    mask = [False] * (len(bos) + len(prompt)) + [True] * (len(response) + 1)
     return Encoded(ids[:max_length], mask[:max_length])
 
 
