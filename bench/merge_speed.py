@@ -8,6 +8,11 @@ This is a benchmark, not a test: nothing is asserted about the timings.
 
     .venv/bin/python bench/merge_speed.py                       # 270m and 170m, K = 3 and 8, both methods
     .venv/bin/python bench/merge_speed.py --sizes tiny --experts 2,3   # a quick end-to-end smoke run
+    .venv/bin/python bench/merge_speed.py --adapter-base .mergeplan/zoo-r/base   # LoRA adapters vs dense
+
+With --adapter-base, the peer is mergeplan itself: K LoRA adapters (rank 8 on every linear layer, random) on
+that base merged as adapters, against the same experts merge_and_unload()-ed by peft into full checkpoints
+and merged dense; both outputs must agree to float tolerance.
 
 Measurement notes
 - Peak RSS is the child's VmHWM from /proc, polled every 20 ms (Linux only). It counts resident pages of
@@ -35,7 +40,7 @@ import yaml
 
 from merging.checkpoint import CheckpointReader
 from merging.methods.sparsify import magnitude_trim_
-from merging.synthetic import llama_config, write_random_base, write_random_expert
+from merging.synthetic import llama_config, write_random_base, write_random_expert, write_random_lora
 
 REPO = Path(__file__).resolve().parent.parent
 OURS_CLI = REPO / ".venv" / "bin" / "mergeplan"
@@ -100,6 +105,30 @@ def ensure_checkpoints(models_dir: Path, size: str, num_experts: int) -> tuple[P
             print(f"writing {expert}", flush=True)
             write_random_expert(base, expert, seed=seed, scale=EXPERT_SCALE, max_shard_size=SHARD_BYTES)
     return base, experts
+
+
+ADAPTER_RANK = 8
+
+
+def ensure_adapters(models_dir: Path, base: Path, num_experts: int) -> tuple[list[Path], list[Path]]:
+    """K random LoRA adapters on `base` and their merge_and_unload()-ed full checkpoints (peft's own merge)."""
+    from peft import PeftModel
+
+    from merging.hf import load_causal_lm
+
+    adapters, dense = [], []
+    for seed in range(1, num_experts + 1):
+        adapter, full = models_dir / f"adapter-{seed:02d}", models_dir / f"dense-{seed:02d}"
+        if not adapter.exists():
+            print(f"writing {adapter}", flush=True)
+            write_random_lora(base, adapter, seed=seed, rank=ADAPTER_RANK, alpha=2 * ADAPTER_RANK, scale=1.0)
+        if not full.exists():
+            print(f"writing {full}", flush=True)
+            model = PeftModel.from_pretrained(load_causal_lm(base), adapter).merge_and_unload()
+            model.save_pretrained(full)
+        adapters.append(adapter)
+        dense.append(full)
+    return adapters, dense
 
 
 def warm_page_cache(folders: list[Path]) -> None:
@@ -332,6 +361,49 @@ def run_case(case_dir: Path, base: Path, experts: list[Path], method: str, repea
     return runs["mergeplan"], runs["mergekit"], comparison
 
 
+def run_adapter_case(case_dir: Path, base: Path, adapters: list[Path], dense: list[Path], method: str,
+                     repeats: int) -> tuple[list[Run], list[Run], Comparison]:
+    """mergeplan on the adapters vs mergeplan on their dense copies, alternating which goes first."""
+    case_dir.mkdir(parents=True, exist_ok=True)
+    tools = {}
+    for tool, experts in (("adapters", adapters), ("dense", dense)):
+        config = ours_yaml(base, experts, method) | {"dtype": None}
+        path = case_dir / f"{tool}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        tools[tool] = (ours_command(path, case_dir / f"out-{tool}"), case_dir / f"out-{tool}")
+    runs: dict[str, list[Run]] = {"adapters": [], "dense": []}
+    for repeat in range(repeats):
+        warm_page_cache([base, *adapters, *dense])
+        for tool in (["adapters", "dense"] if repeat % 2 == 0 else ["dense", "adapters"]):
+            command, out = tools[tool]
+            shutil.rmtree(out, ignore_errors=True)
+            run = run_child(command, case_dir / f"{tool}-{repeat}.log")
+            runs[tool].append(run)
+            print(f"    {tool:9s} repeat {repeat}: {run.seconds:7.2f} s, peak RSS {run.peak_rss_mb:7.0f} MB",
+                  flush=True)
+    comparison = compare_outputs(tools["adapters"][1], tools["dense"][1])
+    print(f"    equality: {describe(comparison)}", flush=True)
+    for _, out in tools.values():
+        shutil.rmtree(out, ignore_errors=True)
+    return runs["adapters"], runs["dense"], comparison
+
+
+def adapter_table(results: list[CaseResult], repeats: int) -> str:
+    header = ("| base | K | method | adapters s | dense s | time ratio | adapters peak RSS MB | dense peak RSS MB | "
+              "RSS ratio | equal (max diff) |")
+    lines = [f"Medians over {repeats} repeat(s); ratios are adapters / dense (the same experts merge_and_unload()-ed "
+             f"by peft). LoRA rank {ADAPTER_RANK} on every linear layer; float32 in and out.", "",
+             header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        ours_s, dense_s = median_of(r.ours, "seconds"), median_of(r.mergekit, "seconds")
+        ours_rss, dense_rss = median_of(r.ours, "peak_rss_mb"), median_of(r.mergekit, "peak_rss_mb")
+        c = r.comparison
+        lines.append(f"| {r.size} ({r.params / 1e6:.0f}M) | {r.num_experts} | {r.method} | {_fmt(ours_s, 2)} | "
+                     f"{_fmt(dense_s, 2)} | {_ratio(ours_s, dense_s)} | {_fmt(ours_rss, 0)} | {_fmt(dense_rss, 0)} | "
+                     f"{_ratio(ours_rss, dense_rss)} | {'PASS' if c.passed else 'FAIL'} ({c.max_abs_diff:.2g}) |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -384,6 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "out",
                         help="checkpoints, configs, logs and the report (default bench/out)")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the merged checkpoints")
+    parser.add_argument("--adapter-base", type=Path, metavar="FOLDER",
+                        help="instead of mergekit: LoRA adapters on this base vs their dense copies (e.g. the real "
+                             "zoo's base)")
     args = parser.parse_args(argv)
     for size in args.sizes:
         if size not in SIZES:
@@ -393,14 +468,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not args.experts or min(args.experts) < 1 or args.repeats < 1:
         parser.error("--experts and --repeats must be positive")
-    for cli in (OURS_CLI, MERGEKIT_CLI):
+    for cli in (OURS_CLI,) if args.adapter_base else (OURS_CLI, MERGEKIT_CLI):
         if not cli.exists():
             parser.error(f"{cli} is missing; install the venvs first")
     return args
 
 
+def adapters_main(args: argparse.Namespace) -> int:
+    workdir: Path = args.workdir.resolve()
+    base = args.adapter_base.resolve()
+    adapters, dense = ensure_adapters(workdir / "models" / "adapters", base, max(args.experts))
+    params = parameter_count(base)
+    results: list[CaseResult] = []
+    for num_experts in args.experts:
+        for method in args.methods:
+            print(f"  {base.name} K={num_experts} {method}: adapters vs dense", flush=True)
+            case_dir = workdir / "runs" / "adapters" / f"k{num_experts}" / method
+            ours, peer, comparison = run_adapter_case(case_dir, base, adapters[:num_experts], dense[:num_experts],
+                                                      method, args.repeats)
+            results.append(CaseResult(base.name, params, num_experts, method, ours, peer, comparison))
+    table = adapter_table(results, args.repeats)
+    print()
+    print(table)
+    report = workdir / "merge_speed_adapters.md"
+    report.write_text("# mergeplan: LoRA adapters vs their dense copies\n\n" + table)
+    print(f"written to {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.adapter_base:
+        return adapters_main(args)
     workdir: Path = args.workdir.resolve()
     results: list[CaseResult] = []
     for size in args.sizes:

