@@ -42,6 +42,15 @@ The output folder also gets coefficients.json, coefficients.png and calibration.
 def _merge(args: argparse.Namespace) -> None:
     from merging import merge
 
+    if args.lora_rank is not None:
+        from merging.lora_export import merge_as_lora
+
+        if args.save_state or args.out is None:
+            raise ConfigError("merge: --lora-rank needs OUT and does not keep a state (--save-state)")
+        report = merge_as_lora(args.config, args.out, args.lora_rank, overwrite=args.overwrite)
+        print(f"{args.out}: LoRA adapter of rank {report['rank']} on {report['tensors']} tensors, relative error "
+              f"{report['relative_error']:.4f} (worst {report['worst_tensor']}: {report['worst_relative_error']:.4f})")
+        return
     out = merge(args.config, args.out, overwrite=args.overwrite, save_state=args.save_state)
     print(out)
 
@@ -301,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--save-state", type=Path, metavar="DIR",
                        help="also keep the method's accumulators in DIR, for `mergeplan add-expert`")
+    merge.add_argument("--lora-rank", type=int, metavar="R",
+                       help="write OUT as a LoRA adapter of rank R instead: a truncated SVD of each merged tensor's "
+                            "task vector; prints the relative error kept")
     merge.set_defaults(run=_merge)
 
     add = commands.add_parser(

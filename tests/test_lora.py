@@ -269,3 +269,32 @@ def test_a_written_adapter_is_what_peft_reads(lora_zoo, tmp_path):
     state = model.state_dict()
     for name in reader.names():
         torch.testing.assert_close(expert.weights(name, reader), state[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_rank_output_is_an_adapter_with_the_svd_error_it_reports(lora_zoo, tmp_path, run_cli, write_config):
+    config = write_config(base=lora_zoo["base"], experts=lora_zoo["adapters"], method="task_arithmetic",
+                          params={"lambda": 0.7})
+    assert run_cli("merge", config, tmp_path / "dense")[0] == 0
+    # the three adapters have ranks 2, 4, 6: their weighted sum has rank <= 12, kept whole at rank 12
+    status, out, err = run_cli("merge", config, tmp_path / "r12", "--lora-rank", 12)
+    assert status == 0, err
+    exact = json.loads((tmp_path / "r12" / "lora_export.json").read_text())
+    assert exact["relative_error"] < 1e-5 and exact["tensors"] == 6 and "relative error" in out
+    assert not list(tmp_path.glob(".r12*"))  # the dense merge was temporary
+    status, _, err = run_cli("merge", config, tmp_path / "r1", "--lora-rank", 1)
+    truncated = json.loads((tmp_path / "r1" / "lora_export.json").read_text())
+    assert status == 0 and 0.3 < truncated["relative_error"] < 1
+    reapplied = merge(MergeConfig(base=lora_zoo["base"], experts=[ExpertRef(path=tmp_path / "r12")],
+                                  method="average"), tmp_path / "reapplied")
+    dense = read_all(tmp_path / "dense")
+    for name, tensor in read_all(reapplied).items():
+        torch.testing.assert_close(tensor, dense[name], rtol=0, atol=1e-5, msg=name)
+    from peft import PeftModel
+
+    from merging.hf import load_causal_lm
+
+    loaded = PeftModel.from_pretrained(load_causal_lm(lora_zoo["base"]), tmp_path / "r1").merge_and_unload()
+    ours = read_all(merge(MergeConfig(base=lora_zoo["base"], experts=[ExpertRef(path=tmp_path / "r1")],
+                                      method="average"), tmp_path / "r1-dense"))
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, ours[name], rtol=0, atol=1e-6, msg=name)  # peft reads it as we do
