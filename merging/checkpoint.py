@@ -158,13 +158,17 @@ def check_compatible(base: CheckpointReader, expert: CheckpointReader) -> None:
 def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """A hidden sibling folder to write into, renamed over `target` when the block succeeds and removed when it
     fails: a half-written folder never appears under its real name, and an existing one is replaced only whole."""
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target}: output folder exists; pass --overwrite or choose another")
+    def refuse_existing() -> None:
+        if target.exists() and not overwrite:
+            raise CheckpointError(f"{target}: output folder exists; pass --overwrite or choose another")
+
+    refuse_existing()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         yield staging
+        refuse_existing()  # it may have appeared while the folder was written
         if target.exists():
             retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, retired)
@@ -201,23 +205,18 @@ class CheckpointWriter:
     def __init__(self, target: str | Path, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], *,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False, prefix: str = "model"):
         self.target = Path(target)
-        self.overwrite = overwrite
+        if self.target.exists() and not overwrite:
+            raise CheckpointError(f"{self.target}: output folder exists; pass --overwrite or choose another")
         self._layout = list(layout)
         self._max_shard_size = max_shard_size
         self._prefix = prefix
-        self._refuse_existing_target()
+        self._folder = staged_folder(self.target, overwrite)
         self.staging: Path | None = None
         self._files: list[SafetensorsFileWriter] = []
         self._file_of: dict[str, SafetensorsFileWriter] = {}
 
-    def _refuse_existing_target(self) -> None:
-        if self.target.exists() and not self.overwrite:
-            raise CheckpointError(f"{self.target}: output folder exists; pass --overwrite or choose another")
-
     def __enter__(self) -> CheckpointWriter:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.staging.mkdir()
+        self.staging = self._folder.__enter__()
         shards = plan_shards(self._layout, self._max_shard_size)
         for number, shard in enumerate(shards, start=1):
             filename = (f"{self._prefix}.safetensors" if len(shards) == 1
@@ -256,21 +255,15 @@ class CheckpointWriter:
             weight_map = {name: f.path.name for f in self._files for name in f.names}
             self.write_json(f"{self._prefix}.safetensors.index.json",
                             {"metadata": {"total_size": total}, "weight_map": weight_map})
-        self._refuse_existing_target()
-        if self.target.exists():
-            retired = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, retired)
-            os.replace(self.staging, self.target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(self.staging, self.target)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 self._finish()
+        except BaseException as error:
+            exc_type, exc, tb = type(error), error, error.__traceback__
+            raise
         finally:
             for file in self._files:
                 file.close()
-            if self.staging is not None and self.staging.exists():
-                shutil.rmtree(self.staging)
+            self._folder.__exit__(exc_type, exc, tb)

@@ -27,9 +27,6 @@ import csv
 import json
 import logging
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from merging.checkpoint import staged_folder
 from merging.errors import ConfigError
 from merging.plots import plot_floor_vs_size, plot_loss_vs_experts, plot_residuals, plot_spread_vs_experts
 from merging.scaling_law import (
@@ -229,7 +227,7 @@ def fit_sweep(sweep: str | Path, out: str | Path, settings: FitSettings | None =
                    **{f"floor_at_{size}": floor for size, floor in record["floor_by_size"].items()},
                    "floor_decreasing_in_n": record["floor_decreasing_in_n"]}
                   for (method, domain), (_, record) in joints.items()]
-    with _staged_folder(out, overwrite) as staging:
+    with staged_folder(out, overwrite) as staging:
         (staging / FIT_FILE).write_text(json.dumps(_json_safe(document), indent=2) + "\n")
         _write_csv(staging / SUMMARY_FILE, summary)
         if joint_rows:
@@ -393,26 +391,6 @@ def _json_safe(value: Any) -> Any:
 
 def _bootstrap_key(size: str, method: str, domain: str) -> str:
     return f"{size}/{method}/{domain}"
-
-
-@contextmanager
-def _staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling folder renamed over `target` when the block succeeds, removed when it fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        if target.exists() and overwrite:
-            retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def _draw(folder: Path, data: SweepData, results: dict[tuple[str, str, str], _CurveResult],
