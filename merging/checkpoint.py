@@ -65,6 +65,14 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def refuse_pickles(folder: Path, what: str) -> None:
+    """Name the pickle files of a folder that has no safetensors `what`: mergeplan never loads them."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle {what} ({', '.join(pickles)}); mergeplan never unpickles. "
+                              "Convert to safetensors, e.g. model.save_pretrained(folder, safe_serialization=True)")
+
+
 class CheckpointReader:
     """A checkpoint folder whose tensors are read one at a time, on demand."""
 
@@ -100,11 +108,7 @@ class CheckpointReader:
         elif (self.folder / single_file).is_file():
             tensors = read_header(self.folder / single_file)
         else:
-            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                raise CheckpointError(
-                    f"{self.folder}: only pickle weights ({', '.join(pickles)}); mergeplan never unpickles. "
-                    "Convert to safetensors, e.g. model.save_pretrained(folder, safe_serialization=True)")
+            refuse_pickles(self.folder, "weights")
             raise CheckpointError(f"{self.folder}: no {single_file} or {index_file}")
         return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].offset)))
 

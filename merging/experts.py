@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import PICKLE_SUFFIXES, STRUCTURAL_FIELDS, CheckpointReader, check_compatible
+from merging.checkpoint import STRUCTURAL_FIELDS, CheckpointReader, check_compatible, refuse_pickles
 from merging.errors import CheckpointError
 from merging.safetensors_file import TensorInfo, read_header, read_tensor
 
@@ -158,11 +158,7 @@ class LoraAdapter(Expert):
         self._check_supported(config_path)
         weights = self.folder / ADAPTER_WEIGHTS
         if not weights.is_file():
-            pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                raise CheckpointError(
-                    f"{self.folder}: only pickle adapter weights ({', '.join(pickles)}); mergeplan never "
-                    "unpickles. Re-save with model.save_pretrained(folder, safe_serialization=True)")
+            refuse_pickles(self.folder, "adapter weights")
             raise CheckpointError(f"{self.folder}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
         self.changes = self._parse(read_header(weights), weights)
 
