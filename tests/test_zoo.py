@@ -66,7 +66,7 @@ def test_each_expert_beats_the_base_on_its_own_domain(tiny_zoo):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose one of tiny, small, sizes"):
+    with pytest.raises(ConfigError, match="unknown preset .huge.; choose one of tiny, small, real, sizes"):
         get_preset("huge")
 
 
