@@ -263,16 +263,11 @@ class LoraAdapter(Expert):
                                       "another base")
 
     def load(self, name: str) -> tuple[torch.Tensor | None, ...] | None:
+        """(replacement or None, then lora_A and lora_B, or lora_B's bias), as in _infos."""
         change = self.changes.get(name)
         if change is None:
             return None
-        lora = change.factors or change.bias_of
-        replacement = read_tensor(change.replacement) if change.replacement is not None else None
-        if change.factors is not None:
-            return replacement, read_tensor(lora.a), read_tensor(lora.b)
-        if change.bias_of is not None:
-            return replacement, read_tensor(lora.bias)
-        return (replacement,)
+        return tuple(None if info is None else read_tensor(info) for info in self._infos(change))
 
     def task_vector(self, name: str, loaded, base_tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         if loaded is None:
@@ -284,8 +279,11 @@ class LoraAdapter(Expert):
                 require_finite(tensor, self.folder, info.name)
         if change.factors is not None:
             a, b = factors
-            update = torch.mm(b.float(), a.float())
-            out.copy_(update.T if change.factors.transposed else update).mul_(change.factors.scale)
+            if change.factors.transposed:
+                out.copy_(torch.mm(b.float(), a.float()).T)
+            else:
+                torch.mm(b.float(), a.float(), out=out)
+            out.mul_(change.factors.scale)
         elif change.bias_of is not None:
             torch.mul(factors[0].float(), change.bias_of.scale, out=out)
         else:
