@@ -20,8 +20,8 @@ from mlflow.exceptions import MlflowException
 
 from infra.settings import Settings, redact_url, without_userinfo
 from merging.checkpoint import STRUCTURAL_FIELDS
-from merging.experts import ADAPTER_CONFIG
 from merging.errors import RegistryError, StorageError
+from merging.experts import ADAPTER_CONFIG
 from tasks.storage import S3Location, base_uri, read_json_file, read_manifest, s3_client
 
 log = logging.getLogger("mergeplan")

@@ -39,9 +39,9 @@ from s3transfer.exceptions import RetriesExceededError
 
 from infra.settings import Settings
 from merging.checkpoint import PICKLE_SUFFIXES
-from merging.experts import open_expert
 from merging.data.loading import data_domains
 from merging.errors import CheckpointError, StorageError
+from merging.experts import open_expert
 
 log = logging.getLogger("mergeplan")
 
