@@ -135,6 +135,14 @@ class TensorChange:
     bias_of: LoraFactors | None = None  # this tensor is a bias that lora_B's bias moves
 
 
+def _read_adapter_config(folder: Path) -> dict:
+    path = folder / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as JSON ({exc}); re-save the adapter") from exc
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name or its dotted suffix."""
     for pattern, value in patterns.items():
@@ -150,12 +158,8 @@ class LoraAdapter(Expert):
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        config_path = self.folder / ADAPTER_CONFIG
-        try:
-            self.config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: cannot be read as JSON ({exc}); re-save the adapter") from exc
-        self._check_supported(config_path)
+        self.config = _read_adapter_config(self.folder)
+        self._check_supported(self.folder / ADAPTER_CONFIG)
         weights = self.folder / ADAPTER_WEIGHTS
         if not weights.is_file():
             refuse_pickles(self.folder, "adapter weights")
@@ -226,19 +230,10 @@ class LoraAdapter(Expert):
         ranks = "/".join(map(str, self.ranks)) or "-"
         return f"LoRA r={ranks} on {','.join(self.target_modules) or 'no modules'}"
 
-    def _declared_base(self) -> Path | None:
-        declared = self.config.get("base_model_name_or_path")
-        if not declared:
-            return None
-        for candidate in (self.folder / declared, Path(declared)):
-            if (candidate / "config.json").is_file():
-                return candidate
-        return None
-
     def check_compatible(self, base: CheckpointReader) -> None:
-        declared = self._declared_base()
+        declared = _local_base(self.folder, self.config)
         if declared is not None and declared.resolve() != base.folder.resolve():
-            other = CheckpointReader(declared).config
+            other = json.loads((declared / "config.json").read_text())
             for field in STRUCTURAL_FIELDS:
                 if other.get(field) != base.config.get(field):
                     raise CheckpointError(
@@ -321,10 +316,23 @@ def log_mixed_adapters(experts: list[Expert]) -> None:
                  "tensor, so they merge as usual", "; ".join(sorted(kinds)))
 
 
+def _local_base(folder: Path, config: dict) -> Path | None:
+    """The local folder with a config.json that base_model_name_or_path names, relative to the adapter or the cwd."""
+    declared = config.get("base_model_name_or_path")
+    if not declared:
+        return None
+    for candidate in (folder / declared, Path(declared)):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def declared_base(folder: str | Path) -> Path | None:
-    """The local base folder an adapter names (base_model_name_or_path, relative to the adapter or the cwd)."""
+    """The local base folder an adapter names (read from adapter_config.json alone); None for a checkpoint."""
     folder = Path(folder)
-    return LoraAdapter(folder)._declared_base() if is_adapter(folder) else None
+    if not is_adapter(folder):
+        return None
+    return _local_base(folder, _read_adapter_config(folder))
 
 
 def load_expert_model(folder: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32):
