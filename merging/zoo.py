@@ -380,7 +380,9 @@ def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | Non
     if preset.lora is not None:
         models = build_adapter_family(out, preset, Path(base) if base else packaged_smollm2(), data_hashes,
                                       _training_device(device))
-        tokenizer_folder = out / "base"
+        # the base's tokenizer files, from the hashes its manifest entry already has
+        tokenizer_files = {name: digest for name, digest in models["base"]["sha256"].items()
+                           if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))}
     else:
         if base is not None:
             raise ConfigError(f"preset {preset.name} trains its own base; --base and --base-gguf are for presets "
@@ -394,9 +396,7 @@ def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | Non
             entries = build_family(out, family, preset, size, tokenizer, data_hashes)
             prefix = "" if len(preset.sizes) == 1 else f"{size.name}/"
             models |= {prefix + name: entry for name, entry in entries.items()}
-        tokenizer_folder = out / "tokenizer"
-    tokenizer_files = {name: digest for name, digest in folder_hashes(tokenizer_folder).items()
-                       if name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))}
+        tokenizer_files = folder_hashes(out / "tokenizer")
     manifest = {"preset": preset.model_dump(), "domains": list(preset.domains), "splits": list(SPLITS),
                 "data": data_hashes, "tokenizer": tokenizer_files, "models": models,
                 "training_seconds": round(sum(m["training"]["seconds"] for m in models.values()), 1),
