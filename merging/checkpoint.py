@@ -234,7 +234,9 @@ class CheckpointWriter:
         self._file_of[name].write(name, tensor)
 
     def write_json(self, filename: str, data: Mapping) -> None:
-        (self.staging / filename).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        path = self.staging / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def write_text(self, filename: str, text: str) -> None:
         (self.staging / filename).write_text(text)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from merging.calibration import CALIBRATED_METHODS, CalibrationParams, Coefficients, calibrate, calibrated_tensors
+from merging.calibration import CALIBRATED_METHODS, Coefficients, calibrate, calibrated_tensors, params_for
 from merging.checkpoint import CheckpointReader, CheckpointWriter, parse_size
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
@@ -209,7 +209,7 @@ def add_experts(state_dir: str | Path, experts: list[ExpertRef | str | Path], ou
 
 def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: str) -> Path:
     try:
-        params = CalibrationParams.model_validate(config.params)
+        params = params_for(config.method).model_validate(config.params)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source).replace(f"{source}: ", f"{source}: params.", 1)
                           ) from exc
@@ -224,14 +224,16 @@ def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: s
     if not names:
         raise ConfigError(f"{source}: params.exclude: every merged tensor is excluded; nothing to calibrate")
     result = calibrate(config, params, plan.base, [e.expert for e in plan.experts], names, source)
-    return apply_coefficients(result.coefficients, out, overwrite=overwrite, report=result.report)
+    return apply_coefficients(result.coefficients, out, overwrite=overwrite, report=result.report,
+                              kept=result.kept)
 
 
 def apply_coefficients(coefficients: Coefficients | str | Path, out: str | Path, *, overwrite: bool = False,
-                       report: dict | None = None) -> Path:
+                       report: dict | None = None, kept: dict[int, Coefficients] | None = None) -> Path:
     """Write base + Σ α·τ with learned coefficients (a Coefficients or a coefficients.json), no training.
 
-    The folder gets coefficients.json and coefficients.png (and calibration.json when `report` is given)."""
+    The folder gets coefficients.json and coefficients.png (and calibration.json when `report` is given, and
+    epochs/coefficients-epoch-E.json for each of `kept`: the coefficients after epoch E, for `mergeplan apply`)."""
     source = str(coefficients) if isinstance(coefficients, str | Path) else "coefficients"
     if isinstance(coefficients, str | Path):
         coefficients = Coefficients.load(coefficients)
@@ -246,5 +248,7 @@ def apply_coefficients(coefficients: Coefficients | str | Path, out: str | Path,
         coefficients.plot(writer.staged(COEFFICIENTS_PLOT))
         if report is not None:
             writer.write_json(CALIBRATION_FILE, report)
+        for epoch, earlier in (kept or {}).items():
+            writer.write_json(f"epochs/coefficients-epoch-{epoch}.json", earlier.to_json())
 
     return _run(plan, Path(out), overwrite, artifacts=artifacts)

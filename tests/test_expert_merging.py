@@ -268,3 +268,64 @@ def test_apply_refuses_a_file_that_is_not_coefficients(tmp_path, run_cli):
     wrong.write_text("[1, 2]")
     status, _, err = run_cli("apply", wrong, "-o", tmp_path / "m")
     assert status == 2 and "not a mergeplan coefficients.json" in err and not (tmp_path / "m").exists()
+
+
+def test_one_merge_per_optimizer_step_gives_the_per_sample_gradient():
+    from merging.calibration.expert_merging import Student, TrainableCoefficients, merged_weights, train_stage
+    from merging.calibration.params import CalibrationParams
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(4, 3, generator=generator)}
+    vectors = {"w": torch.randn(2, 12, generator=generator)}
+    samples = [Sample(k % 2, torch.randn(1, 3, generator=generator)) for k in range(4)]
+    targets = {id(s): torch.randn(1, 4, generator=generator) for s in samples}
+
+    def losses(weights, sample):
+        return ((sample.input_ids @ weights["w"].T - targets[id(sample)]) ** 2).mean(), torch.zeros(())
+
+    start = {"w": torch.tensor([[0.3], [-0.2]])}
+    params = CalibrationParams(grad_accumulation=4, gamma=0.5, init=0.4, grad_clip=None, epochs=1)
+    coefficients = TrainableCoefficients(start, {})
+    report = train_stage("t", coefficients, samples, Student(lambda a: merged_weights(base, vectors, a), losses),
+                         [1.0, 2.0], params, seed=0)
+    naive = TrainableCoefficients(start, {})  # rebuild the merged weights for every sample
+    total = sum(((1.0, 2.0)[s.expert] * losses(merged_weights(base, vectors, naive.alpha()), s)[0]) / 4
+                for s in samples) + 0.5 * naive.regulariser(naive.alpha(), 0.4)
+    total.backward()
+    assert report.steps[0]["grad_norm"] == pytest.approx(float(naive.raw["w"].grad.norm()), rel=1e-6)
+
+
+def test_adamerging_lowers_the_entropy_without_teachers(em_config, tmp_path, run_cli):
+    config = em_config(method="adamerging", lr=0.05, epochs=4)
+    status, _, err = run_cli("merge", config, tmp_path / "m")
+    assert status == 0, err
+    report = json.loads((tmp_path / "m" / "calibration.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["adamerging"]
+    assert report["teacher_cache_mb"] == 0 and report["params"]["activation"] == "clamp"
+    steps = report["stages"][0]["steps"]
+    first = sum(s["logit"] for s in steps if s["epoch"] == 1)
+    last = sum(s["logit"] for s in steps if s["epoch"] == 4)
+    assert last < first  # the mean next-token entropy of the merged model fell
+    tensors = json.loads((tmp_path / "m" / "coefficients.json").read_text())["tensors"]
+    values = [a for t in tensors.values() for row in t["alpha"].values() for a in row]
+    assert all(0 <= a <= 1 for a in values) and any(abs(a - 0.3) > 1e-3 for a in values)
+    status, _, err = run_cli("merge", em_config(method="adamerging", mode="blockwise"), tmp_path / "b")
+    assert status == 2 and "params.mode" in err and not (tmp_path / "b").exists()
+
+
+def test_kept_epochs_equal_a_shorter_run(em_config, tmp_path, run_cli):
+    longer = em_config(method="expert_merging", epochs=3, keep_epochs=[1, 2])
+    assert run_cli("merge", longer, tmp_path / "long")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "long" / "epochs").iterdir()) == [
+        "coefficients-epoch-1.json", "coefficients-epoch-2.json"]
+    assert run_cli("merge", em_config(method="expert_merging", epochs=1), tmp_path / "short")[0] == 0
+    kept = json.loads((tmp_path / "long" / "epochs" / "coefficients-epoch-1.json").read_text())["tensors"]
+    short = json.loads((tmp_path / "short" / "coefficients.json").read_text())["tensors"]
+    assert kept == short  # the schedule depends on the step, not on the total: epoch 1 of 3 is a 1-epoch run
+    final = json.loads((tmp_path / "long" / "coefficients.json").read_text())["tensors"]
+    assert final != kept
+    status, _, err = run_cli("apply", tmp_path / "long" / "epochs" / "coefficients-epoch-1.json", "-o",
+                             tmp_path / "applied")
+    assert status == 0, err
+    status, _, err = run_cli("merge", em_config(method="expert_merging", epochs=2, keep_epochs=[3]), tmp_path / "x")
+    assert status == 2 and "params.keep_epochs" in err and "outside 1..epochs (2)" in err

@@ -18,7 +18,9 @@ from torch.func import functional_call
 
 from merging.calibration.expert_merging import (
     StageResult,
+    Student,
     TrainableCoefficients,
+    Weights,
     load_task_vectors,
     merged_weights,
     train_stage,
@@ -88,7 +90,8 @@ class BlockwiseRunner:
                 for j in own:
                     teacher_states[j] = self.block_forward(index, weights, teacher_states[j])
 
-    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> StageResult:
+    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+            keep_epochs: frozenset[int] = frozenset()) -> StageResult:
         student_states = self._embed(self.samples)
         teacher_states = list(student_states)
         for k, expert in enumerate(self.experts):
@@ -99,12 +102,13 @@ class BlockwiseRunner:
         result = StageResult({}, {}, [])
         for index in range(len(self.layers)):
             self._advance_teachers(index, teacher_states)
-            student_states = self._calibrate_block(name, index, raw, fixed, student_states, teacher_states, result)
+            student_states = self._calibrate_block(name, index, raw, fixed, student_states, teacher_states, result,
+                                                   keep_epochs)
         return result
 
     def _calibrate_block(self, name: str, index: int, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
                          student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                         result: StageResult) -> list[torch.Tensor]:
+                         result: StageResult, keep_epochs: frozenset[int]) -> list[torch.Tensor]:
         """Learn block `index`'s coefficients into `result`; returns the student's states after the block."""
         base_weights = self._read_block(index)
         calibrated = [n for n in base_weights if n in raw or n in fixed]
@@ -115,23 +119,21 @@ class BlockwiseRunner:
             self.task_vector_l1.setdefault(tensor, vectors.abs().sum(dim=1, dtype=torch.float32))
         index_of = {id(sample): j for j, sample in enumerate(self.samples)}
 
-        def weights(alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return base_weights | merged_weights(base_weights, task_vectors, alpha)
-
-        def alignment(alpha: dict[str, torch.Tensor], sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        def losses(merged: Weights, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
             j = index_of[id(sample)]
-            mse = F.mse_loss(self.block_forward(index, weights(alpha), student_states[j]).float(),
+            mse = F.mse_loss(self.block_forward(index, base_weights | merged, student_states[j]).float(),
                              teacher_states[j].float())
             return torch.zeros((), device=mse.device), mse
 
         coefficients = TrainableCoefficients({n: raw[n] for n in calibrated if n in raw},
-                                             {n: fixed[n] for n in calibrated if n in fixed})
+                                             {n: fixed[n] for n in calibrated if n in fixed}, self.params.activation)
         if coefficients.trained:
-            result.reports.append(train_stage(f"{name} block {index}", coefficients, self.samples, alignment,
-                                              self.task_weights, self.params, self.seed))
+            student = Student(lambda alpha: merged_weights(base_weights, task_vectors, alpha), losses)
+            result.reports.append(train_stage(f"{name} block {index}", coefficients, self.samples, student,
+                                              self.task_weights, self.params, self.seed, keep_epochs))
             result.raw |= {n: coefficients.raw_value(n) for n in coefficients.trained}
         alpha = {n: a.detach() for n, a in coefficients.alpha().items()}
         result.alpha |= alpha
         with torch.no_grad():
-            final = weights(alpha)
+            final = base_weights | merged_weights(base_weights, task_vectors, alpha)
             return [self.block_forward(index, final, h) for h in student_states]

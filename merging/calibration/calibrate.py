@@ -18,9 +18,9 @@ from merging.calibration.expert_merging import (
     StageResult,
     TeacherOutput,
     TrainableCoefficients,
-    full_model_alignment,
+    full_model_student,
+    inverse_activation,
     load_task_vectors,
-    logit,
     teacher_outputs,
     train_stage,
 )
@@ -34,7 +34,7 @@ from merging.experts import Expert, load_expert_model
 from merging.hf import load_causal_lm, load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
-CALIBRATED_METHODS = ("expert_merging", "expert_merging_pp")
+CALIBRATED_METHODS = ("expert_merging", "expert_merging_pp", "adamerging")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class CalibrationResult:
     coefficients: Coefficients
     stages: list[StageReport]
     report: dict = field(default_factory=dict)
+    kept: dict[int, Coefficients] = field(default_factory=dict)  # params.keep_epochs: epoch -> coefficients
 
 
 def calibrated_tensors(base: CheckpointReader, merged_names: set[str], exclude: list[str]) -> list[str]:
@@ -77,37 +78,44 @@ def _megabytes(tensors) -> float:
 
 
 class FullModelRunner:
-    """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against cached teachers."""
+    """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against cached teachers
+    (Expert Merging), or the entropy of the merged model's own predictions (AdaMerging: no teachers)."""
 
     def __init__(self, config: MergeConfig, base: CheckpointReader, experts: list[Expert], names: list[str],
                  samples: list[Sample], layers: list[int], task_weights: list[float], params: CalibrationParams,
                  seed: int, device: torch.device, dtype: torch.dtype):
         model = load_causal_lm(config.base, dtype).to(device).eval().requires_grad_(False)
-        self.teachers = _teachers(config, samples, layers, params.temperature, device, dtype)
+        self.teachers = None if config.method == "adamerging" else _teachers(
+            config, samples, layers, params.temperature, device, dtype)
         self.task_vectors = load_task_vectors(base, experts, names, device, dtype)
         self.task_vector_l1 = {n: tv.abs().sum(dim=1, dtype=torch.float32) for n, tv in self.task_vectors.items()}
-        self.alignment = full_model_alignment(MergedModel(model, self.task_vectors), samples, self.teachers, layers,
-                                              params.temperature)
+        self.student = full_model_student(MergedModel(model, self.task_vectors), samples, self.teachers, layers,
+                                          params.temperature)
         self.samples, self.task_weights, self.params, self.seed = samples, task_weights, params, seed
 
-    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> StageResult:
-        coefficients = TrainableCoefficients(raw, fixed)
-        report = train_stage(name, coefficients, self.samples, self.alignment, self.task_weights, self.params,
-                             self.seed)
+    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+            keep_epochs: frozenset[int] = frozenset()) -> StageResult:
+        coefficients = TrainableCoefficients(raw, fixed, self.params.activation)
+        report = train_stage(name, coefficients, self.samples, self.student, self.task_weights, self.params,
+                             self.seed, keep_epochs)
         return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},
                            {n: coefficients.raw_value(n) for n in coefficients.trained}, [report])
 
     def memory(self) -> dict[str, float]:
-        cached = [t.log_probs for t in self.teachers] + [h for t in self.teachers for h in t.hidden]
+        cached = [t.log_probs for t in self.teachers or []] + [h for t in self.teachers or [] for h in t.hidden]
         return {"task_vectors_mb": _megabytes(self.task_vectors.values()), "teacher_cache_mb": _megabytes(cached)}
 
 
 def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[str], numel: dict[str, int],
           experts: int, params: CalibrationParams, device: torch.device,
           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[StageReport]]:
-    """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)"""
-    start = torch.full((experts, 1), logit(params.init), device=device)
-    first = runner.run("expert_merging", dict.fromkeys(names, start), {})
+    """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)
+
+    The last stage keeps α after each epoch of params.keep_epochs (in its report)."""
+    last = frozenset(params.keep_epochs)
+    start = torch.full((experts, 1), inverse_activation(params.activation, params.init), device=device)
+    first = runner.run(method if method == "adamerging" else "expert_merging", dict.fromkeys(names, start), {},
+                       last if method != "expert_merging_pp" else frozenset())
     if method != "expert_merging_pp":
         return first.alpha, dict.fromkeys(names, 1), first.reports
     chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), numel, params.budget, params.kappa)
@@ -119,7 +127,7 @@ def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[st
         log.warning("expert_merging_pp: the budget %.2f gives no tensor a chunk; keeping stage 1's coefficients",
                     params.budget)
         return first.alpha, chunks, first.reports
-    second = runner.run("expert_merging_pp", raw, fixed)
+    second = runner.run("expert_merging_pp", raw, fixed, last)
     return second.alpha, chunks, first.reports + second.reports
 
 
@@ -148,8 +156,10 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
                                  dtype)
     numel = {name: base.tensors[name].numel for name in names}
     alpha, chunks, stages = learn(runner, config.method, names, numel, len(experts), params, device)
-    coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names},
-                                {n: chunks[n] > 0 for n in names})
+    trained = {n: chunks[n] > 0 for n in names}
+    coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained)
+    kept = {epoch: Coefficients(config, expert_names, {n: a.float().cpu() for n, a in earlier.items()}, trained)
+            for epoch, earlier in _kept_alpha(stages, alpha, names).items()}
     if isinstance(runner, BlockwiseRunner):
         memory = {"task_vectors_mb": runner.peak_task_vectors_mb, "hidden_cache_mb": runner.hidden_cache_mb}
     else:
@@ -173,4 +183,17 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }
-    return CalibrationResult(coefficients, stages, report)
+    return CalibrationResult(coefficients, stages, report, kept)
+
+
+def _kept_alpha(stages: list[StageReport], final: dict[str, torch.Tensor], names: list[str],
+                ) -> dict[int, dict[str, torch.Tensor]]:
+    """α after each kept epoch of the last stage; tensors it did not train (blocks with nothing trained, in
+    blockwise mode) keep their final α, which no epoch changed."""
+    last = stages[-1].name.split(" block ")[0]
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    for stage in stages:
+        if stage.name.split(" block ")[0] == last:
+            for epoch, alpha in stage.kept.items():
+                kept.setdefault(epoch, {n: final[n] for n in names}).update(alpha)
+    return kept

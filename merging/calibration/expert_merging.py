@@ -1,9 +1,11 @@
 """Expert Merging (arXiv 2509.25712): learn α per (tensor, chunk, expert) by aligning the merged model with
-each expert on a few unlabeled samples of its domain.
+each expert on a few unlabeled samples of its domain. AdaMerging (arXiv 2310.02575) trains the same
+coefficients with another loss: the entropy of the merged model's own predictions.
 
-θ = θ0 + Σk sigmoid(r_k) · τk. Only r is trained: the merged weights go through torch.func.functional_call,
-so autograd reaches the coefficients and nothing else. Task vectors are held once, (K, numel) per tensor
-in the compute dtype on the compute device; the teachers' outputs are computed once per sample and cached.
+θ = θ0 + Σk α_k · τk, α = sigmoid(r) (or clamp(r, 0, 1)). Only r is trained: the merged weights go through
+torch.func.functional_call, so autograd reaches the coefficients and nothing else. Task vectors are held once,
+(K, numel) per tensor in the compute dtype on the compute device; the teachers' outputs are computed once per
+sample and cached.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class StageReport:
     trained_per_expert: int
     steps: list[dict] = field(default_factory=list)  # one row per optimizer step
     seconds: float = 0.0
+    kept: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch -> α after it
 
 
 @dataclass
@@ -73,15 +76,15 @@ def merged_weights(base: dict[str, torch.Tensor], task_vectors: dict[str, torch.
 
 
 class MergedModel:
-    """The base model whose calibrated tensors are θ0 + combine(τ, α): the student."""
+    """The base model run with some of its tensors replaced: the student (weights = θ0 + combine(τ, α))."""
 
     def __init__(self, model: torch.nn.Module, task_vectors: dict[str, torch.Tensor]):
         self.model = model
         self.task_vectors = task_vectors  # name -> (K, numel)
         self.base = dict(model.named_parameters())
 
-    def __call__(self, alpha: dict[str, torch.Tensor], input_ids: torch.Tensor, hidden: bool):
-        return functional_call(self.model, merged_weights(self.base, self.task_vectors, alpha), args=(),
+    def __call__(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, hidden: bool):
+        return functional_call(self.model, weights, args=(),
                                kwargs={"input_ids": input_ids, "output_hidden_states": hidden, "use_cache": False})
 
 
@@ -109,51 +112,89 @@ def alignment_losses(out, teacher: TeacherOutput, layers: list[int], temperature
 
 
 class TrainableCoefficients(torch.nn.Module):
-    """Raw r (trained) and fixed α per tensor; alpha() = sigmoid(r) for the trained ones."""
+    """Raw r (trained) and fixed α per tensor; alpha() maps the trained r through the activation.
 
-    def __init__(self, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]):
+    sigmoid (Expert Merging): α = sigmoid(r), in (0, 1). clamp (AdaMerging): α = clamp(r, 0, 1).
+    """
+
+    def __init__(self, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], activation: str = "sigmoid"):
         super().__init__()
         self.names = list(raw) + list(fixed)
         self.raw = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(r.clone()) for n, r in raw.items()})
         self.trained = list(raw)
         self.fixed = fixed
+        self.activation = ACTIVATIONS[activation]
 
     def alpha(self) -> dict[str, torch.Tensor]:
-        return {name: torch.sigmoid(self.raw[_key(name)]) for name in self.trained} | self.fixed
+        return {name: self.activation(self.raw[_key(name)]) for name in self.trained} | self.fixed
 
     def raw_value(self, name: str) -> torch.Tensor:
         return self.raw[_key(name)].detach()
 
-    def regulariser(self, init: float) -> torch.Tensor:
-        """Σk Σℓ |α − ᾱ| / L, L = trained coefficients per expert (the released code's scaling)."""
-        alphas = [torch.sigmoid(self.raw[_key(name)]) for name in self.trained]
-        per_expert = sum(a.shape[1] for a in alphas)
-        return sum((a - init).abs().sum() for a in alphas) / per_expert
+    def regulariser(self, alpha: dict[str, torch.Tensor], init: float) -> torch.Tensor:
+        """Σk Σℓ |α − ᾱ| / L over the trained tensors, L = trained coefficients per expert (the released code's
+        scaling)."""
+        trained = [alpha[name] for name in self.trained]
+        per_expert = sum(a.shape[1] for a in trained)
+        return sum((a - init).abs().sum() for a in trained) / per_expert
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "clamp": lambda raw: raw.clamp(0.0, 1.0)}
+
+
+def inverse_activation(activation: str, alpha: float) -> float:
+    """The raw r whose α is `alpha`."""
+    return math.log(alpha / (1 - alpha)) if activation == "sigmoid" else alpha
 
 
 def _key(name: str) -> str:
     return name.replace(".", "/")  # ParameterDict keys may not contain dots
 
 
-Alignment = Callable[[dict[str, torch.Tensor], Sample], tuple[torch.Tensor, torch.Tensor]]
+Weights = dict[str, torch.Tensor]
 
 
-def full_model_alignment(student: MergedModel, samples: list[Sample], teachers: list[TeacherOutput],
-                         layers: list[int], temperature: float) -> Alignment:
-    """(logit loss, hidden loss) of the whole merged model against a sample's cached teacher outputs."""
-    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers, strict=True)}
-    device = next(iter(student.base.values())).device
+@dataclass
+class Student:
+    """What a stage trains. merged(α) gives the α-dependent weights (checkpoint names); losses(weights, sample)
+    gives (output loss, hidden-state loss) of the student built from those weights on one sample."""
 
-    def alignment(alpha: dict[str, torch.Tensor], sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        out = student(alpha, sample.input_ids.to(device), hidden=bool(layers))
+    merged: Callable[[dict[str, torch.Tensor]], Weights]
+    losses: Callable[[Weights, Sample], tuple[torch.Tensor, torch.Tensor]]
+
+
+def full_model_student(model: MergedModel, samples: list[Sample], teachers: list[TeacherOutput] | None,
+                       layers: list[int], temperature: float) -> Student:
+    """The whole merged model. With teachers: (T²·KL to the sample's teacher, hidden MSE) — Expert Merging.
+    Without: (mean entropy of the next-token distributions, 0) — AdaMerging's unsupervised objective."""
+    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers or [], strict=False)}
+    device = next(iter(model.base.values())).device
+
+    def losses(weights: Weights, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(weights, sample.input_ids.to(device), hidden=bool(layers))
+        if teachers is None:
+            return prediction_entropy(out.logits[0]), torch.zeros((), device=device)
         return alignment_losses(out, teacher_of[id(sample)], layers, temperature)
 
-    return alignment
+    return Student(lambda alpha: merged_weights(model.base, model.task_vectors, alpha), losses)
 
 
-def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sample], alignment: Alignment,
-                task_weights: list[float], params: CalibrationParams, seed: int) -> StageReport:
-    """AdamW on r with cosine warm restarts, gradient clipping and accumulation; one row per optimizer step."""
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the next-token distributions, logits (length, vocab)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sample], student: Student,
+                task_weights: list[float], params: CalibrationParams, seed: int,
+                keep_epochs: frozenset[int] = frozenset()) -> StageReport:
+    """AdamW on r with cosine warm restarts, gradient clipping and accumulation; one row per optimizer step.
+
+    The merged weights are built once per optimizer step, not once per sample: each sample's backward stops at
+    detached copies of them, and their summed gradients go through the merge once (the same gradient, a
+    K-fold merge cost saved per sample). α after each epoch in `keep_epochs` is kept in the report.
+    """
     report = StageReport(name, sum(coefficients.raw[_key(n)].shape[1] for n in coefficients.trained))
     trainable = list(coefficients.raw.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, betas=(0.9, 0.999))
@@ -165,20 +206,26 @@ def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sa
         order = balanced_order(samples, seed, epoch)
         for first in range(0, len(order), params.grad_accumulation):
             group = order[first : first + params.grad_accumulation]
+            alpha = coefficients.alpha()
+            merged = student.merged(alpha)
+            detached = {n: w.detach().requires_grad_(w.requires_grad) for n, w in merged.items()}
+            regulariser = coefficients.regulariser(alpha, params.init)
             totals = dict.fromkeys(("loss", "logit", "hidden", "regulariser"), 0.0)
             for sample in group:
-                logit_loss, hidden_loss = alignment(coefficients.alpha(), sample)
-                regulariser = coefficients.regulariser(params.init)
-                aligned = logit_loss + params.hidden_weight * hidden_loss
-                loss = task_weights[sample.expert] * aligned + params.gamma * regulariser
+                output_loss, hidden_loss = student.losses(detached, sample)
+                aligned = task_weights[sample.expert] * (output_loss + params.hidden_weight * hidden_loss)
+                loss = aligned + params.gamma * regulariser.detach()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{name}: loss is {loss.item()} at optimizer step {step + 1} (epoch "
                                         f"{epoch + 1}); nothing was written. Lower params.lr or check the "
                                         "experts for huge task vectors")
-                (loss / len(group)).backward()
-                for key, value in zip(totals, (loss, logit_loss, hidden_loss, regulariser), strict=True):
+                (aligned / len(group)).backward()
+                for key, value in zip(totals, (loss, output_loss, hidden_loss, regulariser), strict=True):
                     totals[key] += value.item() / len(group)
-            gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            reached = [n for n in merged if detached[n].grad is not None]
+            torch.autograd.backward([params.gamma * regulariser] + [merged[n] for n in reached],
+                                    [None] + [detached[n].grad for n in reached])
+            gradient_norm = torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip or math.inf)
             report.steps.append({"step": step + 1, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                                  "grad_norm": float(gradient_norm), **totals})
             optimizer.step()
@@ -188,11 +235,11 @@ def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sa
             if time.perf_counter() - last_report > PROGRESS_SECONDS:
                 log.info("%s: step %d, loss %.4f", name, step, totals["loss"])
                 last_report = time.perf_counter()
+        if epoch + 1 in keep_epochs:
+            report.kept[epoch + 1] = {n: a.detach().clone() for n, a in coefficients.alpha().items()}
     report.seconds = time.perf_counter() - start
     first_loss, last_loss = report.steps[0]["loss"], report.steps[-1]["loss"]
     log.info("%s: %d steps in %.1f s, loss %.4f -> %.4f", name, step, report.seconds, first_loss, last_loss)
     return report
 
 
-def logit(p: float) -> float:
-    return math.log(p / (1 - p))

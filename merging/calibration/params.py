@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from merging.errors import ConfigError
 from merging.methods.base import MethodParams
@@ -29,13 +29,17 @@ class CalibrationParams(MethodParams):
     weight_decay: float = Field(1e-5, ge=0)
     epochs: int = Field(1, gt=0)
     grad_accumulation: int = Field(8, gt=0, description="samples per optimizer step (batch size 1)")
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
     restart_period: int = Field(50, gt=0, description="T_0 of the cosine warm restarts, in optimizer steps")
     restart_growth: int = Field(2, ge=1, description="T_mult of the cosine warm restarts")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="eta_min as a fraction of lr")
     budget: float = Field(1.0, gt=0, description="EM++: chunk coefficients per expert ≈ budget × tensors")
     kappa: float = Field(1.0, ge=0, description="EM++: importance exponent; higher concentrates chunks")
     stage2_init: Literal["stage1", "init"] = Field("stage1", description="EM++: warm start of stage 2")
+    activation: Literal["sigmoid", "clamp"] = Field(
+        "sigmoid", description="α from the trained r: sigmoid(r) (Expert Merging) or clamp(r, 0, 1) (AdaMerging)")
+    keep_epochs: list[int] = Field(default_factory=list, description="also write the coefficients after these "
+                                   "epochs (the last stage's), as epochs/coefficients-epoch-E.json")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE),
                                description="tensor-name patterns kept at the base's value")
     mode: Literal["full", "blockwise"] = Field(
@@ -54,6 +58,15 @@ class CalibrationParams(MethodParams):
             except RuntimeError as exc:
                 raise ValueError(f"{device!r} is not a torch device (auto, cpu, cuda, cuda:0)") from exc
         return device
+
+    @field_validator("keep_epochs")
+    @classmethod
+    def _within_training(cls, epochs: list[int], info: ValidationInfo) -> list[int]:
+        total = info.data.get("epochs", 1)
+        outside = [e for e in epochs if not 1 <= e <= total]
+        if outside:
+            raise ValueError(f"epoch {outside[0]} is outside 1..epochs ({total})")
+        return sorted(set(epochs))
 
     @field_validator("hidden_layers")
     @classmethod
@@ -81,3 +94,22 @@ class CalibrationParams(MethodParams):
                 raise ConfigError(f"{source}: params.hidden_layers: {index} is out of range; the model has "
                                   f"hidden states 0..{num_hidden_layers}")
         return sorted(set(indices))
+
+
+class AdaMergingParams(CalibrationParams):
+    """`params:` of adamerging: layer-wise α = clamp(r, 0, 1) that minimise the entropy of the merged model's
+    next-token predictions on the same unlabeled samples; no teachers, no pull (AdaMerging, Yang et al. 2024)."""
+
+    gamma: float = Field(0.0, ge=0, description="weight of an L1 pull towards init (AdaMerging has none)")
+    hidden_layers: list[HiddenLayer] = Field(default_factory=list, description="unused: no teachers")
+    hidden_weight: float = Field(0.0, ge=0, le=0, description="unused: no teachers")
+    lr: float = Field(0.01, gt=0, description="Adam's step on α itself (the paper: 1e-3 over 500 steps)")
+    weight_decay: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="1: constant lr, as the paper")
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm; null: no clipping (the paper)")
+    activation: Literal["sigmoid", "clamp"] = Field("clamp", description="α from r: clamp(r, 0, 1) as the paper")
+    mode: Literal["full"] = Field("full", description="the entropy needs the whole model's logits")
+
+
+def params_for(method: str) -> type[CalibrationParams]:
+    return AdaMergingParams if method == "adamerging" else CalibrationParams
