@@ -1,10 +1,14 @@
 """Merging quality on a zoo: every method's held-out macro CE and exact match, mean ± std over seeds.
 
-Training-free methods get their λ chosen on the calibration split (response CE), never on eval data;
-expert_merging(_pp) start from ᾱ = that Task Arithmetic λ (the spec: ᾱ is the TA coefficient). Also
-the sample-count curve (N per domain) and the effect of gamma for expert_merging_pp.
+Every knob is chosen on the calibration split (response CE of its first --tune-examples examples per domain),
+never on eval data: the training-free methods' λ (and density), and the calibrated methods' epoch count, picked
+from Expert Merging's per-epoch snapshots (seed 0). expert_merging(_pp) and adamerging start from ᾱ = the tuned
+Task Arithmetic λ (the spec: ᾱ is the TA coefficient). Each calibrated merge runs in its own `mergeplan merge`
+process, so its calibration.json's peak RSS is its own. The paired section gives per-(seed, domain) CE
+differences with a two-level bootstrap 95% interval; the matrix section writes the merged models' CE and
+exact-match tables over the domains (in-domain on the diagonal of the experts' rows is in the zoo matrix).
 
-    .venv/bin/python bench/merging_quality.py --zoo .mergeplan/zoo-s --seeds 0,1,2
+    .venv/bin/python bench/merging_quality.py --zoo .mergeplan/zoo-r --max-examples 20 --accuracy-samples 10
 """
 
 from __future__ import annotations
@@ -14,25 +18,34 @@ import json
 import logging
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from merging import merge
 from merging.config import MergeConfig
-from merging.evaluate import EvalResult, evaluate
+from merging.evaluate import EvalResult, evaluate, write_matrix
+from merging.merger import apply_coefficients
 from merging.zoo import expert_folders
 
-LAMBDAS = {"task_arithmetic": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5],
-           "ties": [0.25, 0.5, 0.75, 1.0], "dare_ties": [0.25, 0.5, 0.75, 1.0]}
-DENSITY = 0.2
+TUNING_GRID = {
+    "task_arithmetic": [{"lambda": s} for s in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)],
+    "ties": [{"density": d, "lambda": s} for d in (0.2, 0.5) for s in (0.5, 1.0)],
+    "dare_ties": [{"density": d, "lambda": s} for d in (0.2, 0.5) for s in (0.5, 1.0)],
+}
+CALIBRATED = ("expert_merging", "expert_merging_pp", "adamerging")
+BOOTSTRAP_REPS = 10_000
 
 
 class Bench:
-    def __init__(self, zoo: Path, out: Path, accuracy_samples: int, max_examples: int | None):
-        self.zoo, self.out = zoo, out
+    def __init__(self, zoo: Path, out: Path, accuracy_samples: int, max_examples: int | None, tune_examples: int):
+        self.zoo, self.out = zoo.resolve(), out  # absolute: the child merges' configs live under `out`
         self.experts = expert_folders(zoo)
         self.domains = [p.name for p in self.experts]
-        self.accuracy_samples, self.max_examples = accuracy_samples, max_examples
+        self.accuracy_samples, self.max_examples, self.tune_examples = accuracy_samples, max_examples, tune_examples
 
     def evaluate(self, folder: Path, split: str = "eval", domains: list[str] | None = None,
                  accuracy: bool = True) -> EvalResult:
@@ -40,26 +53,43 @@ class Bench:
         held_out = split == "eval"
         return evaluate(folder, self.zoo / "data", domains, split=split,
                         accuracy_samples=self.accuracy_samples if held_out and accuracy else 0,
-                        max_examples=self.max_examples if held_out else None)
+                        max_examples=self.max_examples if held_out else self.tune_examples)
 
-    def merge(self, name: str, method: str, params: dict, seed: int = 0) -> tuple[Path, dict]:
-        config = MergeConfig(base=self.zoo / "base", experts=[{"path": p} for p in self.experts], method=method,
-                             params=params, seed=seed,
-                             calibration={d: self.zoo / "data" / d / "calib.jsonl" for d in self.domains}
-                             if method.startswith("expert_merging") else {})
+    def config(self, method: str, params: dict, seed: int) -> MergeConfig:
+        calibration = {d: self.zoo / "data" / d / "calib.jsonl" for d in self.domains} if method in CALIBRATED else {}
+        return MergeConfig(base=self.zoo / "base", experts=[{"path": p} for p in self.experts], method=method,
+                           params=params, seed=seed, calibration=calibration)
+
+    def merge(self, name: str, method: str, params: dict, seed: int = 0) -> Path:
+        return merge(self.config(method, params, seed), self.out / "models" / name, overwrite=True)
+
+    def merge_in_child(self, name: str, method: str, params: dict, seed: int) -> tuple[Path, dict]:
+        """`mergeplan merge` in its own process: the report's peak RSS is this merge's alone."""
+        config = self.config(method, params, seed).model_dump(mode="json", exclude_defaults=True)
+        config_file = self.out / "configs" / f"{name}.json"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(json.dumps(config, indent=2))
         folder = self.out / "models" / name
-        merge(config, folder, overwrite=True)
-        report = folder / "calibration.json"
-        return folder, json.loads(report.read_text()) if report.exists() else {}
+        cli = Path(sys.executable).with_name("mergeplan")
+        subprocess.run([str(cli), "merge", str(config_file), str(folder), "--overwrite"], check=True,
+                       stdout=subprocess.DEVNULL)
+        return folder, json.loads((folder / "calibration.json").read_text())
 
-    def tune_lambda(self, method: str, params: dict, seed: int = 0) -> float:
-        scores = {}
-        for scale in LAMBDAS[method]:
-            folder, _ = self.merge(f"tune-{method}", method, {**params, "lambda": scale}, seed)
-            scores[scale] = self.evaluate(folder, split="calib").macro_ce
-        best = min(scores, key=scores.get)
-        print(f"  {method}: calibration-split macro CE by λ {json.dumps(scores)} -> λ = {best}", flush=True)
-        return best
+    def tune(self, method: str, seed: int = 0) -> tuple[dict, Path]:
+        """The grid point with the lowest calibration-split macro CE, and its merged folder."""
+        scores, best = [], None
+        for i, params in enumerate(TUNING_GRID[method]):
+            folder = self.merge(f"tune-{method}-{i}", method, params, seed)
+            scores.append(self.evaluate(folder, split="calib").macro_ce)
+            if best is None or scores[-1] < scores[best]:
+                if best is not None:
+                    shutil.rmtree(self.out / "models" / f"tune-{method}-{best}")
+                best = i
+            else:
+                shutil.rmtree(folder)
+        grid = ", ".join(f"{json.dumps(p)}: {s:.4f}" for p, s in zip(TUNING_GRID[method], scores, strict=True))
+        print(f"  {method}: calibration-split macro CE {grid} -> {TUNING_GRID[method][best]}", flush=True)
+        return TUNING_GRID[method][best], self.out / "models" / f"tune-{method}-{best}"
 
 
 def summary(results: list[EvalResult]) -> dict:
@@ -68,7 +98,32 @@ def summary(results: list[EvalResult]) -> dict:
                 if all(d.accuracy is not None for d in r.domains)]
     return {"macro_ce": statistics.mean(macro), "macro_ce_std": statistics.stdev(macro) if len(macro) > 1 else 0.0,
             "accuracy": statistics.mean(accuracy) if accuracy else None,
-            "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0, "runs": len(results)}
+            "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0, "runs": len(results),
+            "domains": {d.domain: statistics.mean(r.ce(d.domain) for r in results) for d in results[0].domains},
+            "results": [r.to_dict() for r in results]}
+
+
+def domain_table(row: dict) -> np.ndarray:
+    """(runs, domains) held-out CE of a row."""
+    return np.array([[d["ce"] for d in result["domains"]] for result in row["results"]])
+
+
+def paired_difference(row: dict, reference: dict) -> dict:
+    """CE(row) − CE(reference) per (seed, domain), run i paired with run i (a one-run reference pairs with each).
+    The interval is a two-level bootstrap: resample the seeds, then the domains, with replacement."""
+    ours, theirs = domain_table(row), domain_table(reference)
+    if len(theirs) == 1:
+        theirs = np.repeat(theirs, len(ours), axis=0)
+    runs = min(len(ours), len(theirs))
+    differences = ours[:runs] - theirs[:runs]
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, runs, (BOOTSTRAP_REPS, runs))
+    domains = rng.integers(0, differences.shape[1], (BOOTSTRAP_REPS, differences.shape[1]))
+    means = differences[seeds[:, :, None], domains[:, None, :]].mean(axis=(1, 2))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(differences.mean()), "low": float(low), "high": float(high),
+            "per_seed": differences.mean(axis=1).round(5).tolist(),
+            "per_domain": dict(zip(row["domains"], differences.mean(axis=0).round(5).tolist(), strict=True))}
 
 
 def main() -> None:
@@ -78,63 +133,145 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/merging_quality"))
     parser.add_argument("--accuracy-samples", type=int, default=50)
     parser.add_argument("--max-examples", type=int, default=None, help="eval examples per domain (default all)")
-    parser.add_argument("--sections", default="main,calibrated,curves,ceiling,timing",
-                        help="main (references, training-free), calibrated (EM, EM++), curves (N, gamma), ceiling, "
-                             "timing (medians of 3 calibrations; run on an idle machine); "
-                             "rows are added to an existing results.json")
+    parser.add_argument("--tune-examples", type=int, default=None,
+                        help="calib-split examples per domain used for every choice (default all)")
+    parser.add_argument("--curve-epochs", default="1,2,3,5,10",
+                        help="epochs at which seed 0's Expert Merging snapshot is scored (one run to the largest)")
+    parser.add_argument("--select-epochs", default="1,2,3",
+                        help="the epoch counts the calibrated methods may be given (chosen by calib-split CE)")
+    parser.add_argument("--sections", default="main,select,calibrated,paired,matrix",
+                        help="main (references, training-free), select (epoch curve and choice), calibrated (EM, "
+                             "EM++, AdaMerging over seeds), paired, matrix, curves (EM++ sample count and gamma), "
+                             "ceiling (α fit to labels; small zoos); rows are added to an existing results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
-    sections = set(args.sections.split(","))
-    bench = Bench(args.zoo, args.out, args.accuracy_samples, args.max_examples)
+    sections = args.sections.split(",")
+    bench = Bench(args.zoo, args.out, args.accuracy_samples, args.max_examples, args.tune_examples)
     results_path = args.out / "results.json"
     rows: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results_path.write_text(json.dumps(rows, indent=2) + "\n")
 
     def record(name: str, results: list[EvalResult], **extra) -> None:
         rows[name] = {**summary(results), **extra}
         row = rows[name]
         accuracy = "" if row["accuracy"] is None else f"  exact match {row['accuracy']:.3f} ± {row['accuracy_std']:.3f}"
-        print(f"{name:<34} macro CE {row['macro_ce']:.4f} ± {row['macro_ce_std']:.4f}{accuracy}", flush=True)
-        results_path.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"{name:<44} macro CE {row['macro_ce']:.4f} ± {row['macro_ce_std']:.4f}{accuracy}", flush=True)
+        save()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    if "main" in sections:
-        main_rows(bench, seeds, record)
-    ta_lambda = next(row["scale"] for name, row in rows.items() if name.startswith("task_arithmetic"))
+    def tuned_lambda() -> float:
+        return next(row["params"]["lambda"] for row in rows.values() if row.get("method") == "task_arithmetic")
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
         for seed in seeds:
             started = time.perf_counter()
-            folder, report = bench.merge(f"{method}-{seed}", method, {"init": ta_lambda, **params}, seed)
+            folder, report = bench.merge_in_child(f"{method}-{seed}", method, {"init": tuned_lambda(), **params},
+                                                  seed)
             seconds.append(report["seconds"])
             memory.append(report["peak_memory_mb"])
             results.append(bench.evaluate(folder, accuracy=accuracy))
-            print(f"    seed {seed}: calibration {report['seconds']:.1f} s, merge total "
-                  f"{time.perf_counter() - started:.1f} s", flush=True)
-        record(label, results, calibration_seconds=statistics.median(seconds), peak_memory_mb=max(memory))
+            print(f"    {label} seed {seed}: calibration {report['seconds']:.1f} s, peak RSS "
+                  f"{report['peak_memory_mb']:.0f} MB, merge {time.perf_counter() - started:.1f} s", flush=True)
+        record(label, results, method=method, params={"init": tuned_lambda(), **params},
+               calibration_seconds=statistics.median(seconds), calibration_seconds_all=seconds,
+               peak_memory_mb=max(memory))
 
-    if "calibrated" in sections:
-        calibrated("expert_merging", {}, f"expert_merging (ᾱ={ta_lambda})")
-        calibrated("expert_merging_pp", {}, f"expert_merging_pp (ᾱ={ta_lambda})")
-    if "curves" in sections:
-        for count in (1, 2, 5, 10):
-            calibrated("expert_merging_pp", {"samples_per_expert": count}, f"em++ N={count}", accuracy=False)
-        for gamma in (0.0, 0.8, 5.0):
-            calibrated("expert_merging_pp", {"gamma": gamma}, f"em++ gamma={gamma}", accuracy=False)
-    if "timing" in sections:  # run it on an idle machine: calibration seconds are wall time
-        for method, mode in (("expert_merging", "full"), ("expert_merging_pp", "full"),
-                             ("expert_merging_pp", "blockwise")):
-            reports = [bench.merge(f"timing-{method}", method, {"init": ta_lambda, "mode": mode})[1] for _ in range(3)]
-            rows[f"timing {method} {mode}"] = timing = {
-                "calibration_seconds": statistics.median(r["seconds"] for r in reports),
-                **{key: reports[0][key] for key in ("task_vectors_mb", "peak_memory_mb", "sample_tokens")}}
-            print(f"timing {method} ({mode}): {json.dumps(timing)}", flush=True)
-        results_path.write_text(json.dumps(rows, indent=2) + "\n")
-    if "ceiling" in sections:
-        record("supervised ceiling (α fit to labels)", [bench.evaluate(supervised_ceiling(bench, ta_lambda))])
+    for section in sections:
+        if section == "main":
+            main_rows(bench, seeds, record)
+        elif section == "select":
+            curve, allowed = ([int(e) for e in text.split(",")] for text in (args.curve_epochs, args.select_epochs))
+            rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed)
+            save()
+        elif section == "calibrated":
+            epochs = rows["epoch selection"]["selected"]
+            for method in CALIBRATED:
+                calibrated(method, {"epochs": epochs}, f"{method} (ᾱ={tuned_lambda()}, {epochs} epochs)")
+        elif section == "paired":
+            rows["paired differences"] = paired_rows(rows)
+            save()
+        elif section == "matrix":
+            chosen = {name: EvalResult.from_dict(row["results"][0]) for name, row in rows.items()
+                      if "results" in row and not name.startswith("each expert")}  # seed 0 of each model
+            write_matrix(chosen, args.out / "ce_matrix.csv", args.out / "ce_matrix.png")
+            print(f"wrote {args.out / 'ce_matrix.csv'}", flush=True)
+        elif section == "curves":
+            epochs = rows["epoch selection"]["selected"]
+            for count in (1, 2, 5, 10):
+                calibrated("expert_merging_pp", {"epochs": epochs, "samples_per_expert": count}, f"em++ N={count}",
+                           accuracy=False)
+            for gamma in (0.0, 0.8, 5.0):
+                calibrated("expert_merging_pp", {"epochs": epochs, "gamma": gamma}, f"em++ gamma={gamma}",
+                           accuracy=False)
+        elif section == "ceiling":
+            record("supervised ceiling (α fit to labels)", [bench.evaluate(supervised_ceiling(bench, tuned_lambda()))])
+        else:
+            parser.error(f"--sections: unknown section {section!r}")
     shutil.rmtree(args.out / "models", ignore_errors=True)
     print(f"wrote {results_path}")
+
+
+def main_rows(bench: Bench, seeds: list[int], record) -> None:
+    record("base", [bench.evaluate(bench.zoo / "base")])
+    own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
+    record("each expert on its own domain", [EvalResult("experts", "eval", [r.domains[0] for r in own])])
+    record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
+    record("average", [bench.evaluate(bench.merge("average", "average", {}))], method="average", params={})
+    for method in ("task_arithmetic", "ties"):
+        params, folder = bench.tune(method)
+        record(label(method, params), [bench.evaluate(folder)], method=method, params=params)
+    params, folder = bench.tune("dare_ties", seeds[0])
+    dare = [bench.evaluate(folder if seed == seeds[0] else bench.merge(f"dare_ties-{seed}", "dare_ties", params, seed))
+            for seed in seeds]
+    record(label("dare_ties", params), dare, method="dare_ties", params=params)
+
+
+def label(method: str, params: dict) -> str:
+    return f"{method} ({', '.join(f'{key}={value}' for key, value in params.items())})"
+
+
+def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int]) -> dict:
+    """Expert Merging, seed 0, trained to max(curve) epochs with a snapshot after each epoch of `curve`: each
+    snapshot's calibration-split CE (the choice, among `allowed`), held-out CE (the curve) and mean alignment loss."""
+    folder, report = bench.merge_in_child("select", "expert_merging",
+                                          {"init": init, "epochs": max(curve), "keep_epochs": curve}, 0)
+    steps = report["stages"][-1]["steps"]
+    points = {}
+    for epoch in curve:
+        snapshot = apply_coefficients(folder / "epochs" / f"coefficients-epoch-{epoch}.json",
+                                      bench.out / "models" / f"epoch-{epoch}", overwrite=True)
+        points[epoch] = {"calib_ce": bench.evaluate(snapshot, split="calib").macro_ce,
+                         "eval_ce": bench.evaluate(snapshot, accuracy=False).macro_ce,
+                         "alignment_loss": statistics.mean(s["loss"] for s in steps if s["epoch"] == epoch)}
+        shutil.rmtree(snapshot)
+        print(f"  expert_merging after {epoch} epochs: {json.dumps(points[epoch])}", flush=True)
+    selected = min(allowed, key=lambda e: points[e]["calib_ce"])
+    print(f"  -> {selected} epochs (lowest calibration-split CE among {allowed})", flush=True)
+    return {"points": points, "selected": selected, "allowed": allowed, "calibration_seconds": report["seconds"],
+            "steps_per_epoch": sum(1 for s in steps if s["epoch"] == 1)}
+
+
+def paired_rows(rows: dict) -> dict:
+    """EM++ and EM against the best training-free row (lowest held-out macro CE, so the hardest reference),
+    against AdaMerging, and against each other."""
+    by_method = {row["method"]: row for row in rows.values() if "method" in row and "results" in row}
+    training_free = min((m for m in ("average", "task_arithmetic", "ties", "dare_ties") if m in by_method),
+                        key=lambda m: by_method[m]["macro_ce"])
+    pairs = [("expert_merging_pp", training_free), ("expert_merging", training_free),
+             ("expert_merging_pp", "expert_merging"), ("expert_merging_pp", "adamerging"),
+             ("expert_merging", "adamerging"), ("adamerging", training_free)]
+    differences = {}
+    for ours, theirs in pairs:
+        if ours in by_method and theirs in by_method:
+            differences[f"{ours} − {theirs}"] = difference = paired_difference(by_method[ours], by_method[theirs])
+            print(f"  {ours} − {theirs}: {difference['mean']:+.4f} nats/token, 95% interval "
+                  f"[{difference['low']:+.4f}, {difference['high']:+.4f}], per seed {difference['per_seed']}",
+                  flush=True)
+    return differences
 
 
 def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
@@ -143,19 +280,26 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
     import torch
 
     from merging.calibration import Coefficients, calibrated_tensors
-    from merging.calibration.expert_merging import MergedModel, TrainableCoefficients, load_task_vectors, logit
+    from merging.calibration.expert_merging import (
+        MergedModel,
+        TrainableCoefficients,
+        inverse_activation,
+        load_task_vectors,
+        merged_weights,
+    )
     from merging.calibration.params import DEFAULT_EXCLUDE
     from merging.checkpoint import CheckpointReader
     from merging.data.loading import IGNORE_INDEX, collate, encode, load_split
+    from merging.experts import open_expert
     from merging.hf import load_causal_lm, load_tokenizer
-    from merging.merger import apply_coefficients
 
     base = CheckpointReader(bench.zoo / "base")
     names = calibrated_tensors(base, set(base.names()), list(DEFAULT_EXCLUDE))
-    vectors = load_task_vectors(base, [CheckpointReader(p) for p in bench.experts], names, torch.device("cpu"),
+    vectors = load_task_vectors(base, [open_expert(p) for p in bench.experts], names, torch.device("cpu"),
                                 torch.float32)
     student = MergedModel(load_causal_lm(bench.zoo / "base").eval().requires_grad_(False), vectors)
-    coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), logit(init)) for n in names}, {})
+    start = inverse_activation("sigmoid", init)
+    coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), start) for n in names}, {})
     optimizer = torch.optim.Adam(coefficients.parameters(), lr=0.05)
     tokenizer = load_tokenizer(bench.zoo / "base")
     batches = [collate([encode(tokenizer, e, 192)], tokenizer.pad_token_id)
@@ -163,37 +307,16 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
     for epoch in range(epochs):
         order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist()
         for step, i in enumerate(order, start=1):
-            logits = student(coefficients.alpha(), batches[i]["input_ids"], hidden=False).logits[0, :-1]
+            weights = merged_weights(student.base, vectors, coefficients.alpha())
+            logits = student(weights, batches[i]["input_ids"], hidden=False).logits[0, :-1]
             torch.nn.functional.cross_entropy(logits, batches[i]["labels"][0, 1:], ignore_index=IGNORE_INDEX
                                               ).backward()
             if step % 8 == 0 or step == len(order):
                 optimizer.step()
                 optimizer.zero_grad()
-    config = MergeConfig(base=bench.zoo / "base", experts=[{"path": p} for p in bench.experts],
-                         method="expert_merging")
-    learned = Coefficients(config, bench.domains, {n: a.detach() for n, a in coefficients.alpha().items()})
+    learned = Coefficients(bench.config("expert_merging", {}, 0), bench.domains,
+                           {n: a.detach() for n, a in coefficients.alpha().items()})
     return apply_coefficients(learned, bench.out / "models" / "ceiling", overwrite=True)
-
-
-def main_rows(bench: Bench, seeds: list[int], record) -> None:
-    record("base", [bench.evaluate(bench.zoo / "base")])
-    own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
-    experts_own = EvalResult("experts", "eval", [r.domains[0] for r in own])
-    record("each expert on its own domain", [experts_own])
-    record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
-
-    folder, _ = bench.merge("average", "average", {})
-    record("average", [bench.evaluate(folder)])
-    ta_lambda = bench.tune_lambda("task_arithmetic", {})
-    folder, _ = bench.merge("task_arithmetic", "task_arithmetic", {"lambda": ta_lambda})
-    record(f"task_arithmetic (λ={ta_lambda})", [bench.evaluate(folder)], scale=ta_lambda)
-    ties_lambda = bench.tune_lambda("ties", {"density": DENSITY})
-    folder, _ = bench.merge("ties", "ties", {"density": DENSITY, "lambda": ties_lambda})
-    record(f"ties (d={DENSITY}, λ={ties_lambda})", [bench.evaluate(folder)], scale=ties_lambda)
-    dare_lambda = bench.tune_lambda("dare_ties", {"density": DENSITY})
-    dare = [bench.evaluate(bench.merge(f"dare_ties-{s}", "dare_ties", {"density": DENSITY, "lambda": dare_lambda},
-                                       s)[0]) for s in seeds]
-    record(f"dare_ties (d={DENSITY}, λ={dare_lambda})", dare, scale=dare_lambda)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ merge.yaml:
   base: path/to/base                 # HF folder: config.json + model.safetensors (or shards + index)
   experts: [path/to/e1, path/to/e2, {path: path/to/e3, weight: 0.5}]
   method: ties                       # average | task_arithmetic | ties | dare_linear | dare_ties
-                                     # | expert_merging | expert_merging_pp (calibrated, see below)
+                                     # | expert_merging | expert_merging_pp | adamerging (calibrated)
   params: {density: 0.2, lambda: 1.0}
   dtype: bfloat16                    # optional output dtype; default: the base's
   seed: 0                            # DARE's randomness
@@ -32,10 +32,11 @@ merge.yaml:
 Relative paths are taken from the YAML file's folder.
 
 expert_merging / expert_merging_pp learn coefficients on unlabeled samples, one set per expert name
-(an expert's name is its folder name, or name: in {path: ..., name: ...}); weight: is its task weight:
+(an expert's name is its folder name, or name: in {path: ..., name: ...}); weight: is its task weight.
+adamerging learns layer-wise coefficients on the same samples by minimising the merged model's entropy:
   calibration: {algebra: data/algebra/calib.jsonl, code: data/code/}
   params: {samples_per_expert: 8, init: 0.3, gamma: 0.8, temperature: 1.0, hidden_layers: [middle],
-           lr: 0.5, epochs: 1, budget: 1.0, kappa: 1.0, device: auto, seed: 0}
+           lr: 0.5, epochs: 1, keep_epochs: [], grad_clip: 1.0, budget: 1.0, kappa: 1.0, device: auto, seed: 0}
 The output folder also gets coefficients.json, coefficients.png and calibration.json."""
 
 

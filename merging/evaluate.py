@@ -55,6 +55,11 @@ class EvalResult:
         return {"model": self.model, "split": self.split, "macro_ce": self.macro_ce, "micro_ce": self.micro_ce,
                 "domains": [asdict(d) for d in self.domains]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResult:
+        """The inverse of to_dict (its derived macro and micro CE are recomputed, not read)."""
+        return cls(data["model"], data["split"], [DomainScore(**d) for d in data["domains"]])
+
 
 def load_for_evaluation(folder: str | Path, dtype: torch.dtype = torch.float32, base: str | Path | None = None):
     """A causal LM and its tokenizer from a checkpoint folder, or from a LoRA adapter folder applied to `base`

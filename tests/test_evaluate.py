@@ -9,7 +9,7 @@ import torch
 from merging.data.example import Example, write_jsonl
 from merging.data.loading import encode, load_examples
 from merging.errors import ConfigError
-from merging.evaluate import cross_entropy, evaluate, evaluate_matrix, extract_answer
+from merging.evaluate import EvalResult, cross_entropy, evaluate, evaluate_matrix, extract_answer
 from merging.hf import load_causal_lm, load_tokenizer
 
 
@@ -45,6 +45,8 @@ def test_evaluate_reports_domains_macro_micro_and_accuracy(tiny_zoo):
     assert result.macro_ce == pytest.approx(sum(ces) / 2)
     assert result.micro_ce == pytest.approx((ces[0] * tokens[0] + ces[1] * tokens[1]) / sum(tokens))
     assert result.ce("algebra") < result.ce("code")  # the algebra expert knows algebra best
+    restored = EvalResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert restored == result and restored.macro_ce == result.macro_ce
 
 
 def test_bfloat16_evaluation_is_close_to_float32(tiny_zoo):
