@@ -43,7 +43,7 @@ BOOTSTRAP_REPS = 10_000
 class Bench:
     def __init__(self, zoo: Path, out: Path, accuracy_samples: int, max_examples: int | None, tune_examples: int):
         self.zoo, self.out = zoo.resolve(), out  # absolute: the child merges' configs live under `out`
-        self.experts = expert_folders(zoo)
+        self.experts = expert_folders(self.zoo)
         self.domains = [p.name for p in self.experts]
         self.accuracy_samples, self.max_examples, self.tune_examples = accuracy_samples, max_examples, tune_examples
 
@@ -188,7 +188,7 @@ def main() -> None:
             rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed)
             save()
         elif section == "calibrated":
-            epochs = rows["epoch selection"]["selected"]
+            epochs = selected_epochs(rows)
             for method in CALIBRATED:
                 calibrated(method, {"epochs": epochs}, f"{method} (ᾱ={tuned_lambda()}, {epochs} epochs)")
         elif section == "paired":
@@ -200,7 +200,7 @@ def main() -> None:
             write_matrix(chosen, args.out / "ce_matrix.csv", args.out / "ce_matrix.png")
             print(f"wrote {args.out / 'ce_matrix.csv'}", flush=True)
         elif section == "curves":
-            epochs = rows["epoch selection"]["selected"]
+            epochs = selected_epochs(rows)
             for count in (1, 2, 5, 10):
                 calibrated("expert_merging_pp", {"epochs": epochs, "samples_per_expert": count}, f"em++ N={count}",
                            accuracy=False)
@@ -253,6 +253,11 @@ def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int
     print(f"  -> {selected} epochs (lowest calibration-split CE among {allowed})", flush=True)
     return {"points": points, "selected": selected, "allowed": allowed, "calibration_seconds": report["seconds"],
             "steps_per_epoch": sum(1 for s in steps if s["epoch"] == 1)}
+
+
+def selected_epochs(rows: dict) -> int:
+    """The select section's choice; without one, the released code's default of 1 epoch."""
+    return rows["epoch selection"]["selected"] if "epoch selection" in rows else 1
 
 
 def paired_rows(rows: dict) -> dict:
