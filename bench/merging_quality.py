@@ -167,16 +167,16 @@ def main() -> None:
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
+        params = {"init": tuned_lambda(), **params}
         for seed in seeds:
             started = time.perf_counter()
-            folder, report = bench.merge_in_child(f"{method}-{seed}", method, {"init": tuned_lambda(), **params},
-                                                  seed)
+            folder, report = bench.merge_in_child(f"{method}-{seed}", method, params, seed)
             seconds.append(report["seconds"])
             memory.append(report["peak_memory_mb"])
             results.append(bench.evaluate(folder, accuracy=accuracy))
             print(f"    {label} seed {seed}: calibration {report['seconds']:.1f} s, peak RSS "
                   f"{report['peak_memory_mb']:.0f} MB, merge {time.perf_counter() - started:.1f} s", flush=True)
-        record(label, results, method=method, params={"init": tuned_lambda(), **params},
+        record(label, results, method=method, params=params,
                calibration_seconds=statistics.median(seconds), calibration_seconds_all=seconds,
                peak_memory_mb=max(memory))
 

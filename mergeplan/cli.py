@@ -33,7 +33,8 @@ Relative paths are taken from the YAML file's folder.
 
 expert_merging / expert_merging_pp learn coefficients on unlabeled samples, one set per expert name
 (an expert's name is its folder name, or name: in {path: ..., name: ...}); weight: is its task weight.
-adamerging learns layer-wise coefficients on the same samples by minimising the merged model's entropy:
+adamerging learns layer-wise coefficients on the same samples by minimising the merged model's entropy.
+All three take:
   calibration: {algebra: data/algebra/calib.jsonl, code: data/code/}
   params: {samples_per_expert: 8, init: 0.3, gamma: 0.8, temperature: 1.0, hidden_layers: [middle],
            lr: 0.5, epochs: 1, keep_epochs: [], grad_clip: 1.0, budget: 1.0, kappa: 1.0, device: auto, seed: 0}
