@@ -61,9 +61,10 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from flows.scaling_sweep import scaling_sweep
     from infra import stack
     from merging import MergeConfig, merge
+    from merging.decision import DecisionRule
     from merging.evaluate import evaluate
     from merging.zoo import expert_folders
-    from tasks.law import LawJob, decide
+    from tasks.law import LawJob, decide_job
     from tasks.registry import crown, register_expert
     from tasks.storage import base_uri, download_folder, expert_uri, upload_expert
 
@@ -98,8 +99,8 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
                         workdir / "library-merge", overwrite=True, save_state=workdir / "library-state")
             scores = evaluate(out, zoo / "data", max_examples=16, batch_size=16)
             upload_expert(out, f"s3://{settings.bucket}/merged/bench-base/library", settings=settings)
-            decide(LawJob(method="ties", points=[(experts, scores.macro_ce)], experts=experts, loss=scores.macro_ce,
-                          min_gain=0.002))
+            decide_job(LawJob(method="ties", points=[(experts, scores.macro_ce)], experts=experts,
+                              loss=scores.macro_ce, rule=DecisionRule()))
 
         flows, library = [], []
         with prefect_api(settings):

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
+from merging.decision import DecisionRule
 from merging.merger import COEFFICIENTS_PLOT
 from tasks.caching import content_hash, fresh
 from tasks.evaluation import EvalJob, Scores, evaluate_merged
@@ -100,8 +101,8 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     earlier = law_points(config.experiment_name, content_hash(config.method_identity()))
     law = config.law
     points = sorted((earlier | {merged.key: (k, scores.macro_ce)}).values())
-    law_job = LawJob(method=config.method, points=points, experts=k, loss=scores.macro_ce, min_gain=law.min_gain,
-                     target_loss=law.target_loss, epsilon=law.epsilon)
+    law_job = LawJob(method=config.method, points=points, experts=k, loss=scores.macro_ce,
+                     rule=DecisionRule(**law.model_dump(include=set(DecisionRule.model_fields))), epsilon=law.epsilon)
     decision = fresh(fit_and_decide, law_job)(law_job)
     clock.lap("fit")
     champion = champion_version(config.base.name, settings=settings)
@@ -119,7 +120,8 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     metrics |= {f"stage.{stage}.compute_seconds": cost.seconds for stage, cost in stages.items()}
     metrics |= {f"stage.{stage}.peak_rss_mb": cost.peak_rss_mb for stage, cost in stages.items()}
     metrics |= {f"law.{name}": value for name, value in (decision.law or {}).items()}
-    metrics |= {"predicted_gain": decision.predicted_gain, "flow.seconds": clock.total}
+    metrics |= {"predicted_gain": decision.predicted_gain, "predicted_gain_low": decision.gain_low,
+                "predicted_gain_high": decision.gain_high, "flow.seconds": clock.total}
     files: list[tuple[str, Path]] = [("", merged.path / "merge_config.yaml")]
     if (merged.path / COEFFICIENTS_PLOT).is_file():
         files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))

@@ -7,7 +7,7 @@
     calibration: {algebra: data/algebra/calib.jsonl}   # expert_merging(_pp); default: DOMAIN/calib.jsonl of data
     data: path/to/data                       # DOMAIN/{eval,calib}.jsonl; or s3://BUCKET/data (mergeplan data upload)
     eval: {split: eval, max_examples: 64, batch_size: 32}
-    law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4]}
+    law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4], min_r_squared: 0.9}
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
     sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
     experiment: mergeplan/tiny-base          # default
@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.config import describe_validation_error, read_yaml
+from merging.decision import DecisionRule
 from merging.errors import ConfigError
 from merging.sweep import SweepSettings
 
@@ -59,12 +60,10 @@ class EvalSettings(BaseModel):
     accuracy_samples: int = Field(0, ge=0)
 
 
-class LawSettings(BaseModel):
-    """When to stop adding experts: the next expert's predicted gain below min_gain, or the target loss met."""
+class LawSettings(DecisionRule):
+    """When to stop adding experts (merging.decision's rule: the band of the next expert's predicted gain below
+    min_gain, or the target loss met; `uncertain` and `law_fails` keep going), plus what the plan reports."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    target_loss: float | None = Field(None, gt=0)
-    min_gain: float = Field(0.002, gt=0)
     epsilon: float | None = Field(None, gt=0)
     # A full run also merges the first k experts for each k here (nested runs), so the law has points to fit.
     prefix_points: list[int] = Field(default_factory=list)

@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.checkpoint import staged_folder
+from merging.decision import DecisionRule
 from merging.errors import ConfigError
 from merging.plots import plot_floor_vs_size, plot_loss_vs_experts, plot_residuals, plot_spread_vs_experts
 from merging.scaling_law import (
@@ -48,6 +49,7 @@ from merging.scaling_law import (
     JointParams,
     VarianceLaw,
     bootstrap_curve,
+    experts_for_target,
     fit_curve,
     fit_joint,
     fit_variance_law,
@@ -63,6 +65,7 @@ from merging.sweep import read_table
 log = logging.getLogger("mergeplan")
 
 MACRO = "macro"
+RECOMMENDATION = "recommended"  # the PlanLine that compares the methods
 FIT_FORMAT = 1
 FIT_FILE = "fit.json"
 SUMMARY_FILE = "summary.csv"
@@ -512,7 +515,40 @@ def plan_from_fit(folder: str | Path, request: PlanRequest) -> list[PlanLine]:
         raise ConfigError(f"{fit.folder / FIT_FILE}: no size {size!r}; sizes are {', '.join(fit.sizes)}")
     methods = [request.method] if request.method else fit.document["methods"]
     where = f"at size {size} ({fit.sizes[size]['n_params_b']:.3g}B)" if len(fit.sizes) > 1 else ""
-    return [PlanLine(method, _plan_sentence(fit, size, method, request, where)) for method in methods]
+    lines = [PlanLine(method, _plan_sentence(fit, size, method, request, where)) for method in methods]
+    if len(methods) > 1:
+        lines.append(PlanLine(RECOMMENDATION, _recommend(fit, size, methods, request)))
+    return lines
+
+
+def _recommend(fit: FitFolder, size: str, methods: list[str], request: PlanRequest) -> str:
+    """The method to merge with: among those whose points follow the law (R² ≥ the decision rule's), the one
+    that reaches the target with the fewest experts, or without a target (or when none reaches it) the one
+    with the lowest floor."""
+    min_r_squared = DecisionRule().min_r_squared
+    curves = {method: fit.curve(size, method, request.domain) for method in methods}
+    following = {method: record for method, record in curves.items() if record["r_squared"] >= min_r_squared}
+    failing = [f"{method} (R² {curves[method]['r_squared']:.2f})" for method in methods if method not in following]
+    excluded = f"; {', '.join(failing)} left out: the law does not hold for them" if failing else ""
+    if not following:
+        return f"no method follows the law (R² ≥ {min_r_squared:g}){excluded}: compare measured losses instead"
+    params = {method: CurveParams(**record["params"]) for method, record in following.items()}
+    if request.target_loss is not None:
+        reach = {method: experts_for_target(law, request.target_loss) for method, law in params.items()}
+        reachable = {method: answer.experts for method, answer in reach.items() if answer.reachable}
+        if reachable:
+            best = min(reachable, key=lambda method: (reachable[method], params[method].floor))
+            others = ", ".join(f"{method} {experts}" for method, experts in sorted(reachable.items(),
+                                                                                  key=lambda item: item[1])
+                               if method != best)
+            return (f"{best}: reaches {request.target_loss:g} with {reachable[best]} experts (predicted "
+                    f"{float(params[best].loss(reachable[best])):.4g})" + (f"; {others}" if others else "")
+                    + excluded)
+    best = min(params, key=lambda method: params[method].floor)
+    floors = ", ".join(f"{method} {law.floor:.4g}" for method, law in sorted(params.items(),
+                                                                             key=lambda item: item[1].floor))
+    unreached = "" if request.target_loss is None else f"no method reaches {request.target_loss:g}; "
+    return f"{best}: {unreached}the lowest floor (L∞ {floors}){excluded}"
 
 
 def _plan_sentence(fit: FitFolder, size: str, method: str, request: PlanRequest, where: str) -> str:

@@ -290,7 +290,8 @@ def fit_curve(k: ArrayLike, loss: ArrayLike, *, offset_max: float = OFFSET_MAX) 
     return CurveFit(params, r_squared, summary, counts, values, offset_max)
 
 
-def _fit_law(k: np.ndarray, mean: np.ndarray, offset_max: float) -> CurveParams:
+def _fit_law(k: np.ndarray, mean: np.ndarray, offset_max: float, start: CurveParams | None = None) -> CurveParams:
+    """The best of the start grid; from `start` alone when given (a bootstrap refit near a known fit)."""
     x = k.astype(float)
     weights = np.sqrt(x)
 
@@ -303,7 +304,8 @@ def _fit_law(k: np.ndarray, mean: np.ndarray, offset_max: float) -> CurveParams:
 
     # For a fixed b the law is linear in (L∞, A), so each grid value of b gets its best non-negative (L∞, A).
     starts = [[*_nonnegative_lstsq(np.column_stack([np.ones_like(x), 1 / (x + b)]), mean, weights), b]
-              for b in sorted({min(b, offset_max) for b in _OFFSET_STARTS})]
+              for b in sorted({min(b, offset_max) for b in _OFFSET_STARTS})] if start is None else [
+        [start.floor, start.amplitude, start.offset]]
     best = _best_least_squares(residuals, jacobian, starts, [0.0, 0.0, 0.0], [np.inf, np.inf, offset_max])
     return CurveParams(*(float(v) for v in best))
 
@@ -351,12 +353,15 @@ def bootstrap_curve(fit: CurveFit, *, resamples: int = 200, confidence: float = 
     for column, k in enumerate(fit.summary.k):
         group = fit.subset_loss[fit.subset_k == k]
         resampled_means[:, column] = group[rng.integers(0, group.size, size=(resamples, group.size))].mean(axis=1)
-    samples = np.array([_astuple(_fit_law(fit.summary.k, means, fit.offset_max)) for means in resampled_means])
+    samples = np.array([refit_means(fit, means) for means in resampled_means])
     low, high = _percentile_interval(samples, confidence)
     return CurveBootstrap(samples, confidence, CurveParams(*map(float, low)), CurveParams(*map(float, high)))
 
 
-def _astuple(params: CurveParams) -> tuple[float, float, float]:
+def refit_means(fit: CurveFit, means: np.ndarray, warm_start: bool = False) -> tuple[float, float, float]:
+    """(L∞, A, b) of the law refitted, as `fit` was, to other per-k means at the same k (a bootstrap draw);
+    with `warm_start`, from `fit`'s parameters only instead of the start grid (five times faster)."""
+    params = _fit_law(fit.summary.k, means, fit.offset_max, fit.params if warm_start else None)
     return params.floor, params.amplitude, params.offset
 
 

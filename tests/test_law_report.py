@@ -280,3 +280,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(run_cli, tmp_path, args, message):
     status, out, err = run_cli(*(arg.format(tmp=tmp_path) for arg in args))
     assert status == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_plan_recommends_the_method_reaching_the_target_first_and_leaves_out_one_the_law_misses(tmp_path):
+    sizes = {"l": SIZES["l"]}
+    worse = [row | {"method": "task_arithmetic", "ce": row["ce"] + 0.02} for row in law_rows(sizes)]
+    rising = [row | {"method": "dare_ties", "ce": row["ce"] + 0.03 * row["k"] ** 2} for row in law_rows(sizes)]
+    write_table(law_rows(sizes) + worse + rising, tmp_path / "sweep.parquet")
+    fit_sweep(tmp_path / "sweep.parquet", tmp_path / "fit", FAST.model_copy(update={"domains": "macro"}))
+    curves = load_fit(tmp_path / "fit").document["curves"]["l"]
+    floor = curves["average"]["macro"]["params"]["floor"]
+    target = floor + 0.03
+    lines = plan_from_fit(tmp_path / "fit", PlanRequest(target_loss=target))
+    assert [line.method for line in lines] == ["average", "task_arithmetic", "dare_ties", "recommended"]
+    average = experts_for_target(CurveParams(**curves["average"]["macro"]["params"]), target).experts
+    ta = experts_for_target(CurveParams(**curves["task_arithmetic"]["macro"]["params"]), target).experts
+    assert ta > average
+    recommendation = lines[-1].sentence
+    assert recommendation.startswith(f"average: reaches {target:g} with {average} experts")
+    assert f"task_arithmetic {ta}" in recommendation
+    assert "dare_ties (R² " in recommendation and "the law does not hold for them" in recommendation
+    unreachable = plan_from_fit(tmp_path / "fit", PlanRequest(target_loss=floor - 0.01))[-1].sentence
+    assert unreachable.startswith(f"average: no method reaches {floor - 0.01:g}; the lowest floor (L∞ average")

@@ -42,7 +42,8 @@ def test_pipeline_runs_end_to_end_and_a_second_run_recomputes_nothing(pipeline_e
     assert first.experts == PIPELINE_DOMAINS
     # k = 1, 2 (nested) and 3: three points, so the law is fitted and a decision is made on it.
     assert first.decision.law is not None and first.decision.predicted_gain is not None
-    assert first.decision.action in ("continue", "stop") and first.champion
+    # Three points fit the three parameters exactly: no band, so never a confident stop.
+    assert first.decision.action in ("continue", "uncertain", "law_fails") and first.champion
     client = MlflowClient(pipeline_env.mlflow_tracking_uri)
     run = client.get_run(first.run_id)
     assert run.data.tags["mergeplan.decision"] == first.decision.action
