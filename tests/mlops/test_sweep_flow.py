@@ -29,7 +29,8 @@ def test_sweep_fans_out_on_dask_and_logs_a_run_per_merge(pipeline_env, tiny_zoo)
     config = sweep_config(tiny_zoo, pipeline_env, runner={"kind": "dask", "n_workers": 2})
     outcome = configured(scaling_sweep, config.runner, pipeline_env)(config)
     assert outcome.merges == MERGES_PER_METHOD * len(METHODS)
-    assert set(outcome.plan) == set(METHODS) and all(outcome.plan.values())
+    assert set(outcome.plan) == {*METHODS, "recommended"} and all(outcome.plan.values())
+    assert outcome.plan["recommended"].split(":")[0] in (*METHODS, "no method follows the law (R² ≥ 0.9), ")
     client = MlflowClient(pipeline_env.mlflow_tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.data.tags["mergeplan.flow"] == "scaling-sweep" and run.data.tags["mergeplan.decision"] == "plan"
@@ -53,7 +54,8 @@ def test_mergeplan_run_runs_the_sweep_now_and_prints_the_plan(pipeline_env, pref
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"swept {MERGES_PER_METHOD * len(METHODS)} merges; table ")
-    assert [line.split(":")[0] for line in lines[1:3]] == METHODS and lines[3].startswith("MLflow run ")
+    assert [line.split(":")[0] for line in lines[1:4]] == [*METHODS, "recommended"]
+    assert lines[4].startswith("MLflow run ")
 
 
 def test_each_dask_worker_gets_a_share_of_the_expert_counts():
