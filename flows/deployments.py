@@ -12,6 +12,7 @@ from prefect.events import DeploymentEventTrigger
 
 from flows.on_new_expert import on_new_expert
 from flows.pipeline_config import PipelineConfig
+from flows.reconcile import reconcile
 from flows.runtime import configured
 from flows.scaling_sweep import scaling_sweep
 from infra.settings import Settings
@@ -46,6 +47,10 @@ def pipeline_deployments(config: PipelineConfig, settings: Settings, cron: str =
     return [new_expert, sweep]
 
 
-def serve_pipeline(config: PipelineConfig, settings: Settings, cron: str = NIGHTLY) -> None:
-    """Run the deployments in this process until interrupted (each flow run in a subprocess)."""
+def serve_pipeline(config: PipelineConfig, settings: Settings, cron: str = NIGHTLY, reconcile_first: bool = True
+                   ) -> None:
+    """Run the deployments in this process until interrupted (each flow run in a subprocess); first, unless told
+    otherwise, merge the registered experts whose events no run took while nothing was serving (flows.reconcile)."""
+    if reconcile_first:
+        configured(reconcile, config.runner, settings)(config)
     serve(*pipeline_deployments(config, settings, cron), print_starting_message=True)

@@ -23,7 +23,7 @@ from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
 from tasks.registry import MERGE_KEY, champion_version, check_same_base
-from tasks.tracking import DECISION_TAG, REASON_TAG, log_run, tracked_run
+from tasks.tracking import DECISION_TAG, NEW_EXPERT_SHA_TAG, NEW_EXPERT_TAG, REASON_TAG, log_run, tracked_run
 
 FLOW_NAME = "on-new-expert"
 
@@ -66,7 +66,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
     settings = recording_settings()
     clock = StageClock()
     with tracked_run(config.experiment_name, f"add {domain} v{version}",
-                     run_tags(config, FLOW_NAME) | {"mergeplan.new_expert": s3_uri}) as run_id:
+                     run_tags(config, FLOW_NAME) | {NEW_EXPERT_TAG: s3_uri, NEW_EXPERT_SHA_TAG: sha256}) as run_id:
         refusal = refuse_other_base(base, s3_uri, config, settings)
         if refusal is not None:
             log_run(run_id, tags={DECISION_TAG: "refused", REASON_TAG: refusal})

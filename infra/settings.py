@@ -13,7 +13,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -23,8 +23,10 @@ ENV_PREFIX = "MERGEPLAN_"
 # Credentials keep the names every AWS tool reads, so one set of variables serves boto3, the CLI and MLflow.
 AWS_ENV = {"aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
            "aws_session_token": "AWS_SESSION_TOKEN"}
-# moto accepts any keys; these keep boto3 from searching for real ones when only the local stack is used.
+# The local S3's keys when none are set: the SeaweedFS server of `up` is started with them (moto takes any).
 LOCAL_S3_KEY = "mergeplan-local"
+# Ports after MERGEPLAN_S3_PORT that the SeaweedFS server's own components take (master, volume, filer, admin).
+S3_INTERNAL_PORTS = 9
 WEBHOOK_PATH = "/mlflow-webhook"
 SERVICES = ("s3", "mlflow", "prefect", "webhook")
 URL_FIELDS = {"s3": "s3_endpoint", "mlflow": "mlflow_tracking_uri", "prefect": "prefect_api_url",
@@ -48,7 +50,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     state_dir: Path = Path(".mergeplan")
-    s3_port: int = Field(9000, ge=1, le=65535)
+    s3_port: int = Field(9000, ge=1, le=65535 - S3_INTERNAL_PORTS)
+    # seaweedfs: on disk under STATE/s3, survives down/up and kill -9; moto: in memory, for tests
+    s3_server: Literal["seaweedfs", "moto"] = "seaweedfs"
     mlflow_port: int = Field(5000, ge=1, le=65535)
     prefect_port: int = Field(4200, ge=1, le=65535)
     webhook_port: int = Field(8787, ge=1, le=65535)
@@ -137,6 +141,11 @@ class Settings(BaseModel):
     def stack_dir(self) -> Path:
         """Pid files, logs and generated keys of the local stack."""
         return self.state_dir / "stack"
+
+    @property
+    def s3_data_dir(self) -> Path:
+        """Where the local SeaweedFS server keeps every object."""
+        return self.state_dir / "s3"
 
 
 def resolve_webhook_secret(settings: Settings) -> str:

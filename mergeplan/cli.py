@@ -285,6 +285,30 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     print(f"MLflow run {outcome.run_id}: {redact_url(settings.mlflow_tracking_uri)}")
 
 
+def _reconcile(args: argparse.Namespace) -> None:
+    from flows.pipeline_config import load_pipeline_config
+    from flows.reconcile import reconcile, untaken_experts
+    from flows.runtime import configured, prefect_api
+    from tasks.registry import check_reachable
+
+    settings = _settings()
+    config = load_pipeline_config(args.config)
+    check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    untaken = untaken_experts(config, settings)
+    if not untaken:
+        print(f"every registered expert of {config.base.name} has been taken by a run: nothing to reconcile")
+        return
+    for expert in untaken:
+        print(f"not yet merged: {expert.model_name} version {expert.version} ({expert.s3_uri})")
+    if args.dry_run:
+        return
+    with prefect_api(settings):
+        outcomes = configured(reconcile, config.runner, settings)(config)
+    for outcome in outcomes:
+        print(f"merged {len(outcome.experts)} experts: macro CE {outcome.macro_ce:.4f}; decision: "
+              f"{outcome.decision.reason}")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from flows.deployments import serve_pipeline
     from flows.pipeline_config import load_pipeline_config
@@ -293,7 +317,7 @@ def _serve(args: argparse.Namespace) -> None:
     settings = _settings()
     config = load_pipeline_config(args.config)
     with prefect_api(settings):
-        serve_pipeline(config, settings, args.cron)
+        serve_pipeline(config, settings, args.cron, reconcile_first=not args.no_reconcile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack_help = "settings from MERGEPLAN_* environment variables: see infra/README.md"
     stack_up = commands.add_parser(
-        "up", help="start the local stack on 127.0.0.1: S3 (moto), MLflow, Prefect, webhook receiver",
+        "up", help="start the local stack on 127.0.0.1: S3 (SeaweedFS, on disk), MLflow, Prefect, webhook receiver",
         description="Starts each service not yet running, waits until healthy, creates the bucket and MLflow's "
                     "webhook; pids and logs in .mergeplan/stack/. Services given a remote URL are not started.",
         epilog=stack_help)
@@ -485,12 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flow", choices=["merge-pipeline", "scaling-sweep"], default="merge-pipeline",
                      help="merge-pipeline (default) or scaling-sweep (the nightly deployment's flow, now)")
     run.set_defaults(run=_run_pipeline)
+    reconciling = commands.add_parser(
+        "reconcile", help="run on-new-expert for each registered expert no run has taken (a lost trigger)",
+        description="Finds the newest version of each registered expert of the pipeline's base that no on-new-expert "
+                    "run finished with and the champion does not hold (its event was lost: Prefect or the receiver "
+                    "was down), and runs on-new-expert for each, oldest registration first.", epilog=stack_help)
+    reconciling.add_argument("config", type=Path, help="pipeline YAML: the base, method and settings the flows use")
+    reconciling.add_argument("--dry-run", action="store_true", help="list them, run nothing")
+    reconciling.set_defaults(run=_reconcile)
     serve = commands.add_parser(
         "serve", help="serve the deployments: on-new-expert (event trigger) and the nightly scaling sweep (cron)",
         description="Runs until interrupted; needs the Prefect server of `mergeplan up` (or MERGEPLAN_PREFECT_API_URL) "
                     "for schedules and event triggers.", epilog=stack_help)
     serve.add_argument("config", type=Path, help="pipeline YAML: the base, method and settings the flows use")
     serve.add_argument("--cron", default="0 2 * * *", help="schedule of the scaling sweep (default: nightly, 02:00)")
+    serve.add_argument("--no-reconcile", action="store_true",
+                       help="do not first merge the registered experts no run has taken (see `mergeplan reconcile`)")
     serve.set_defaults(run=_serve)
 
     expert = commands.add_parser("expert", help="the S3 expert store and the MLflow registry")

@@ -83,7 +83,7 @@ class CheckpointReader:
         config_path = self.folder / config_name
         if not config_path.is_file():
             raise CheckpointError(f"{self.folder}: no {config_name}; a checkpoint is a Hugging Face model folder")
-        self.config = _load_json(config_path)
+        self.config = _load_json(self._inside(config_path))
         self.tensors: dict[str, TensorInfo] = self._index_tensors(prefix)
 
     def _index_tensors(self, prefix: str) -> dict[str, TensorInfo]:
@@ -95,7 +95,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{index_path}: no weight_map; re-save the checkpoint")
             headers: dict[str, dict[str, TensorInfo]] = {}
             for shard in dict.fromkeys(weight_map.values()):
-                shard_path = self.folder / shard
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                    raise CheckpointError(f"{index_path}: names shard {shard!r}, which is not a file name in the "
+                                          "folder (no paths, no ..); re-save the checkpoint")
+                shard_path = self._inside(self.folder / shard)
                 if not shard_path.is_file():
                     raise CheckpointError(f"{index_path}: names shard {shard} which is missing; "
                                           "copy or re-download it")
@@ -106,11 +109,18 @@ class CheckpointReader:
                     raise CheckpointError(f"{index_path}: tensor {name} is not in shard {shard}")
                 tensors[name] = headers[shard][name]
         elif (self.folder / single_file).is_file():
-            tensors = read_header(self.folder / single_file)
+            tensors = read_header(self._inside(self.folder / single_file))
         else:
             refuse_pickles(self.folder, "weights")
             raise CheckpointError(f"{self.folder}: no {single_file} or {index_file}")
         return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].offset)))
+
+    def _inside(self, path: Path) -> Path:
+        """PATH, refused when it is a link that leads out of the folder (a checkpoint is one self-contained folder)."""
+        if not path.resolve().is_relative_to(self.folder.resolve()):
+            raise CheckpointError(f"{path}: a link to {path.resolve()}, outside {self.folder}; copy the file into the "
+                                  "folder instead")
+        return path
 
     def names(self) -> list[str]:
         return list(self.tensors)

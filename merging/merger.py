@@ -130,8 +130,24 @@ def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
                       yaml.safe_dump(absolute.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
+def refuse_output_over_inputs(config: MergeConfig, out: Path, source: str) -> None:
+    """An output folder that is, holds or sits in an input folder would be written into it or, with --overwrite,
+    replace it: refused before anything is read."""
+    inputs = [config.base, *(ref.path for ref in config.experts), *config.calibration.values()]
+    target = out.resolve()
+    for folder in inputs:
+        folder = folder.resolve()
+        if target == folder or target.is_relative_to(folder) or folder.is_relative_to(target):
+            where = "is" if target == folder else "is inside" if target.is_relative_to(folder) else "contains"
+            raise ConfigError(f"{source}: output folder {out} {where} the input {folder}; write the merge to a "
+                              "folder outside the base, expert and calibration folders")
+
+
 def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointReader | None = None,
          state_dir: Path | None = None, artifacts: Callable[[CheckpointWriter], None] | None = None) -> Path:
+    refuse_output_over_inputs(plan.config, out, plan.source)
+    if state_dir is not None:
+        refuse_output_over_inputs(plan.config, state_dir, plan.source)
     shard_size = parse_size(plan.config.max_shard_size)
     writer = CheckpointWriter(out, plan.layout, max_shard_size=shard_size, overwrite=overwrite)
     state_writer = None
@@ -217,6 +233,7 @@ def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: s
     if len(set(labels)) != len(labels):
         twice = next(label for label in labels if labels.count(label) > 1)
         raise ConfigError(f"{source}: experts: two experts are named {twice!r}; give each a distinct name: field")
+    refuse_output_over_inputs(config, out, source)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: output folder exists; pass --overwrite or choose another")
     plan = prepare(config, source, method=LearnedCoefficients({}))

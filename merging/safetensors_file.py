@@ -75,7 +75,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_names)
+    except _DuplicateName as exc:
+        raise _corrupt(path, f"tensor {exc.args[0]!r} appears twice in the header") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _corrupt(path, f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -86,19 +88,51 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, f"bad header entry for tensor {name!r}") from exc
+        if not isinstance(entry, dict):
+            raise _corrupt(path, f"bad header entry for tensor {name!r}: not a JSON object")
+        if entry.get("dtype") not in DTYPES:
+            raise _corrupt(path, f"tensor {name!r} has dtype {entry.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (_integers(shape) and _integers(offsets) and len(offsets) == 2):
+            raise _corrupt(path, f"bad header entry for tensor {name!r}: shape and data_offsets must be lists of "
+                                 "integers")
+        dtype, shape = DTYPES[entry["dtype"]], tuple(shape)
+        begin, end = offsets
         nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        if end - begin != nbytes or begin < 0 or any(d < 0 for d in shape):
             raise _corrupt(path, f"tensor {name!r} has offsets {begin}..{end} for {nbytes} bytes")
         if end > data_size:
             raise _corrupt(path, f"truncated: tensor {name!r} ends at byte {end} of {data_size}")
         infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+    _refuse_overlaps(path, infos)
     return infos
+
+
+def _integers(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+class _DuplicateName(ValueError):
+    pass
+
+
+def _refuse_duplicate_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads keeps the last of two equal keys; two tensors of one name would make the file ambiguous."""
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateName(key)
+        result[key] = value
+    return result
+
+
+def _refuse_overlaps(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes: writing one would change the other, and reading them is not what was saved."""
+    by_offset = sorted((info for info in infos.values() if info.nbytes), key=lambda info: info.offset)
+    for before, after in zip(by_offset, by_offset[1:], strict=False):
+        if after.offset < before.offset + before.nbytes:
+            raise _corrupt(path, f"tensors {before.name!r} and {after.name!r} overlap (bytes "
+                                 f"{after.offset}..{before.offset + before.nbytes} are in both)")
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from infra.settings import Settings
 from merging.errors import RegistryError
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
-from tasks.registry import mlflow_client, refused
+from tasks.registry import latest_expert_versions
 from tasks.retrying import IO_TASK_OPTIONS
 from tasks.storage import S3Location, base_uri, cached_folder, download_folder, is_s3_uri, read_manifest
 
@@ -72,24 +71,13 @@ def data_ref(where: str | Path, settings: Settings) -> CheckpointRef:
 
 def registered_experts(base: str, settings: Settings) -> list[CheckpointRef]:
     """The newest registered version of each `expert.BASE.DOMAIN`, in domain order."""
-    client = mlflow_client(settings)
-    prefix = f"expert.{base}."
-    try:
-        models = client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000)
-        experts = []
-        for model in sorted(models, key=lambda m: m.name):
-            versions = client.search_model_versions(f"name='{model.name}'", max_results=1000)
-            latest = max(versions, key=lambda v: int(v.version))
-            tags = latest.tags
-            domain = tags.get("domain", model.name.removeprefix(prefix))
-            experts.append(CheckpointRef(name=domain, domain=domain, uri=tags["s3_uri"], sha256=tags["sha256"],
-                                         version=str(latest.version)))
-    except MlflowException as exc:
-        raise refused(exc, f"listing the experts of {base}", settings) from exc
+    experts = sorted((expert for expert, _ in latest_expert_versions(base, settings=settings)),
+                     key=lambda expert: expert.model_name)
     if not experts:
         raise RegistryError(f"no expert of base {base!r} is registered; register some with `mergeplan expert "
                             "register S3_URI --domain D --base BASE`, or list S3 URIs under experts:")
-    return experts
+    return [CheckpointRef(name=e.domain, domain=e.domain, uri=e.s3_uri, sha256=e.sha256, version=e.version)
+            for e in experts]
 
 
 def stored_experts(uris: list[str], settings: Settings) -> list[CheckpointRef]:

@@ -46,6 +46,25 @@ class RegisteredExpert:
     sha256: str
 
 
+def latest_expert_versions(base: str, *, settings: Settings) -> list[tuple[RegisteredExpert, int]]:
+    """The newest registered version of each `expert.BASE.DOMAIN` with its registration time (ms since the
+    epoch), oldest registration first."""
+    client = mlflow_client(settings)
+    prefix = f"expert.{base}."
+    try:
+        latest = []
+        for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'", max_results=1000):
+            versions = client.search_model_versions(f"name='{model.name}'", max_results=1000)
+            newest = max(versions, key=lambda v: int(v.version))
+            tags = newest.tags
+            latest.append((RegisteredExpert(model.name, str(newest.version), base,
+                                            tags.get("domain", model.name.removeprefix(prefix)), tags["s3_uri"],
+                                            tags["sha256"]), int(newest.creation_timestamp)))
+    except MlflowException as exc:
+        raise refused(exc, f"listing the experts of {base}", settings) from exc
+    return sorted(latest, key=lambda pair: (pair[1], pair[0].model_name))
+
+
 def expert_model_name(base: str, domain: str) -> str:
     """The registered model of BASE's expert for DOMAIN."""
     for kind, value in (("base", base), ("domain", domain)):

@@ -195,6 +195,27 @@ def ensure_bucket(settings: Settings, client=None) -> None:
     with_retries(create, f"s3://{settings.bucket}", settings)
 
 
+READY_PROBE_KEY = ".mergeplan/ready"
+
+
+def wait_until_serving(settings: Settings, timeout_s: float, client=None) -> None:
+    """Wait until the store writes and reads back an object: a restarted SeaweedFS answers its health check
+    before its volumes are registered, and fails reads of stored objects (InternalError) until they are."""
+    client = client or s3_client(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.put_object(Bucket=settings.bucket, Key=READY_PROBE_KEY, Body=b"ready")
+            client.get_object(Bucket=settings.bucket, Key=READY_PROBE_KEY)["Body"].read()
+            return
+        except (BotoConnectionError, HTTPClientError, ClientError) as exc:
+            if time.monotonic() > deadline:
+                raise StorageError(f"S3 endpoint {settings.s3_endpoint_name} is up but did not serve "
+                                   f"s3://{settings.bucket}/{READY_PROBE_KEY} within {timeout_s:.0f} s "
+                                   f"({_describe(exc)}); see its log") from exc
+            time.sleep(0.1)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

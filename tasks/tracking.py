@@ -32,6 +32,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 FLOW_TAG, METHOD_TAG, DECISION_TAG, REASON_TAG = ("mergeplan.flow", "mergeplan.method", "mergeplan.decision",
                                                   "mergeplan.reason")
 BASE_TAG, MERGE_KEY_TAG = "mergeplan.base", "mergeplan.merge_key"
+# of an on-new-expert run: the expert version it took (its S3 folder and the sha256 of its manifest)
+NEW_EXPERT_TAG, NEW_EXPERT_SHA_TAG = "mergeplan.new_expert", "mergeplan.new_expert_sha256"
 # Hash of (method, params, seed): the law is fitted on points that differ only in their experts.
 PARAMS_KEY_TAG = "mergeplan.params_key"
 EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
@@ -146,6 +148,22 @@ def law_points(experiment: str, params_key: str) -> dict[str, tuple[int, float]]
             points[run.data.tags.get(MERGE_KEY_TAG, run.info.run_id)] = (
                 int(metrics[EXPERTS_METRIC]), float(metrics[MACRO_METRIC]))
     return points
+
+
+def experts_taken(experiment: str, settings: Settings) -> set[tuple[str, str]]:
+    """(S3 folder, manifest sha256) of every expert version an on-new-expert run of EXPERIMENT finished with, or
+    refused (another base: running it again would refuse it again)."""
+    client = mlflow_client(settings)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return set()
+    try:
+        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{NEW_EXPERT_SHA_TAG}` LIKE '%'",
+                                  max_results=50000)
+    except MlflowException as exc:
+        raise refused(exc, f"searching runs of {experiment}", settings) from exc
+    return {(run.data.tags[NEW_EXPERT_TAG], run.data.tags[NEW_EXPERT_SHA_TAG]) for run in runs
+            if run.info.status == "FINISHED" or run.data.tags.get(DECISION_TAG) == "refused"}
 
 
 def json_tag(value: object) -> str:

@@ -14,7 +14,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from safetensors.torch import save_file
 
-from infra.settings import Settings
+from infra.settings import S3_INTERNAL_PORTS, Settings
+from infra.stack import free_port_block
 from infra.webhook import EVENT_NAME
 
 # The local stack accepts any keys; distinctive ones let tests prove that credentials never leak.
@@ -29,9 +30,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_s3_port() -> int:
+    """A port P with P .. P + S3_INTERNAL_PORTS all free: the SeaweedFS server takes them all."""
+    return free_port_block(S3_INTERNAL_PORTS + 1)
+
+
 def stack_settings(state_dir: Path, **overrides) -> Settings:
-    """Settings for a stack in STATE_DIR on free ports, with short S3 retries and the marker credentials."""
-    fields = {"state_dir": state_dir, "s3_port": free_port(), "mlflow_port": free_port(),
+    """Settings for a stack in STATE_DIR on free ports, with short S3 retries and the marker credentials; its S3 is
+    moto (in memory) unless overridden: most tests want a throwaway store."""
+    fields = {"state_dir": state_dir, "s3_server": "moto", "s3_port": free_s3_port(), "mlflow_port": free_port(),
               "prefect_port": free_port(), "webhook_port": free_port(), "s3_attempts": 3, "s3_backoff_s": 0.01,
               "aws_access_key_id": SecretStr(ACCESS_KEY), "aws_secret_access_key": SecretStr(SECRET_KEY),
               "webhook_secret": SecretStr(WEBHOOK_SECRET), "startup_timeout_s": 180}

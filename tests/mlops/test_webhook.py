@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
 from mlops_support import WEBHOOK_SECRET, free_port, read_events
@@ -154,3 +159,32 @@ def test_registration_reaches_prefect_through_mlflow_and_the_receiver(services, 
         expert = register_expert(uri, "chain", "tiny-base", settings=settings)
         events = read_events(prefect_api_url, "mergeplan.expert.tiny-base.chain")
     assert [event.payload for event in events] == [{"s3_uri": uri, "sha256": expert.sha256, "version": "1"}]
+
+
+@pytest.mark.parametrize("exposure", [{"MERGEPLAN_WEBHOOK_HOST": "0.0.0.0"},
+                                      {"MERGEPLAN_WEBHOOK_URL": "https://hooks.example.com/mlflow-webhook"}])
+def test_receiver_outside_the_local_stack_refuses_to_start_without_a_secret(tmp_path, exposure):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "MERGEPLAN_WEBHOOK_SECRET"}
+    env |= {"MERGEPLAN_STATE_DIR": str(tmp_path), "MERGEPLAN_WEBHOOK_PORT": str(port)} | exposure
+    result = subprocess.run([sys.executable, "-m", "infra.webhook"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MERGEPLAN_WEBHOOK_SECRET is not set")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "stack" / "webhook-secret").exists()  # no secret generated for it either
+
+
+def test_two_hundred_concurrent_deliveries_half_forged(receiver, emitted):
+    """Every valid delivery emits its event exactly once, no forged one emits anything, none is dropped."""
+    valid = [str(uuid.uuid4()) for _ in range(100)]
+    forged = [str(uuid.uuid4()) for _ in range(100)]
+    jobs = [(delivery_id, WEBHOOK_SECRET) for delivery_id in valid] + [(d, "a-guessed-secret") for d in forged]
+    jobs = [jobs[i] for i in np.random.default_rng(0).permutation(len(jobs))]
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(lambda job: (job[0], post(receiver, delivery(), secret=job[1],
+                                                           delivery_id=job[0])[0]), jobs))
+    by_delivery = dict(statuses)
+    assert {by_delivery[d] for d in valid} == {200} and {by_delivery[d] for d in forged} == {401}
+    assert len(emitted) == 100
+    assert len({event.id for event in emitted}) == 100  # one event per delivery, none twice
