@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from merging.config import describe_validation_error
-from merging.errors import ConfigError, MergeplanError
+from merging.errors import ConfigError, MergeplanError, StorageError
 
 if TYPE_CHECKING:
     from tasks.storage import Manifest
@@ -309,6 +309,21 @@ def _reconcile(args: argparse.Namespace) -> None:
               f"{outcome.decision.reason}")
 
 
+def _cache_gc(args: argparse.Namespace) -> None:
+    from tasks.storage import collect_garbage
+
+    if args.max_gb is not None and args.max_gb <= 0:
+        raise ConfigError(f"--max-gb: the limit must be positive, got {args.max_gb:g}")
+    settings = _settings()
+    limit_gb = settings.cache_max_gb if args.max_gb is None else args.max_gb
+    report = collect_garbage(settings.cache_dir, int(limit_gb * 1e9))
+    if report.busy:
+        raise StorageError(f"{settings.cache_dir}: a download is in progress; run `mergeplan cache gc` again after it")
+    print(f"{settings.cache_dir}: {report.before_bytes / 1e6:.1f} MB -> {report.after_bytes / 1e6:.1f} MB "
+          f"(limit {limit_gb:g} GB); {len(report.removed)} folders removed, least recently used first; "
+          f"{len(report.held)} held by running processes kept")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from flows.deployments import serve_pipeline
     from flows.pipeline_config import load_pipeline_config
@@ -509,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flow", choices=["merge-pipeline", "scaling-sweep"], default="merge-pipeline",
                      help="merge-pipeline (default) or scaling-sweep (the nightly deployment's flow, now)")
     run.set_defaults(run=_run_pipeline)
+    cache = commands.add_parser("cache", help="the download cache (STATE_DIR/cache)").add_subparsers(
+        dest="cache_command", required=True, metavar="COMMAND")
+    gc = cache.add_parser(
+        "gc", help="remove least recently used folders until the cache fits its limit",
+        description="Removes cached folders, least recently used first, and the files no other folder shares, until "
+                    "the cache is within the limit (MERGEPLAN_CACHE_MAX_GB, default 50; downloads enforce it too). "
+                    "A folder a running process holds (it downloaded or used it) is never removed.",
+        epilog=stack_help)
+    gc.add_argument("--max-gb", type=float, help="the limit for this run (default MERGEPLAN_CACHE_MAX_GB)")
+    gc.set_defaults(run=_cache_gc)
     reconciling = commands.add_parser(
         "reconcile", help="run on-new-expert for each registered expert no run has taken (a lost trigger)",
         description="Finds the newest version of each registered expert of the pipeline's base that no on-new-expert "

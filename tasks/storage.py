@@ -7,14 +7,18 @@ exists is complete. Downloads land in a content-addressed cache:
     CACHE/blobs/SHA256          verified file contents, read-only, shared by every folder that has the file
     CACHE/partial/SHA256.part*  downloads in progress; never read, deleted by the next download of that blob
     CACHE/folders/MANIFEST_SHA  one folder per stored version: hard links to the blobs + manifest.json
-    CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once
+    CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once; hold-SHA
+                                files that a process using a folder keeps share-locked until it exits
 
 A folder appears by an atomic rename once every blob is verified, so a folder in folders/ is always complete,
-and a second download of the same manifest fetches nothing but the manifest.
+and a second download of the same manifest fetches nothing but the manifest. The cache has a size limit
+(Settings.cache_max_gb): collect_garbage removes least recently used folders (mtime, set on each use) and the
+blobs only they linked, never a held folder and never while a download runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -325,6 +329,10 @@ def read_json_file(s3_uri: str, name: str, manifest: Manifest, *, settings: Sett
         raise StorageError(f"{location.uri(name)}: not JSON ({exc})") from exc
 
 
+GC_LOCK = "gc"
+_HELD: dict[Path, object] = {}  # hold files this process keeps locked, by path
+
+
 def cached_folder(cache_dir: Path, manifest_sha256: str) -> Path:
     """Where the cache under CACHE_DIR keeps (or will keep) the stored folder with this manifest."""
     return Path(cache_dir) / "folders" / manifest_sha256
@@ -365,6 +373,27 @@ class FolderCache:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def downloading(self) -> Iterator[None]:
+        """Shared with every other download, exclusive with garbage collection: no blob vanishes mid-download."""
+        with open(self.root / "locks" / GC_LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def hold(self, manifest_sha256: str) -> None:
+        """Keep the folder for as long as this process lives (a flow run uses what it downloaded until it ends):
+        a shared lock the kernel drops at exit, which garbage collection never removes a folder under. Marks the
+        folder used now, for the LRU order."""
+        path = self.root / "locks" / f"hold-{manifest_sha256}"
+        if path not in _HELD:
+            handle = open(path, "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the process
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            _HELD[path] = handle
+        os.utime(self.folder(manifest_sha256))
 
 
 def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: FolderCache,
@@ -418,21 +447,96 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
     location = S3Location.parse(s3_uri)
     cache = FolderCache(Path(cache_dir) if cache_dir else settings.cache_dir)
     manifest = read_manifest(s3_uri, settings=settings, client=client)
-    if cache.folder(manifest.sha256).is_dir():
-        log.info("%s: in the cache (%s), nothing downloaded", location.uri(), cache.folder(manifest.sha256))
-        return cache.folder(manifest.sha256)
-    wanted: dict[str, str] = {}  # sha256 -> one file name that has it: identical files are fetched once
-    for name, entry in manifest.files.items():
-        if not cache.has_blob(entry):
-            wanted.setdefault(entry.sha256, name)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(settings.transfer_threads) as pool:
-        fetched = sum(pool.map(lambda name: _fetch_blob(client, location, name, manifest.files[name], cache,
-                                                        settings), wanted.values()))
-    if wanted:
-        log.info("downloaded %d files (%.1f MB) of %s in %.1f s", len(wanted), fetched / 1e6, location.uri(),
-                 time.perf_counter() - started)
-    return _assemble(cache, manifest)
+    with cache.downloading():
+        if cache.folder(manifest.sha256).is_dir():
+            log.info("%s: in the cache (%s), nothing downloaded", location.uri(), cache.folder(manifest.sha256))
+            cache.hold(manifest.sha256)
+            return cache.folder(manifest.sha256)
+        wanted: dict[str, str] = {}  # sha256 -> one file name that has it: identical files are fetched once
+        for name, entry in manifest.files.items():
+            if not cache.has_blob(entry):
+                wanted.setdefault(entry.sha256, name)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(settings.transfer_threads) as pool:
+            fetched = sum(pool.map(lambda name: _fetch_blob(client, location, name, manifest.files[name], cache,
+                                                            settings), wanted.values()))
+        if wanted:
+            log.info("downloaded %d files (%.1f MB) of %s in %.1f s", len(wanted), fetched / 1e6, location.uri(),
+                     time.perf_counter() - started)
+        folder = _assemble(cache, manifest)
+        cache.hold(manifest.sha256)
+    if wanted:  # the limit is checked only when the cache grew
+        collect_garbage(cache.root, int(settings.cache_max_gb * 1e9))
+    return folder
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    before_bytes: int
+    after_bytes: int
+    removed: list[str]  # manifest sha256 of the folders removed, least recently used first
+    held: list[str]  # folders over the limit that a live process holds, kept
+    busy: bool = False  # a download was in progress: nothing was removed
+
+    @property
+    def freed_bytes(self) -> int:
+        return self.before_bytes - self.after_bytes
+
+
+def cache_bytes(root: Path) -> int:
+    """The cache's size on disk: its blobs and partial downloads (folders are hard links to the blobs)."""
+    total = 0
+    for folder in ("blobs", "partial"):
+        for path in (Path(root) / folder).iterdir() if (Path(root) / folder).is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+    return total
+
+
+def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
+    """Remove the least recently used folders (and the blobs no other folder links) until the cache is at most
+    MAX_BYTES; never a folder a live process holds (FolderCache.hold), never while a download runs."""
+    cache = FolderCache(root)
+    before = cache_bytes(root)
+    if before <= max_bytes:
+        return GarbageReport(before, before, [], [])
+    with open(cache.root / "locks" / GC_LOCK, "a") as gc_lock:
+        try:
+            fcntl.flock(gc_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return GarbageReport(before, before, [], [], busy=True)
+        size, removed, held = before, [], []
+        folders = sorted((p for p in (cache.root / "folders").iterdir() if not p.name.startswith(".")),
+                         key=lambda p: p.stat().st_mtime)
+        for folder in folders:
+            if size <= max_bytes:
+                break
+            if _held(cache, folder.name):
+                held.append(folder.name)
+                continue
+            blobs = {entry.sha256 for entry in _MANIFEST_FILES.validate_json((folder / MANIFEST).read_bytes()).values()}
+            shutil.rmtree(folder)
+            for sha256 in blobs:
+                blob = cache.blob(sha256)
+                # no other folder has this file when its only link left is the one in blobs/
+                if blob.is_file() and blob.stat().st_nlink == 1:
+                    size -= blob.stat().st_size
+                    blob.unlink()
+            removed.append(folder.name)
+        fcntl.flock(gc_lock, fcntl.LOCK_UN)
+    log.info("cache %s: %.1f MB -> %.1f MB, %d folders removed, %d held by running processes kept", root,
+             before / 1e6, size / 1e6, len(removed), len(held))
+    return GarbageReport(before, size, removed, held)
+
+
+def _held(cache: FolderCache, manifest_sha256: str) -> bool:
+    with open(cache.root / "locks" / f"hold-{manifest_sha256}", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def list_experts(base: str, *, settings: Settings | None = None, client=None) -> list[str]:

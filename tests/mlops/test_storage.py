@@ -18,6 +18,8 @@ from merging.checkpoint import CheckpointReader
 from merging.errors import CheckpointError, StorageError
 from tasks.storage import (
     MANIFEST,
+    cache_bytes,
+    collect_garbage,
     download_folder,
     expert_uri,
     list_experts,
@@ -228,3 +230,75 @@ def test_cache_folder_is_read_only_shared_content(s3_service, zoo, tmp_path):
     shard = next(Path(folder).glob("*.safetensors"))
     assert shard.stat().st_nlink == 2  # the expert's file and its blob are one inode
     assert not shard.stat().st_mode & 0o222
+
+
+HOLDING_DOWNLOAD = """
+import sys, time
+from infra.settings import Settings
+from tasks.storage import download_folder
+
+print(download_folder(sys.argv[1], sys.argv[2], settings=Settings.from_env()), flush=True)
+time.sleep(120)  # a flow run still using what it downloaded
+"""
+
+
+def test_cache_gc_removes_least_recently_used_folders_and_keeps_held_ones(s3_service, tmp_path):
+    settings = s3_service.model_copy(update={"cache_max_gb": 1000})
+    cache = tmp_path / "cache"
+    env = os.environ | settings.as_env()
+    uris = [expert_uri("tiny-base", f"gc{index}", settings) for index in range(4)]
+    manifests = [upload_expert(one_tensor_checkpoint(tmp_path / f"m{index}", megabytes=2, seed=10 + index), uri,
+                               settings=settings) for index, uri in enumerate(uris)]
+    # three downloads by processes that have exited (nothing holds them), one by a process still running
+    for uri in uris[:3]:
+        subprocess.run([sys.executable, "-m", "mergeplan.cli", "expert", "download", uri, "--cache", str(cache)],
+                       env=env, check=True, capture_output=True, timeout=120)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_DOWNLOAD, uris[3], str(cache)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        held_folder = Path(holder.stdout.readline().strip())
+        folders = [cache / "folders" / m.sha256 for m in manifests]
+        for index, folder in enumerate(folders):  # last used: gc3 (held) longest ago, then gc2, gc1, gc0
+            os.utime(folder, (time.time() - 100 * (index + 1),) * 2)
+        assert held_folder == folders[3]
+        before = cache_bytes(cache)
+        weights = 2 * 2**20 + 200  # each folder's own blob; config.json is one blob all four share
+
+        report = collect_garbage(cache, before - weights - 1000)  # room for all but about one folder
+        assert report.held == [manifests[3].sha256]  # the oldest, but held: kept
+        assert report.removed == [manifests[2].sha256, manifests[1].sha256]  # then least recently used first
+        assert not folders[2].exists() and not folders[1].exists() and folders[0].is_dir() and folders[3].is_dir()
+        assert report.after_bytes == cache_bytes(cache) <= before - weights - 1000
+        for kept in (folders[0], folders[3]):  # intact, shared config.json included
+            assert sha256_file(kept / "config.json") == manifests[0].files["config.json"].sha256
+            assert sha256_file(kept / "model.safetensors") == (
+                manifests[folders.index(kept)].files["model.safetensors"].sha256)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    # the holder is gone: its folder is an ordinary least recently used one now
+    assert collect_garbage(cache, 1).removed == [manifests[3].sha256, manifests[0].sha256]
+    assert cache_bytes(cache) == 0
+
+
+def test_cache_gc_command_reports_and_refuses_a_bad_limit(s3_service, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("MERGEPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    status, out, err = run_cli("cache", "gc", "--max-gb", "0")
+    assert status == 2 and err.startswith("error: --max-gb: the limit must be positive"), err
+    status, out, err = run_cli("cache", "gc", "--max-gb", "1")
+    assert status == 0 and "0.0 MB -> 0.0 MB (limit 1 GB); 0 folders removed" in out, err
+
+
+def test_a_download_that_grows_the_cache_over_its_limit_evicts_unheld_folders(s3_service, tmp_path):
+    cache = tmp_path / "cache"
+    uris = [expert_uri("tiny-base", f"limit{index}", s3_service) for index in range(2)]
+    manifests = [upload_expert(one_tensor_checkpoint(tmp_path / f"m{index}", megabytes=2, seed=20 + index), uri,
+                               settings=s3_service) for index, uri in enumerate(uris)]
+    env = os.environ | s3_service.as_env() | {"MERGEPLAN_CACHE_MAX_GB": "0.003"}  # room for one 2 MB folder
+    for uri in uris:
+        subprocess.run([sys.executable, "-m", "mergeplan.cli", "expert", "download", uri, "--cache", str(cache)],
+                       env=env, check=True, capture_output=True, timeout=120)
+    assert not (cache / "folders" / manifests[0].sha256).exists()  # evicted by the second download
+    assert sha256_file(cache / "folders" / manifests[1].sha256 / "model.safetensors") == (
+        manifests[1].files["model.safetensors"].sha256)
+    assert cache_bytes(cache) <= 3e6
