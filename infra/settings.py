@@ -61,6 +61,8 @@ class Settings(BaseModel):
     aws_region: str = "us-east-1"
     bucket: str = Field("mergeplan", min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
     mlflow_tracking_uri: str
+    # basic: the local MLflow server runs its basic-auth app, admin = MLFLOW_TRACKING_USERNAME / _PASSWORD
+    mlflow_auth: Literal["none", "basic"] = "none"
     prefect_api_url: str
     webhook_url: str
     # Loopback unless the receiver runs in a container that MLflow reaches over a network (0.0.0.0 there).
@@ -164,6 +166,15 @@ def resolve_mlflow_encryption_key(settings: Settings, environ: Mapping[str, str]
         return environ["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]
     return _kept_secret(settings.stack_dir / "mlflow-webhook-key",
                         lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())
+
+
+def resolve_mlflow_flask_key(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """The key the MLflow basic-auth app signs its CSRF tokens with: MLFLOW_FLASK_SERVER_SECRET_KEY, or one
+    generated once and kept in the stack folder."""
+    environ = os.environ if environ is None else environ
+    if environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        return environ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    return _kept_secret(settings.stack_dir / "mlflow-flask-key", lambda: secrets.token_urlsafe(32))
 
 
 def _kept_secret(path: Path, generate: Callable[[], str]) -> str:

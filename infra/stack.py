@@ -40,6 +40,7 @@ from infra.settings import (
     Settings,
     redact_url,
     resolve_mlflow_encryption_key,
+    resolve_mlflow_flask_key,
     resolve_webhook_secret,
     without_userinfo,
 )
@@ -100,7 +101,8 @@ def service_definitions(settings: Settings) -> dict[str, Service]:
         "mlflow": Service("mlflow", settings.mlflow_port,
                           [python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
                            "--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--host", LOOPBACK,
-                           "--port", str(settings.mlflow_port), "--workers", "1"],
+                           "--port", str(settings.mlflow_port), "--workers", "1",
+                           *(["--app-name", "basic-auth"] if settings.mlflow_auth == "basic" else [])],
                           mlflow_env, f"{url['mlflow']}/health", url["mlflow"]),
         "prefect": Service("prefect", settings.prefect_port,
                            [python, "-m", "prefect", "server", "start", "--host", LOOPBACK,
@@ -246,7 +248,24 @@ def _generated_env(service: Service, settings: Settings) -> dict[str, str]:
     """Keys generated on first use: only when starting, so that `status` and `down` create no files."""
     if service.name != "mlflow":
         return {}
-    return {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)}
+    env = {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)}
+    return env | (_basic_auth_env(settings) if settings.mlflow_auth == "basic" else {})
+
+
+def _basic_auth_env(settings: Settings) -> dict[str, str]:
+    """The basic-auth app's config (its user store in STATE/mlflow-auth.db) and first admin: the same user and
+    password every client of the stack sends (MLFLOW_TRACKING_USERNAME / _PASSWORD, read by MLflow's client)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not user or not password:
+        raise StackError("MERGEPLAN_MLFLOW_AUTH=basic: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                         "the admin the local MLflow server is created with and every client logs in as")
+    config = settings.stack_dir / "mlflow-auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                      f"database_uri = sqlite:///{(settings.state_dir / 'mlflow-auth.db').resolve()}\n"
+                      f"admin_username = {user}\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config.resolve()), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": resolve_mlflow_flask_key(settings)}
 
 
 def _wait_healthy(started: dict[str, subprocess.Popen], services: dict[str, Service], settings: Settings) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, free_s3_port, read_events
+from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, free_s3_port, read_events, stack_settings
 
 from infra import stack
 from infra.settings import Settings, resolve_webhook_secret
-from merging.errors import StackError
+from merging.errors import RegistryError, StackError
+from tasks.registry import latest_expert_versions
 
 SECRETS = (ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET)
 
@@ -219,3 +220,32 @@ def test_generated_webhook_secret_is_private_and_stable(tmp_path):
     secret = resolve_webhook_secret(settings)
     assert len(secret) >= 32 and resolve_webhook_secret(settings) == secret
     assert (settings.stack_dir / "webhook-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_mlflow_behind_its_basic_auth_app(tmp_path, monkeypatch):
+    """MERGEPLAN_MLFLOW_AUTH=basic: the local server refuses anonymous and wrong logins, serves the configured
+    admin, and the password is in no argv, file or log of the stack."""
+    password = "mergeplan-test-mlflow-password-91c4"
+    settings = stack_settings(tmp_path / "state", mlflow_auth="basic")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    with pytest.raises(StackError, match="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+        stack.up(settings, ["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    try:
+        stack.up(settings, ["s3", "mlflow"])
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{settings.mlflow_tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1",
+                                   timeout=10)
+        assert anonymous.value.code == 401
+        assert latest_expert_versions("tiny-base", settings=settings) == []  # the admin's login works
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-wrong-password")
+        with pytest.raises(RegistryError, match="refused listing the experts of tiny-base: .*401"):
+            latest_expert_versions("tiny-base", settings=settings)
+        process = psutil.Process(json.loads((settings.stack_dir / "mlflow.pid").read_text())["pid"])
+        arguments = " ".join(" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)])
+        assert "basic-auth" in arguments and password not in arguments
+    finally:
+        stack.down(settings)
+    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".ini", ".json")]
+    assert files and not any(password in p.read_text(errors="replace") for p in files)
