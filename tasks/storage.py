@@ -365,24 +365,22 @@ class FolderCache:
             path.unlink(missing_ok=True)
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Exclusive across threads and processes; released by the kernel if the holder is killed."""
+    def _flocked(self, name: str, mode: int) -> Iterator[None]:
+        """Across threads and processes; released by the kernel if the holder is killed."""
         with open(self.root / "locks" / name, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, mode)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    @contextmanager
-    def downloading(self) -> Iterator[None]:
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Exclusive: one process at a time fetches a blob or assembles a folder."""
+        return self._flocked(name, fcntl.LOCK_EX)
+
+    def downloading(self) -> contextlib.AbstractContextManager[None]:
         """Shared with every other download, exclusive with garbage collection: no blob vanishes mid-download."""
-        with open(self.root / "locks" / GC_LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return self._flocked(GC_LOCK, fcntl.LOCK_SH)
 
     def hold(self, manifest_sha256: str) -> None:
         """Keep the folder for as long as this process lives (a flow run uses what it downloaded until it ends):
