@@ -18,7 +18,7 @@ from flows.merge_pipeline import fetch_data, fetch_many, merge_job, pipeline_bas
 from flows.outcome import Outcome, StageClock, conclude
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
-from merging.errors import RegistryError
+from merging.errors import ExpertRefused
 from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
@@ -39,7 +39,7 @@ def refuse_other_base(base: str, s3_uri: str, config: PipelineConfig, settings: 
                 f"{config.base.name!r}; register it for {config.base.name} if it is a fine-tune of it")
     try:
         check_same_base(s3_uri, config.base.name, settings=settings)
-    except RegistryError as exc:
+    except ExpertRefused as exc:
         return str(exc)
     return None
 
@@ -70,7 +70,7 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
         refusal = refuse_other_base(base, s3_uri, config, settings)
         if refusal is not None:
             log_run(run_id, tags={DECISION_TAG: "refused", REASON_TAG: refusal})
-            raise RegistryError(refusal)
+            raise ExpertRefused(refusal)
         new = CheckpointRef(name=domain, domain=domain, uri=s3_uri, sha256=sha256, version=version)
         champion = champion_version(config.base.name, settings=settings)
         members = (champion_experts(champion) if champion is not None

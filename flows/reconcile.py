@@ -18,7 +18,7 @@ from flows.on_new_expert import champion_experts, on_new_expert
 from flows.outcome import Outcome
 from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
-from merging.errors import RegistryError
+from merging.errors import ExpertRefused
 from tasks.registry import RegisteredExpert, champion_version, latest_expert_versions
 from tasks.tracking import experts_taken
 
@@ -46,6 +46,6 @@ def reconcile(config: PipelineConfig) -> list[Outcome]:
         try:
             outcomes.append(on_new_expert(config, expert.s3_uri, expert.sha256, expert.version, expert.domain,
                                           expert.base))
-        except RegistryError as exc:
+        except ExpertRefused as exc:  # an outage is not caught: the run fails, and the next reconcile retries
             log.warning("%s version %s not merged: %s", expert.model_name, expert.version, exc)
     return outcomes

@@ -28,5 +28,9 @@ class RegistryError(MergeplanError):
     """The MLflow tracking server is unreachable or refuses a registration."""
 
 
+class ExpertRefused(RegistryError):
+    """A registered expert cannot join the pipeline's merges (another base); unlike an outage, retrying is futile."""
+
+
 class StackError(MergeplanError):
     """A service of the local stack cannot start, is unhealthy, or its port is taken."""

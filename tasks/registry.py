@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from infra.settings import Settings, redact_url, without_userinfo
 from merging.checkpoint import STRUCTURAL_FIELDS
-from merging.errors import RegistryError, StorageError
+from merging.errors import ExpertRefused, RegistryError, StorageError
 from merging.experts import ADAPTER_CONFIG
 from tasks.storage import S3Location, base_uri, read_json_file, read_manifest, s3_client
 
@@ -102,12 +102,13 @@ def refused(exc: MlflowException, what: str, settings: Settings) -> RegistryErro
 
 
 def check_same_base(s3_uri: str, base: str, *, settings: Settings, client=None) -> str:
-    """Refuse an expert that is not a fine-tune of BASE: by the layout (experts/OTHER/...) or by its config.json
-    differing from the base's in a structural field. Returns the sha256 of the expert's manifest."""
+    """Refuse an expert that is not a fine-tune of BASE (ExpertRefused): by the layout (experts/OTHER/...) or by
+    its config.json differing from the base's in a structural field. Returns the sha256 of the expert's manifest.
+    A store or server that cannot answer raises its own error, not a refusal: the expert may well be fine."""
     location = S3Location.parse(s3_uri)
     parts = location.prefix.split("/")
     if len(parts) == 3 and parts[0] == "experts" and parts[1] != base:
-        raise RegistryError(f"{s3_uri}: lies under base {parts[1]!r}, not {base!r}; register it with --base "
+        raise ExpertRefused(f"{s3_uri}: lies under base {parts[1]!r}, not {base!r}; register it with --base "
                             f"{parts[1]} or upload it under s3://{location.bucket}/experts/{base}/")
     client = client or s3_client(settings)
     manifest = read_manifest(s3_uri, settings=settings, client=client)
@@ -115,7 +116,7 @@ def check_same_base(s3_uri: str, base: str, *, settings: Settings, client=None) 
         # An adapter has no model config: its factors' shapes are checked against the base's tensors when merged.
         adapter = read_json_file(s3_uri, ADAPTER_CONFIG, manifest, settings=settings, client=client)
         if adapter.get("peft_type") != "LORA":
-            raise RegistryError(f"{s3_uri}/{ADAPTER_CONFIG}: peft_type is {adapter.get('peft_type')!r}; only LoRA "
+            raise ExpertRefused(f"{s3_uri}/{ADAPTER_CONFIG}: peft_type is {adapter.get('peft_type')!r}; only LoRA "
                                 "adapters (or full checkpoints) can be merged")
         return manifest.sha256
     config = read_json_file(s3_uri, "config.json", manifest, settings=settings, client=client)
@@ -128,7 +129,7 @@ def check_same_base(s3_uri: str, base: str, *, settings: Settings, client=None) 
     base_config = read_json_file(base_location, "config.json", base_manifest, settings=settings, client=client)
     for field in STRUCTURAL_FIELDS:
         if config.get(field) != base_config.get(field):
-            raise RegistryError(
+            raise ExpertRefused(
                 f"{s3_uri}/config.json: {field} is {config.get(field)!r}, the base {base} ({base_location}) has "
                 f"{base_config.get(field)!r}; an expert must be a fine-tune of the pipeline's base")
     return manifest.sha256
