@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from merging.errors import ConfigError
+from merging.mergekit_config import from_mergekit, is_mergekit
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -100,6 +101,10 @@ def read_yaml(path: Path, what: str) -> Any:
 
 
 def load_config(path: str | Path) -> MergeConfig:
-    """Read a merge YAML file; relative paths in it are relative to the file's folder."""
+    """Read a merge YAML file, ours or mergekit's (it has merge_method:); relative paths in it are relative to the
+    file's folder."""
     path = Path(path)
-    return parse_config(read_yaml(path, "config"), str(path)).resolved_against(path.parent)
+    data = read_yaml(path, "config")
+    if is_mergekit(data):
+        data = from_mergekit(data, str(path))
+    return parse_config(data, str(path)).resolved_against(path.parent)
