@@ -25,6 +25,7 @@ from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
 from merging.methods import MergeMethod, build_method
 from merging.methods.learned import LearnedCoefficients
+from merging.model_card import CARD_FILE, render_card
 from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
 
 log = logging.getLogger("mergeplan")
@@ -128,6 +129,7 @@ def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
         "calibration": {name: path.resolve() for name, path in plan.config.calibration.items()}})
     writer.write_text("merge_config.yaml",
                       yaml.safe_dump(absolute.model_dump(mode="json", by_alias=True), sort_keys=False))
+    writer.write_text(CARD_FILE, render_card(plan.config))
 
 
 def refuse_output_over_inputs(config: MergeConfig, out: Path, source: str) -> None:

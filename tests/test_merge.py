@@ -92,6 +92,20 @@ def test_output_dtype_and_config(zoo, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
 
 
+def test_output_has_a_model_card_with_the_recipe_and_no_local_paths(zoo, tmp_path):
+    experts = [ExpertRef(path=zoo["experts"][0]), ExpertRef(path=zoo["experts"][1], weight=0.5, name="code")]
+    config = MergeConfig(base=zoo["base"], experts=experts, method="ties", params={"density": 0.3}, seed=7)
+    card = (merge(config, tmp_path / "out") / "README.md").read_text()
+    front, body = card.removeprefix("---\n").split("\n---\n", 1)
+    assert yaml.safe_load(front) == {"base_model": "base", "library_name": "transformers",
+                                     "tags": ["mergeplan", "merge", "ties"]}
+    assert "- `expert0`, weight 1\n- `expert1` as code, weight 0.5" in body
+    recipe = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])
+    assert recipe["params"] == {"density": 0.3} and recipe["seed"] == 7 and recipe["base"] == "base"
+    assert [e["path"] for e in recipe["experts"]] == ["expert0", "expert1"]
+    assert str(zoo["base"].parent) not in card  # folder names only: the card travels with the model
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "ties"])
 def test_same_inputs_and_seed_give_bit_identical_files(zoo, tmp_path, method):
     config = MergeConfig(base=zoo["base"], experts=zoo["experts"], method=method, params={"density": 0.5},
