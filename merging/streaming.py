@@ -18,6 +18,7 @@ import torch
 from merging.checkpoint import CheckpointReader, CheckpointWriter
 from merging.experts import Expert, require_finite
 from merging.methods import MergeMethod
+from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 READ_AHEAD = 2
@@ -88,7 +89,7 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
 
     tensors = read_ahead(jobs())
     scratch = Scratch()
-    for name in names:
+    for name in progress_bar(names, "merge", "tensor"):
         stored = next(tensors)
         target = output_dtype(stored.dtype, dtype)
         if name not in merged_names:

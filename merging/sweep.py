@@ -61,6 +61,7 @@ from merging.errors import CheckpointError, ConfigError
 from merging.evaluate import cross_entropy, load_for_evaluation
 from merging.experts import Expert, open_expert, require_finite
 from merging.methods import MergeMethod, build_method
+from merging.progress_bar import progress_bar
 from merging.seeding import derived_seed
 from merging.zoo import expert_folders
 
@@ -534,7 +535,8 @@ def run_sweep(zoo: str | Path, out: str | Path, settings: SweepSettings | None =
     try:
         for family in families:
             groups = [group for group in plan if group.family == family and not sweep.finished(group)]
-            for group, rows in _measure(family, groups, data, settings):
+            for group, rows in progress_bar(_measure(family, groups, data, settings), f"sweep {family.name}",
+                                            "subset", total=len(groups)):
                 sweep.record(group, rows)
     finally:
         sweep.flush()

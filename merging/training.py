@@ -13,6 +13,7 @@ import torch
 
 from merging.data.loading import Encoded, collate
 from merging.errors import TrainingError
+from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 PROGRESS_SECONDS = 60
@@ -57,7 +58,7 @@ def train(model: torch.nn.Module, examples: list[Encoded], settings: TrainSettin
     losses = []
     last_report = time.perf_counter()
     model.train()
-    for step in range(settings.steps):
+    for step in progress_bar(range(settings.steps), label, "step"):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
         batch = {key: value.to(device) for key, value in collate(next(stream), pad_id, settings.all_tokens).items()}

@@ -46,6 +46,7 @@ from merging.checkpoint import PICKLE_SUFFIXES
 from merging.data.loading import data_domains
 from merging.errors import CheckpointError, StorageError
 from merging.experts import open_expert
+from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 
@@ -456,8 +457,9 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
                 wanted.setdefault(entry.sha256, name)
         started = time.perf_counter()
         with ThreadPoolExecutor(settings.transfer_threads) as pool:
-            fetched = sum(pool.map(lambda name: _fetch_blob(client, location, name, manifest.files[name], cache,
-                                                            settings), wanted.values()))
+            fetched = sum(progress_bar(pool.map(lambda name: _fetch_blob(client, location, name, manifest.files[name],
+                                                                         cache, settings), wanted.values()),
+                                       f"download {location.uri()}", "file", total=len(wanted)))
         if wanted:
             log.info("downloaded %d files (%.1f MB) of %s in %.1f s", len(wanted), fetched / 1e6, location.uri(),
                      time.perf_counter() - started)

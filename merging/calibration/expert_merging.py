@@ -26,6 +26,7 @@ from merging.checkpoint import CheckpointReader
 from merging.errors import TrainingError
 from merging.experts import Expert
 from merging.methods.learned import combine
+from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 PROGRESS_SECONDS = 30
@@ -202,7 +203,7 @@ def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sa
         optimizer, T_0=params.restart_period, T_mult=params.restart_growth, eta_min=params.min_lr_ratio * params.lr)
     start = last_report = time.perf_counter()
     step = 0
-    for epoch in range(params.epochs):
+    for epoch in progress_bar(range(params.epochs), name, "epoch"):
         order = balanced_order(samples, seed, epoch)
         for first in range(0, len(order), params.grad_accumulation):
             group = order[first : first + params.grad_accumulation]
