@@ -81,7 +81,7 @@ def main() -> None:
 
     with TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        zoo = args.zoo
+        zoo = args.zoo.resolve() if args.zoo else None  # the served flows run in folders of their own
         if zoo is None:
             zoo = tmp / "zoo"
             build_zoo("tiny", zoo)
@@ -162,9 +162,11 @@ def main() -> None:
             "state_mb_per_run": round((growth[-1][2]["total"] - before["total"]) / len(growth), 2) if growth else None,
         }
         print(json.dumps(report, indent=1))
-        if not growth or seen < len(names):
-            print(f"only {seen} of {len(names)} runs finished within {args.timeout_s:.0f} s; serve log:")
-            print((tmp / "serve.log").read_text()[-3000:])
+        if not growth or seen < len(names) or report["runs_failed"]:
+            print(f"{seen} of {len(names)} runs ended within {args.timeout_s:.0f} s, {report['runs_failed']} failed; "
+                  "the errors in the serve log:")
+            print("\n".join(line for line in (tmp / "serve.log").read_text().splitlines()
+                            if "Error" in line or "error" in line)[-5000:])
 
 
 if __name__ == "__main__":
