@@ -4,31 +4,38 @@ every point measured so far, decide, log all of it to the flow's MLflow run, and
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path, PurePosixPath
 
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from flows.pipeline_config import PipelineConfig
+from flows.review import Comparison, decision_sentence, domain_table, lineage_tags, review_markdown
 from infra.settings import Settings
 from merging.decision import DecisionRule
 from merging.merger import COEFFICIENTS_PLOT
-from tasks.caching import content_hash, fresh
+from tasks.caching import content_hash, fresh, tree_hash
 from tasks.evaluation import EvalJob, Scores, evaluate_merged
 from tasks.fetch import LocalCheckpoint
 from tasks.law import Decision, LawJob, fit_and_decide
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
-from tasks.registry import MERGE_KEY, champion_version, crown, register_merged
+from tasks.registry import MERGE_KEY, champion_version, crown, describe_version, register_merged
 from tasks.stages import StageCost
 from tasks.tracking import (
     DECISION_TAG,
     EXPERTS_METRIC,
     MACRO_METRIC,
     MERGE_KEY_TAG,
+    PREVIOUS_CHAMPION_TAG,
     REASON_TAG,
+    RUN_NOTE_TAG,
     json_tag,
     law_points,
     log_run,
+    read_run,
+    run_link,
 )
 
 
@@ -91,9 +98,30 @@ def score_metrics(scores: Scores, k: int) -> dict[str, float]:
     return metrics
 
 
+def base_as_model(job: MergeJob) -> MergedModel:
+    """The base, evaluated as a merge of no experts: the reference every merge is compared with."""
+    return MergedModel(key=f"base-{job.base.ref.sha256}", path=job.base.path, state=None, experts=[])
+
+
+def compare(scores: Scores, base_scores: Scores, champion) -> Comparison:
+    """The new merge's CE per domain against the base's and the current champion's (from its run's metrics)."""
+    champion_metrics = read_run(champion.run_id).metrics if champion is not None and champion.run_id else {}
+    return Comparison(ce=scores.ce, macro_ce=scores.macro_ce, base_ce=base_scores.ce,
+                      base_macro_ce=base_scores.macro_ce,
+                      champion_version=str(champion.version) if champion is not None else None,
+                      champion_ce={d: champion_metrics[f"ce.{d}"] for d in scores.ce if f"ce.{d}" in champion_metrics},
+                      champion_macro_ce=champion_metrics.get(MACRO_METRIC))
+
+
+def slug(name: str) -> str:
+    """NAME as Prefect artifact keys allow: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "base"
+
+
 def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpoint, config: PipelineConfig,
              clock: StageClock, settings: Settings) -> Outcome:
     scores = evaluate_merged(eval_job(merged, data, config))
+    base_scores = evaluate_merged(eval_job(base_as_model(job), data, config))  # cached after the first run
     clock.lap("evaluate")
     uri = upload_merged(Upload(model=merged, s3_uri=f"s3://{settings.bucket}/merged/{config.base.name}/{run_id}"))
     clock.lap("upload")
@@ -108,11 +136,20 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     champion = champion_version(config.base.name, settings=settings)
     beats = champion is None or (champion.tags.get(MERGE_KEY) != merged.key
                                  and scores.macro_ce < float(champion.tags.get(MACRO_METRIC, "inf")))
+    comparison = compare(scores, base_scores, champion)
     version = register_merged(config.base.name, uri, run_id, merged.key, settings=settings, tags={
         MACRO_METRIC: f"{scores.macro_ce:.6f}", "method": config.method,
-        "experts": json_tag([e.ref.model_dump() for e in job.experts])})
+        "experts": json_tag([e.ref.model_dump() for e in job.experts]),
+        PREVIOUS_CHAMPION_TAG: champion.version if champion is not None else "none",
+        **lineage_tags(job, config.base.name)})
     if beats:
         crown(config.base.name, version, settings=settings)
+    review = review_markdown(config, job, comparison, decision, version, beats,
+                             run_link(run_id, read_run(run_id).experiment_id, settings),
+                             {name: tree_hash(path) for name, path in job.calibration.items()})
+    describe_version(config.base.name, version, review, settings=settings)
+    create_markdown_artifact(review, key=f"merge-{slug(config.base.name)}",
+                             description=decision_sentence(config, job, comparison, decision, version, beats))
     clock.lap("register")
     stages = {"merge": merged.cost, "evaluate": scores.cost}
     metrics = score_metrics(scores, k)
@@ -130,11 +167,17 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     if config.log_model:
         files += [(PurePosixPath("model", path.parent.relative_to(merged.path).as_posix()).as_posix(), path)
                   for path in sorted(merged.path.rglob("*")) if path.is_file()]
-    log_run(run_id, params=job_params(job, data), metrics=metrics, texts={"plan.md": decision.plan_markdown},
-            files=files,
+    metrics |= {"base_macro_ce": base_scores.macro_ce, "vs_base.macro_ce": scores.macro_ce - base_scores.macro_ce}
+    if comparison.champion_macro_ce is not None:
+        metrics["vs_champion.macro_ce"] = scores.macro_ce - comparison.champion_macro_ce
+    log_run(run_id, params=job_params(job, data), metrics=metrics,
+            texts={"plan.md": decision.plan_markdown, "review.md": review}, files=files,
+            tables={"per_domain.json": domain_table(comparison)},
             tags={DECISION_TAG: decision.action, REASON_TAG: decision.reason, MERGE_KEY_TAG: merged.key,
                   "mergeplan.incremental": str(merged.incremental).lower(), "mergeplan.merged_uri": uri,
-                  "mergeplan.champion": str(beats).lower()})
+                  "mergeplan.champion": str(beats).lower(), "mergeplan.version": version,
+                  PREVIOUS_CHAMPION_TAG: comparison.champion_version or "none",
+                  RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, beats)})
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
                    macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version, champion=beats,
                    incremental=merged.incremental, stages=stages)

@@ -237,6 +237,14 @@ def register_merged(base: str, s3_uri: str, run_id: str, merge_key: str, tags: d
     return str(version.version)
 
 
+def describe_version(base: str, version: str, description: str, *, settings: Settings) -> None:
+    """Set the description (markdown, shown on the version's page) of version VERSION of `merged.BASE`."""
+    try:
+        mlflow_client(settings).update_model_version(merged_model_name(base), version, description=description)
+    except MlflowException as exc:
+        raise refused(exc, f"describing {merged_model_name(base)} version {version}", settings) from exc
+
+
 def crown(base: str, version: str, *, settings: Settings) -> None:
     """Point alias `champion` of `merged.BASE` at VERSION."""
     client = mlflow_client(settings)

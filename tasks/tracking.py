@@ -18,11 +18,11 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 from prefect import task
 from pydantic import BaseModel
 
-from infra.settings import AWS_ENV, Settings
+from infra.settings import AWS_ENV, Settings, without_userinfo
 from tasks.registry import mlflow_client, refused
 from tasks.retrying import IO_TASK_OPTIONS
 
@@ -36,6 +36,9 @@ BASE_TAG, MERGE_KEY_TAG = "mergeplan.base", "mergeplan.merge_key"
 NEW_EXPERT_TAG, NEW_EXPERT_SHA_TAG = "mergeplan.new_expert", "mergeplan.new_expert_sha256"
 # Hash of (method, params, seed): the law is fitted on points that differ only in their experts.
 PARAMS_KEY_TAG = "mergeplan.params_key"
+# the champion a run's merge was compared with (its version, or "none"); with the run's version, its history
+PREVIOUS_CHAMPION_TAG = "mergeplan.previous_champion"
+RUN_NOTE_TAG = MLFLOW_RUN_NOTE  # the run's description in the MLflow UI
 EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _TEXT_SUFFIXES = {".md", ".txt", ".yaml", ".yml", ".json", ".csv"}
@@ -85,8 +88,9 @@ def open_run(experiment: str, run_name: str, tags: dict[str, str], parent_run_id
 @task(name="log-to-mlflow", **IO_TASK_OPTIONS)
 def log_run(run_id: str, params: dict[str, object] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, str] | None = None, texts: dict[str, str] | None = None,
-            files: list[tuple[str, Path]] | None = None) -> None:
-    """Params, finite metrics, tags, text artifacts (name -> content) and files ((artifact folder, file) pairs)."""
+            files: list[tuple[str, Path]] | None = None, tables: dict[str, dict[str, list]] | None = None) -> None:
+    """Params, finite metrics, tags, text artifacts (name -> content), files ((artifact folder, file) pairs) and
+    tables (artifact file -> columns; MLflow's table artifacts, which its UI compares across runs)."""
     settings = Settings.from_env()
     client = mlflow_client(settings)
     secrets = secret_values(settings)
@@ -102,6 +106,8 @@ def log_run(run_id: str, params: dict[str, object] | None = None, metrics: dict[
             client.log_text(run_id, scrub(content, secrets), name)
         for folder, path in files or []:
             _log_file(client, run_id, Path(path), folder, secrets)
+        for name, columns in (tables or {}).items():
+            client.log_table(run_id, data=columns, artifact_file=name)
     except MlflowException as exc:
         raise refused(exc, f"logging to run {run_id}", settings) from exc
 
@@ -123,6 +129,26 @@ def close_run(run_id: str, status: str = "FINISHED") -> None:
         mlflow_client(settings).set_terminated(run_id, status)
     except MlflowException as exc:
         raise refused(exc, f"ending run {run_id}", settings) from exc
+
+
+class RunFacts(BaseModel):
+    experiment_id: str
+    metrics: dict[str, float]  # the latest value of each
+
+
+@task(name="read-run", **IO_TASK_OPTIONS)
+def read_run(run_id: str) -> RunFacts:
+    settings = Settings.from_env()
+    try:
+        run = mlflow_client(settings).get_run(run_id)
+    except MlflowException as exc:
+        raise refused(exc, f"reading run {run_id}", settings) from exc
+    return RunFacts(experiment_id=run.info.experiment_id, metrics=dict(run.data.metrics))
+
+
+def run_link(run_id: str, experiment_id: str, settings: Settings) -> str:
+    """The run's page in the MLflow UI (the server's address without credentials)."""
+    return f"{without_userinfo(settings.mlflow_tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @task(name="read-law-points", **IO_TASK_OPTIONS)

@@ -1,5 +1,6 @@
 """Whole flow runs survive a crash of each service. A merge-pipeline run and an on-new-expert run (started by
-`mergeplan reconcile`) are frozen once their evaluation is cached, the S3, MLflow or Prefect server is killed
+`mergeplan reconcile`) are frozen once the law is fitted on their new point (fetch, merge, evaluate and upload
+done and cached; the registration and the logging still to come), the S3, MLflow or Prefect server is killed
 with SIGKILL, and the run goes on against the dead server and fails. After the server is started again, the
 same command finishes: what had finished comes from the cache, no merged model is registered twice, nothing
 half-uploaded is visible, the champion's files are all there, and the new expert is merged (not lost).
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[2]
 SERVICES = ["s3", "mlflow", "prefect"]
 # Stages whose results a rerun takes from the cache when they finished before the crash.
-FINISHED_STAGES = ("fetch", "merge", "add", "evaluate")  # "add NAME": an incremental merge
+FINISHED_STAGES = ("fetch", "merge", "add", "evaluate", "upload", "fit")  # "add NAME": an incremental merge
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,10 @@ def finished(run: subprocess.Popen, timeout_s: float = 300) -> tuple[int, str, s
     return run.returncode, out, err
 
 
-def evaluations(settings: Settings) -> set[str]:
-    """The cache records of finished evaluations: one is written when an evaluate task's result is persisted."""
+def fits(settings: Settings) -> set[str]:
+    """The cache records of finished law fits: one is written when a fit-law task's result is persisted."""
     results = settings.state_dir / "results"
-    return {p.name for p in results.glob("evaluate-*")} if results.is_dir() else set()
+    return {p.name for p in results.glob("fit-law-*")} if results.is_dir() else set()
 
 
 def kill_service(settings: Settings, name: str) -> None:
@@ -82,13 +83,13 @@ def kill_service(settings: Settings, name: str) -> None:
     psutil.wait_procs([psutil.Process(pid)], timeout=10)
 
 
-def crash_after_evaluation(run: subprocess.Popen, settings: Settings, service: str) -> None:
-    """Freeze RUN once it has a new evaluation cached, SIGKILL SERVICE, and let RUN go on against the dead one."""
-    before = evaluations(settings)
+def crash_after_the_fit(run: subprocess.Popen, settings: Settings, service: str) -> None:
+    """Freeze RUN once it has a new law fit cached, SIGKILL SERVICE, and let RUN go on against the dead one."""
+    before = fits(settings)
     deadline = time.monotonic() + 240
-    while evaluations(settings) == before:
-        assert run.poll() is None, f"the run ended before its evaluation was cached: {run.communicate()}"
-        assert time.monotonic() < deadline, "no evaluation was cached within 240 s"
+    while fits(settings) == before:
+        assert run.poll() is None, f"the run ended before its fit was cached: {run.communicate()}"
+        assert time.monotonic() < deadline, "no fit was cached within 240 s"
         time.sleep(0.01)
     os.killpg(run.pid, signal.SIGSTOP)
     kill_service(settings, service)
@@ -135,7 +136,7 @@ def test_a_merge_pipeline_run_killed_midway_is_finished_by_its_rerun(services, t
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config.as_parameters()))
     run = cli(services, "run", path)
-    crash_after_evaluation(run, services, service)
+    crash_after_the_fit(run, services, service)
     status, out, err = finished(run)
     assert status != 0 and "Traceback" not in err.splitlines()[-1], (out, err)
 
@@ -161,7 +162,7 @@ def test_an_on_new_expert_run_killed_midway_is_finished_by_reconcile(services, t
         store_expert(tiny_zoo, domain, services)  # registered with nothing listening: reconcile finds it
 
     run = cli(services, "reconcile", path)
-    crash_after_evaluation(run, services, service)
+    crash_after_the_fit(run, services, service)
     status, out, err = finished(run)
     assert status != 0, (out, err)
 

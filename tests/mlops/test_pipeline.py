@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port
 from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config, store_expert
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.merge_pipeline import merge_pipeline
 from flows.on_new_expert import on_new_expert
@@ -159,6 +159,54 @@ def test_a_new_expert_is_merged_incrementally_into_the_champion(pipeline_env, ti
                              params=config.params), pipeline_env.state_dir / "full-4")
     incremental, batch = CheckpointReader(outcome.model_path), CheckpointReader(full)
     assert max(float((incremental.read(n) - batch.read(n)).abs().max()) for n in batch.names()) < 1e-6
+
+
+def test_a_reviewer_sees_lineage_scores_and_the_decision_in_mlflow_and_prefect(pipeline_env, tiny_zoo):
+    configured(merge_pipeline, pipeline_config(tiny_zoo).runner, pipeline_env)(pipeline_config(tiny_zoo))  # a champion
+    config = pipeline_config(tiny_zoo, params={"lambda": 0.35})  # a merge of its own: a new version
+    state = configured(merge_pipeline, config.runner, pipeline_env)(config, return_state=True)
+    outcome = state.result()
+    client = MlflowClient(pipeline_env.mlflow_tracking_uri)
+    run = client.get_run(outcome.run_id)
+    version = client.get_model_version(merged_model_name(BASE), outcome.version)
+    for name in outcome.experts:  # lineage: each expert's registered model, version and manifest sha256
+        assert version.tags[f"expert.{name}.model"] == f"expert.{BASE}.{name}"
+        assert version.tags[f"expert.{name}.sha256"] == run.data.params[f"expert.{name}.sha256"]
+        assert version.tags[f"expert.{name}.version"].isdigit()
+    assert version.tags["base.sha256"] == run.data.params["base.sha256"]
+    # the champion history: the version it was compared with, on the version and on the run
+    previous = version.tags["mergeplan.previous_champion"]
+    assert previous == run.data.tags["mergeplan.previous_champion"] and previous != outcome.version
+    base_ce, champion_ce = run.data.metrics["base_macro_ce"], client.get_run(
+        client.get_model_version(merged_model_name(BASE), previous).run_id).data.metrics["macro_ce"]
+    assert run.data.metrics["vs_champion.macro_ce"] == pytest.approx(outcome.macro_ce - champion_ce)
+    assert run.data.metrics["vs_base.macro_ce"] == pytest.approx(outcome.macro_ce - base_ce) and base_ce > 0
+
+    card = version.description  # the version's card
+    assert card.startswith(f"# merged.{BASE} version {outcome.version}\n")
+    assert (f"| **macro** | {outcome.macro_ce:.4f} | {base_ce:.4f} | {outcome.macro_ce - base_ce:+.4f} | "
+            f"{champion_ce:.4f} | {outcome.macro_ce - champion_ce:+.4f} |") in card
+    assert f"| algebra | expert.{BASE}.algebra | {version.tags['expert.algebra.version']} |" in card
+    link = f"{pipeline_env.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}"
+    assert link in card and f"**{outcome.decision.action}**: {outcome.decision.reason}" in card
+    note = run.data.tags["mlflow.note.content"]  # the run's description: one sentence with the numbers
+    assert note.startswith(f"task_arithmetic of 3 experts: macro CE {outcome.macro_ce:.4f} (base {base_ce:.4f}, "
+                           f"champion v{previous} {champion_ce:.4f}); version {outcome.version}")
+    assert "\n" not in note and note.endswith(outcome.decision.reason)
+
+    # the per-domain table artifact, read from the store (MLflow's own download hands out presigned URLs)
+    key = f"mlflow/{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/per_domain.json"
+    table = json.loads(s3_client(pipeline_env).get_object(Bucket=pipeline_env.bucket, Key=key)["Body"].read())
+    rows = dict(zip(table["columns"], zip(*table["data"], strict=True), strict=True))
+    assert list(rows["domain"]) == sorted(m.removeprefix("ce.") for m in run.data.metrics if m.startswith("ce."))
+    assert [round(ce, 6) for ce in rows["ce"]] == [round(run.data.metrics[f"ce.{d}"], 6) for d in rows["domain"]]
+
+    # the same summary as the Prefect flow run's markdown artifact
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    [artifact] = [a for a in artifacts if a.key == f"merge-{BASE}"]
+    assert artifact.type == "markdown" and artifact.data == card
 
 
 def test_an_expert_of_another_base_is_refused_with_the_reason(pipeline_env, tiny_zoo):
