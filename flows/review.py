@@ -33,7 +33,7 @@ def decision_sentence(config: PipelineConfig, job: MergeJob, comparison: Compari
     verdict = "new champion" if crowned else "champion kept"
     return (f"{config.method} of {len(job.experts)} experts: macro CE {comparison.macro_ce:.4f} (base "
             f"{comparison.base_macro_ce:.4f}, {against}); version {version}, {verdict}; "
-            f"{decision.action}: {decision.reason}")
+            f"{decision.reason}")  # the reason starts with its action
 
 
 def domain_table(comparison: Comparison) -> dict[str, list]:
@@ -87,7 +87,7 @@ def review_markdown(config: PipelineConfig, job: MergeJob, comparison: Compariso
         f"| expert | registered model | version | manifest sha256 |\n|---|---|---|---|\n{experts}",
         f"## Recipe\n\nmethod `{config.method}`, params `{json_tag(config.params)}`, seed {config.seed}"
         + ("".join(f"\n- calibration `{name}`: sha256 `{digest[:16]}`" for name, digest in calibration.items())),
-        f"## Decision\n\n**{decision.action}**: {decision.reason}",
+        f"## Decision\n\n{decision.reason}",
         f"MLflow run: {run_link}",
     ]
     return "\n\n".join(lines) + "\n"

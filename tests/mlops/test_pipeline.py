@@ -188,7 +188,8 @@ def test_a_reviewer_sees_lineage_scores_and_the_decision_in_mlflow_and_prefect(p
             f"{champion_ce:.4f} | {outcome.macro_ce - champion_ce:+.4f} |") in card
     assert f"| algebra | expert.{BASE}.algebra | {version.tags['expert.algebra.version']} |" in card
     link = f"{pipeline_env.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}"
-    assert link in card and f"**{outcome.decision.action}**: {outcome.decision.reason}" in card
+    assert link in card and f"## Decision\n\n{outcome.decision.reason}" in card
+    assert outcome.decision.reason.startswith(outcome.decision.action)
     note = run.data.tags["mlflow.note.content"]  # the run's description: one sentence with the numbers
     assert note.startswith(f"task_arithmetic of 3 experts: macro CE {outcome.macro_ce:.4f} (base {base_ce:.4f}, "
                            f"champion v{previous} {champion_ce:.4f}); version {outcome.version}")
