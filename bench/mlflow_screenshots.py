@@ -75,7 +75,7 @@ def main() -> None:
             pages = {
                 "run.png": f"{ui}/#/experiments/{experiment}/runs/{last.run_id}",
                 "model_version.png": f"{ui}/#/models/{merged_model_name(BASE)}/versions/{last.version}",
-                "experiment_runs.png": f"{ui}/#/experiments/{experiment}",
+                "experiment_runs.png": f"{ui}/#/experiments/{experiment}/runs",
                 "run_artifacts.png": f"{ui}/#/experiments/{experiment}/runs/{last.run_id}/artifacts",
             }
             for name, url in pages.items():
