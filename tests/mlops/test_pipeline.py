@@ -191,8 +191,8 @@ def test_a_reviewer_sees_lineage_scores_and_the_decision_in_mlflow_and_prefect(p
     assert link in card and f"## Decision\n\n{outcome.decision.reason}" in card
     assert outcome.decision.reason.startswith(outcome.decision.action)
     note = run.data.tags["mlflow.note.content"]  # the run's description: one sentence with the numbers
-    assert note.startswith(f"task_arithmetic of 3 experts: macro CE {outcome.macro_ce:.4f} (base {base_ce:.4f}, "
-                           f"champion v{previous} {champion_ce:.4f}); version {outcome.version}")
+    assert note.startswith(f"task_arithmetic of {len(outcome.experts)} experts: macro CE {outcome.macro_ce:.4f} "
+                           f"(base {base_ce:.4f}, champion v{previous} {champion_ce:.4f}); version {outcome.version}")
     assert "\n" not in note and note.endswith(outcome.decision.reason)
 
     # the per-domain table artifact, read from the store (MLflow's own download hands out presigned URLs)
