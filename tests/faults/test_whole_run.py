@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.on_new_expert import champion_experts
 from flows.reconcile import untaken_experts
 from infra import stack
 from infra.settings import Settings
@@ -169,9 +170,12 @@ def test_an_on_new_expert_run_killed_midway_is_finished_by_reconcile(services, t
     stack.up(services, [service])
     status, out, err = finished(cli(services, "reconcile", path))
     assert status == 0, err
-    assert f"not yet merged: expert.{BASE}.{domain}" in out and "merged " in out
-    stages = cached_stages(newest_task_states(services, "on-new-expert"))
-    assert stages and set(stages.values()) == {"Cached"}, stages
+    held = {ref.domain for ref in champion_experts(champion_version(BASE, settings=services))}
+    if f"not yet merged: expert.{BASE}.{domain}" in out:  # the rerun merges it, from the cache
+        stages = cached_stages(newest_task_states(services, "on-new-expert"))
+        assert stages and set(stages.values()) == {"Cached"}, stages
+    else:  # killed after it crowned the merge (S3 failed only the artifacts): the champion already holds it
+        assert "nothing to reconcile" in out and domain in held, out
     assert not untaken_experts(config, services)  # the registration was not lost
     assert_nothing_lost(services, tmp_path)
     status, out, _ = finished(cli(services, "reconcile", path))
