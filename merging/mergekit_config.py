@@ -17,21 +17,35 @@ from merging.errors import ConfigError
 
 log = logging.getLogger("mergeplan")
 
-# mergekit's name -> ours, and its default for normalize
-SHARED_METHODS: dict[str, tuple[str, bool]] = {
+# mergekit's name -> ours, and its default for normalize (None: the method has no normalize)
+SHARED_METHODS: dict[str, tuple[str, bool | None]] = {
     "linear": ("task_arithmetic", True),
     "task_arithmetic": ("task_arithmetic", False),
     "ties": ("ties", True),
     "dare_linear": ("dare_linear", False),
     "dare_ties": ("dare_ties", False),
+    "breadcrumbs": ("breadcrumbs", False),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False),
+    "della": ("della", True),
+    "della_linear": ("della_linear", False),
+    "model_stock": ("model_stock", None),
+    "slerp": ("slerp", None),
 }
-UNSUPPORTED_METHODS = ("slerp", "nuslerp", "multislerp", "passthrough", "model_stock", "breadcrumbs",
-                       "breadcrumbs_ties", "della", "della_linear", "sce", "karcher", "nearswap", "arcee_fusion")
+# ours that take the elected entries' weighted mean, where mergekit with normalize: false sums them
+DISJOINT_MEAN = ("ties", "dare_ties", "breadcrumbs_ties", "della")
+# the sparsified methods: the one-value parameters each reads, and mergekit's default for rescale
+SPARSIFIED: dict[str, tuple[tuple[str, ...], bool]] = {
+    "ties": (("density",), False), "dare_linear": (("density",), True), "dare_ties": (("density",), True),
+    "breadcrumbs": (("density", "gamma"), False), "breadcrumbs_ties": (("density", "gamma"), False),
+    "della": (("density", "epsilon"), True), "della_linear": (("density", "epsilon"), True),
+}
+UNSUPPORTED_METHODS = ("nuslerp", "multislerp", "passthrough", "sce", "karcher", "nearswap", "arcee_fusion", "ram")
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "tokenizer", "name", "model_name"}
 MODEL_FIELDS = {"model", "parameters"}
-MODEL_PARAMETERS = {"weight", "density"}
-GLOBAL_PARAMETERS = {"normalize", "lambda", "rescale", "int8_mask", "density", "weight"}
+MODEL_PARAMETERS = {"weight", "density", "gamma", "epsilon"}
+GLOBAL_PARAMETERS = {"normalize", "lambda", "rescale", "int8_mask", "density", "weight", "gamma", "epsilon", "t",
+                     "filter_wise"}
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -94,18 +108,49 @@ def _dtype(data: dict, source: str) -> str | None:
     return DTYPES[out]
 
 
-def _density(models: list[dict], parameters: dict, source: str) -> float:
-    """One density for all experts: mergeplan's methods take a single one."""
-    found = {i: _number(m["parameters"]["density"], f"models[{i}].parameters.density", source)
-             for i, m in enumerate(models) if "density" in m.get("parameters", {})}
-    values = set(found.values()) | ({_number(parameters["density"], "parameters.density", source)}
-                                    if "density" in parameters and len(found) < len(models) else set())
-    if not values:
-        raise ConfigError(f"{source}: parameters.density: required by this method; give it once for all models")
+def _one_value(models: list[dict], parameters: dict, field: str, source: str) -> float | None:
+    """One value of a per-model parameter for all experts (mergeplan's methods take a single one); None when
+    it is not given, so that our default applies."""
+    found = {i: _number(m["parameters"][field], f"models[{i}].parameters.{field}", source)
+             for i, m in enumerate(models) if field in (m.get("parameters") or {})}
+    values = set(found.values()) | ({_number(parameters[field], f"parameters.{field}", source)}
+                                    if field in parameters and len(found) < len(models) else set())
     if len(values) > 1:
-        raise ConfigError(f"{source}: models[].parameters.density: the models have different densities "
+        raise ConfigError(f"{source}: models[].parameters.{field}: the models have different values "
                           f"({', '.join(f'{v:g}' for v in sorted(values))}); mergeplan takes one for all experts")
-    return values.pop()
+    return values.pop() if values else None
+
+
+def _sparsified_params(method: str, ours: str, models: list[dict], parameters: dict, source: str) -> dict:
+    fields, rescale_default = SPARSIFIED[ours]
+    params = {}
+    for field in fields:
+        value = _one_value(models, parameters, field, source)
+        if value is None and field == "density":
+            raise ConfigError(f"{source}: parameters.density: required by {method}; give it once for all models")
+        if value is not None:
+            params[field] = value
+    rescale = parameters.get("rescale", rescale_default)
+    if rescale and not rescale_default:
+        raise ConfigError(f"{source}: parameters.rescale: true is not supported for {method}; mergeplan keeps the "
+                          "trimmed entries as they are (rescale: false)")
+    if rescale_default and not rescale:
+        raise ConfigError(f"{source}: parameters.rescale: false is not supported; {method} keeps the expected "
+                          "task vector by dividing each kept entry by its keep probability")
+    if rescale_default:
+        log.warning("%s: %s: mergeplan divides each kept entry by its keep probability (1/density for DARE, as the "
+                    "paper does) with "
+                    "its own seeded masks; mergekit's masks and L1 rescaling differ, so the outputs do not match",
+                    source, method)
+    return params
+
+
+def _paired_models(method: str, base: str | None, paths: list[str], source: str) -> None:
+    if base is None:
+        raise ConfigError(f"{source}: base_model: required by {method}; name one of the models as the base")
+    if method == "slerp" and (len(paths) != 2 or base not in paths):
+        raise ConfigError(f"{source}: models: slerp takes exactly two models, one of them the base_model; "
+                          f"got {len(paths)}")
 
 
 def from_mergekit(data: dict, source: str) -> dict[str, Any]:
@@ -133,6 +178,8 @@ def from_mergekit(data: dict, source: str) -> dict[str, Any]:
         _known(entry, MODEL_FIELDS, f"models[{i}].", source)
         _known(entry.get("parameters") or {}, MODEL_PARAMETERS, f"models[{i}].parameters.", source)
     base = data.get("base_model")
+    if normalize_default is None:
+        _paired_models(method, base, paths, source)
     if base is None and method != "linear":
         raise ConfigError(f"{source}: base_model: required by {method}; name the model the experts were tuned from")
     base = base if base is not None else paths[0]  # linear: any listed model serves as θ0
@@ -140,35 +187,48 @@ def from_mergekit(data: dict, source: str) -> dict[str, Any]:
     default_weight = _number(parameters.get("weight", 1.0), "parameters.weight", source)
     weights = [_number((m.get("parameters") or {}).get("weight", default_weight), f"models[{i}].parameters.weight",
                        source) for i, m in enumerate(models)]
-    normalize = _scalar(parameters.get("normalize", normalize_default), "parameters.normalize", source)
-    if not isinstance(normalize, bool):
-        raise ConfigError(f"{source}: parameters.normalize: expected true or false, got {normalize!r}")
-    scale = _number(parameters.get("lambda", 1.0), "parameters.lambda", source)
     experts = [(path, weight) for path, weight in zip(paths, weights, strict=True) if path != base]
     if not experts:
         raise ConfigError(f"{source}: models: every listed model is the base; list the experts to merge")
-    params: dict[str, Any] = {"lambda": scale}
-    if method == "linear":
-        total = sum(weights)  # the base's own weight, when listed, counts in the divisor
-        if not normalize and abs(total - 1) > 1e-9:
-            raise ConfigError(f"{source}: parameters.normalize: false with weights summing to {total:g} scales the "
-                              "base too; not a task-vector merge (set normalize: true or weights summing to 1)")
-        experts = [(path, weight / total) for path, weight in experts]
-    elif method == "task_arithmetic" or method == "dare_linear":
+    return {"base": base, "method": ours, "dtype": _dtype(data, source),
+            "params": _params(method, ours, normalize_default, models, parameters, weights, source),
+            "experts": [{"path": path, "weight": weight} for path, weight in _expert_weights(method, experts, weights,
+                                                                                            parameters, source)]}
+
+
+def _expert_weights(method: str, experts: list[tuple[str, float]], weights: list[float], parameters: dict,
+                    source: str) -> list[tuple[str, float]]:
+    if method != "linear":
+        return experts
+    total = sum(weights)  # the base's own weight, when listed, counts in the divisor
+    normalize = parameters.get("normalize", True)
+    if not normalize and abs(total - 1) > 1e-9:
+        raise ConfigError(f"{source}: parameters.normalize: false with weights summing to {total:g} scales the "
+                          "base too; not a task-vector merge (set normalize: true or weights summing to 1)")
+    return [(path, weight / total) for path, weight in experts]
+
+
+def _params(method: str, ours: str, normalize_default: bool | None, models: list[dict], parameters: dict,
+            weights: list[float], source: str) -> dict[str, Any]:
+    if ours == "slerp":
+        if "t" not in parameters:
+            raise ConfigError(f"{source}: parameters.t: required by slerp (0 is the base_model, 1 the other model)")
+        return {"t": _number(parameters["t"], "parameters.t", source)}
+    if ours == "model_stock":
+        if any(w != 1 for w in weights):
+            log.warning("%s: model_stock: mergekit ignores the models' weights; so does mergeplan", source)
+        filter_wise = _scalar(parameters.get("filter_wise", False), "parameters.filter_wise", source)
+        return {"filter_wise": filter_wise}
+    normalize = _scalar(parameters.get("normalize", normalize_default), "parameters.normalize", source)
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"{source}: parameters.normalize: expected true or false, got {normalize!r}")
+    params: dict[str, Any] = {"lambda": _number(parameters.get("lambda", 1.0), "parameters.lambda", source)}
+    if ours in DISJOINT_MEAN:
+        if not normalize:
+            log.warning("%s: parameters.normalize: false makes mergekit's %s sum the elected entries; mergeplan "
+                        "takes their weighted mean (normalize: true)", source, method)
+    elif method != "linear":
         params["normalize"] = normalize
-    elif not normalize:
-        log.warning("%s: parameters.normalize: false makes mergekit's %s sum the elected entries; mergeplan "
-                    "takes their weighted mean (normalize: true)", source, method)
-    if method.startswith("dare"):
-        params["density"] = _density(models, parameters, source)
-        if parameters.get("rescale", True):
-            log.warning("%s: %s: mergeplan rescales the kept entries by 1/density (the DARE paper) with its own "
-                        "seeded masks; mergekit's masks and rescaling differ, so the outputs do not match", source,
-                        method)
-        else:
-            raise ConfigError(f"{source}: parameters.rescale: false is not supported; DARE keeps the expected "
-                              "task vector by rescaling by 1/density")
-    elif method == "ties":
-        params["density"] = _density(models, parameters, source)
-    return {"base": base, "method": ours, "params": params, "dtype": _dtype(data, source),
-            "experts": [{"path": path, "weight": weight} for path, weight in experts]}
+    if ours in SPARSIFIED:
+        params |= _sparsified_params(method, ours, models, parameters, source)
+    return params

@@ -61,7 +61,7 @@ class PreparedMerge:
 
     @property
     def state_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return [(state_key(key, name), torch.float32, info.shape)
+        return [(state_key(key, name), torch.float32, self.method.state_shape(key, info.shape))
                 for name, info in self.base.tensors.items() if name in self.merged_names
                 for key in self.method.state_names]
 
@@ -69,8 +69,18 @@ class PreparedMerge:
         return hashlib.sha256(self.base.fingerprint().encode()).hexdigest()
 
 
-def _check_weights(config: MergeConfig, method: MergeMethod, source: str) -> None:
+def _check_experts(config: MergeConfig, method: MergeMethod, source: str) -> None:
+    count = len(config.experts)
+    if count < method.min_experts:
+        raise ConfigError(f"{source}: experts: {method.name} needs at least {method.min_experts} experts, got {count}")
+    if method.max_experts is not None and count > method.max_experts:
+        raise ConfigError(f"{source}: experts: {method.name} takes at most {method.max_experts} expert(s), got "
+                          f"{count}" + (" (it interpolates between the base and one expert: make one of the two "
+                                        "models the base)" if method.max_experts == 1 else ""))
     for i, expert in enumerate(config.experts):
+        if not method.takes_weights and expert.weight != 1:
+            raise ConfigError(f"{source}: experts.{i}.weight: {method.name} has no per-expert weight; remove it "
+                              "(or set 1)")
         if expert.weight < 0 and not method.allows_negative_weights:
             raise ConfigError(f"{source}: experts.{i}.weight: {expert.weight} is negative; only "
                               "task_arithmetic accepts negative weights")
@@ -99,7 +109,7 @@ def prepare(config: MergeConfig, source: str = "config", first_new_expert: int =
             method: MergeMethod | None = None) -> PreparedMerge:
     """Validate everything that can be checked before any tensor is merged; open the checkpoints."""
     method = method or build_method(config.method, config.params, config.seed, source)
-    _check_weights(config, method, source)
+    _check_experts(config, method, source)
     try:
         parse_size(config.max_shard_size)
     except ValueError as exc:

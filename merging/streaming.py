@@ -100,7 +100,8 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
         if state_in is not None:
             state = {key: next(tensors) for key in method.state_names}
         else:
-            state = {key: scratch.take(key, stored.shape).zero_() for key in method.state_names}
+            state = {key: scratch.take(key, method.state_shape(key, stored.shape)).zero_()
+                     for key in method.state_names}
         delta = scratch.take("delta", stored.shape)
         for expert in experts:
             vector = expert.expert.task_vector(name, next(tensors), base_tensor, delta)
@@ -109,7 +110,7 @@ def stream_merge(base: CheckpointReader, experts: list[WeightedExpert], method: 
         if state_out is not None:
             for key, value in state.items():
                 state_out.write(state_key(key, name), value)
-        merged = base_tensor.add_(method.delta(state, total_weight))
+        merged = base_tensor.add_(method.delta(state, total_weight, base_tensor))
         if target != torch.float32:
             merged = scratch.take("out", merged.shape, target).copy_(merged)
         writer.write(name, merged)

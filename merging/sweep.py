@@ -336,14 +336,14 @@ class TaskVectors:
         """Write base + the method's merged task vector of `subset` into `targets` (a model's state dict)."""
         for name in self.names:
             base = self.base[name]
-            state = {key: torch.zeros_like(base) for key in method.state_names}
+            state = {key: base.new_zeros(method.state_shape(key, base.shape)) for key in method.state_names}
             scratch = torch.empty_like(base)
             for index in subset:
                 if name not in sparsified[index]:
                     continue  # a zero task vector adds nothing to any method's accumulators
                 # a method may fold the delta in place (TIES splits it by sign), so the cache is copied first
                 method.add(state, scratch.copy_(sparsified[index][name]), 1.0)
-            merged = base + method.delta(state, float(len(subset)))
+            merged = base + method.delta(state, float(len(subset)), base)
             # through the stored dtype, as a checkpoint written by merge() and loaded again would be
             targets[name].copy_(merged.to(self.stored_dtype[name]))
 
@@ -527,7 +527,10 @@ def run_sweep(zoo: str | Path, out: str | Path, settings: SweepSettings | None =
     zoo, out = Path(zoo), Path(out)
     table_format(out)
     for name in settings.methods:  # every method's params are checked before any model is loaded
-        build_method(name, settings.method_params(name), settings.seed, source=f"sweep.{name}")
+        method = build_method(name, settings.method_params(name), settings.seed, source=f"sweep.{name}")
+        if method.min_experts > 1 or method.max_experts is not None:
+            raise ConfigError(f"sweep.{name}: a sweep merges subsets of every size from one expert up, which {name} "
+                              "does not take; sweep another method")
     families = zoo_families(zoo)
     plan = sweep_plan(families, settings)
     data = zoo / "data"

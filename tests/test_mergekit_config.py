@@ -84,20 +84,31 @@ def test_dare_ties_says_how_it_differs_from_mergekit(zoo, tmp_path, run_cli, cap
 
 
 REFUSED = [
-    ("slerp", {"merge_method": "slerp"}, "merge_method: 'slerp' is not supported yet"),
+    ("nuslerp", {"merge_method": "nuslerp"}, "merge_method: 'nuslerp' is not supported yet"),
+    ("slerp of three", {"merge_method": "slerp", "parameters": {"t": 0.5},
+                        "models": [{"model": "base"}, {"model": "expert0"}, {"model": "expert1"}]},
+     "slerp takes exactly two models, one of them the base_model; got 3"),
+    ("slerp without t", {"merge_method": "slerp", "parameters": {},
+                         "models": [{"model": "base"}, {"model": "expert0"}]}, "parameters.t: required by slerp"),
+    ("slerp gradient", {"merge_method": "slerp", "parameters": {"t": [0, 0.5, 1]},
+                        "models": [{"model": "base"}, {"model": "expert0"}]}, "parameters.t: per-layer gradients"),
+    ("breadcrumbs rescaled", {"merge_method": "breadcrumbs", "parameters": {"density": 0.5, "rescale": True}},
+     "parameters.rescale: true is not supported for breadcrumbs"),
+    ("della without rescale", {"merge_method": "della", "parameters": {"density": 0.5, "rescale": False}},
+     "parameters.rescale: false is not supported"),
     ("unknown method", {"merge_method": "frankenmerge"}, "unknown mergekit method 'frankenmerge'"),
     ("gradient", {"parameters": {"weight": [0, 0.5, 1]}}, "parameters.weight: per-layer gradients"),
     ("filtered density", {"parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.3}]}},
      "parameters.density: per-layer gradients and tensor-name filters"),
     ("two densities", {"models": [{"model": "expert0", "parameters": {"density": 0.3}},
                                   {"model": "expert1", "parameters": {"density": 0.5}}]},
-     "different densities (0.3, 0.5)"),
+     "density: the models have different values (0.3, 0.5)"),
     ("slices", {"models": None, "slices": [{"sources": []}]}, "slices: layer slices are not supported"),
     ("union tokenizer", {"tokenizer_source": "union"}, "tokenizer_source: 'union' is not supported"),
     ("lora syntax", {"models": [{"model": "expert0+adapter"}]}, "MODEL+LORA"),
     ("unknown field", {"chat_template": "chatml"}, "chat_template: not a field mergeplan reads"),
-    ("unknown model parameter", {"models": [{"model": "expert0", "parameters": {"epsilon": 0.1}}]},
-     "models[0].parameters.epsilon: not a field"),
+    ("unknown model parameter", {"models": [{"model": "expert0", "parameters": {"t": 0.1}}]},
+     "models[0].parameters.t: not a field"),
     ("no base", {"base_model": None}, "base_model: required by ties"),
     ("linear unnormalised", {"merge_method": "linear", "parameters": {"normalize": False}},
      "normalize: false with weights summing to 2"),
@@ -121,3 +132,40 @@ def test_what_cannot_be_mapped_is_refused_by_name(zoo, tmp_path, run_cli, case, 
     assert status == 2 and err.count("\n") == 1 and err.startswith(f"error: {config}: "), err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+NATIVE_TWINS = [
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.02, "lambda": 0.9}, {"density": 0.5, "gamma": 0.02, "lambda": 0.9,
+                                                                     "normalize": False}, []),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.02, "normalize": True}, {"density": 0.5, "gamma": 0.02,
+                                                                              "lambda": 1.0}, []),
+    ("della_linear", {"density": 0.5, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.1, "lambda": 1.0,
+                                                        "normalize": False}, ["keep probability"]),
+    ("della", {"density": 0.6}, {"density": 0.6, "lambda": 1.0}, ["keep probability"]),
+    ("model_stock", {"filter_wise": True}, {"filter_wise": True}, []),
+]
+
+
+@pytest.mark.parametrize(("method", "parameters", "native_params", "notices"), NATIVE_TWINS,
+                         ids=[case[0] for case in NATIVE_TWINS])
+def test_the_added_methods_equal_their_native_configs(zoo, tmp_path, run_cli, caplog, method, parameters,
+                                                      native_params, notices):
+    config = write_mergekit(tmp_path, zoo, method, base_model="base", parameters=parameters, models=[
+        {"model": "base"}, *({"model": f"expert{i}"} for i in range(3))])
+    tensors, _ = merged(run_cli, config, tmp_path / "out")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [any(part in n for n in said) for part in notices] == [True] * len(notices) and len(said) == len(notices)
+    native = tmp_path / "native.yaml"
+    native.write_text(yaml.safe_dump({"base": "base", "method": method, "params": native_params,
+                                      "experts": [f"expert{i}" for i in range(3)]}))
+    expected, _ = merged(run_cli, native, tmp_path / "native")
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[n], expected[n]) for n in tensors)
+
+
+def test_slerp_interpolates_from_the_base_model_to_the_other(zoo, tmp_path, run_cli):
+    config = write_mergekit(tmp_path, zoo, "slerp", base_model="expert0", dtype="float32", parameters={"t": 0.25},
+                            models=[{"model": "expert0"}, {"model": "expert1"}])
+    tensors, _ = merged(run_cli, config, tmp_path / "out")
+    first, second = read_all(zoo["experts"][0]), read_all(zoo["experts"][1])
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, reference.slerp(first[name], second[name], 0.25), rtol=0, atol=1e-5)

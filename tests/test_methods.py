@@ -1,22 +1,24 @@
 """Each merge method's fold against the spec's formulas (tests/reference.py), plus hand-worked cases."""
 
+import re
+
 import pytest
 import reference
 import torch
 
 from merging.errors import ConfigError
 from merging.methods import METHODS, build_method
-from merging.methods.sparsify import dare_drop_, magnitude_trim_, top_magnitude_mask
+from merging.methods.sparsify import dare_drop_, della_drop_, magnitude_trim_, outlier_trim_, top_magnitude_mask
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
 
 def fold(method_name, params, base, experts, weights, seed=0, name=NAME):
     method = build_method(method_name, params, seed)
-    state = {key: torch.zeros_like(base) for key in method.state_names}
+    state = {key: base.new_zeros(method.state_shape(key, base.shape)) for key in method.state_names}
     for index, (expert, weight) in enumerate(zip(experts, weights, strict=True)):
         method.add(state, method.sparsify(expert - base, name, index), weight)
-    return base + method.delta(state, sum(weights))
+    return base + method.delta(state, sum(weights), base)
 
 
 @pytest.fixture()
@@ -27,8 +29,9 @@ def tensors():
     return base, experts
 
 
-def test_registry_has_the_five_methods():
-    assert list(METHODS) == ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+def test_registry_has_the_eleven_methods():
+    assert list(METHODS) == ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                             "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp"]
 
 
 @pytest.mark.parametrize("size", [20, 100, 4096, 100_000])
@@ -116,5 +119,88 @@ def test_invalid_params_name_the_field(params, field):
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown method 'slerp'; choose one of average, task_arithmetic"):
-        build_method("slerp", {})
+    with pytest.raises(ConfigError, match="unknown method 'nuslerp'; choose one of average, task_arithmetic"):
+        build_method("nuslerp", {})
+
+
+def test_breadcrumbs_by_hand():
+    delta = torch.tensor([5.0, -4.0, 3.0, -2.0, 1.0, 0.5, 0.0, 0.1, -0.2, 0.3])
+    # gamma 0.1 cuts the largest entry (5), density 0.3 keeps the next three (-4, 3, -2)
+    expected = torch.tensor([0.0, -4.0, 3.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(outlier_trim_(delta.clone(), 0.3, 0.1), expected)
+    # density + gamma > 1: fewer outliers are cut so that density is kept
+    assert torch.equal(outlier_trim_(delta.clone(), 0.95, 0.2), torch.where(delta == 5.0, 0.0, delta))
+    assert torch.equal(outlier_trim_(delta.clone(), 0.3, 0.0), magnitude_trim_(delta.clone(), 0.3))
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_match_spec(tensors, method):
+    base, experts = tensors
+    weights = [1.0, 0.5, 2.0]
+    merged = fold(method, {"density": 0.4, "gamma": 0.05, "lambda": 0.7}, base, experts, weights)
+    expected = getattr(reference, method)(base, experts, weights, 0.4, 0.05, 0.7)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_spec(tensors, method):
+    base, experts = tensors
+    weights = [1.0, 0.5, 2.0]
+    merged = fold(method, {"density": 0.4, "epsilon": 0.2, "lambda": 0.9}, base, experts, weights, seed=2)
+    expected = getattr(reference, method)(base, experts, weights, 0.4, 0.2, 2, NAME, 0.9)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+def test_magprune_keeps_large_entries_more_often_and_the_expected_value():
+    magnitudes = torch.arange(1, 101, dtype=torch.float32).repeat(20_000, 1)  # 20 000 rows ranked 1..100
+    pruned = della_drop_(magnitudes.clone(), 0.5, 0.3, 0, "w", 0)
+    kept = (pruned != 0).float().mean(0)
+    assert abs(float(kept[0]) - 0.2) < 0.03 and abs(float(kept[-1]) - 0.8) < 0.03  # density ∓ epsilon
+    assert abs(float(kept.mean()) - 0.5) < 0.01
+    torch.testing.assert_close(pruned.mean(0), magnitudes[0], rtol=0.05, atol=0)  # kept ones ÷ p; 3.5 σ
+    vector = della_drop_(torch.ones(7), 0.5, 0.1, 0, "b", 0)  # a vector is one row; ties ranked in index order
+    for j, value in enumerate(vector.tolist()):
+        assert value == 0 or abs(value - 1 / (0.4 + 0.2 * j / 6)) < 1e-5
+
+
+def test_model_stock_by_hand():
+    base = torch.zeros(2, 2)
+    first, second = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    # orthogonal task vectors: cosine 0, t = 0, the base
+    assert torch.equal(fold("model_stock", {}, base, [first, second], [1.0, 1.0]), base)
+    # identical ones: cosine 1, t = 1, their mean
+    assert torch.equal(fold("model_stock", {}, base, [first, first], [1.0, 1.0]), first)
+    # per row: row 0 is orthogonal, row 1 identical
+    a, b = torch.tensor([[1.0, 0.0], [2.0, 2.0]]), torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    merged = fold("model_stock", {"filter_wise": True}, base, [a, b], [1.0, 1.0])
+    assert torch.allclose(merged, torch.tensor([[0.0, 0.0], [1.5, 1.5]]))
+
+
+def test_model_stock_matches_the_mean_pairwise_cosine(tensors):
+    base, experts = tensors
+    for filter_wise in (False, True):
+        merged = fold("model_stock", {"filter_wise": filter_wise}, base, experts, [1.0] * 3)
+        torch.testing.assert_close(merged, reference.model_stock(base, experts, filter_wise), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_matches_mergekits_formula(t):
+    g = torch.Generator().manual_seed(1)
+    base, expert = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)  # far apart: a real angle
+    merged = fold("slerp", {"t": t}, base, [expert], [1.0])
+    torch.testing.assert_close(merged, reference.slerp(base, expert, t), rtol=0, atol=1e-5)
+    near = base + 1e-3 * expert  # colinear: linear interpolation
+    torch.testing.assert_close(fold("slerp", {"t": t}, base, [near], [1.0]), base + t * (near - base),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "params", "field"), [
+    ("della", {"density": 0.3, "epsilon": 0.3}, "params.epsilon: density ± epsilon must lie in (0, 1]"),
+    ("della", {"epsilon": 0.1}, "params.density"),
+    ("breadcrumbs", {"density": 0.5, "gamma": 1.0}, "params.gamma"),
+    ("slerp", {}, "params.t"), ("slerp", {"t": 1.5}, "params.t"),
+    ("model_stock", {"filter_wise": "rows"}, "params.filter_wise"),
+])
+def test_new_methods_name_the_bad_field(method, params, field):
+    with pytest.raises(ConfigError, match=f"merge.yaml: {re.escape(field)}"):
+        build_method(method, params, source="merge.yaml")

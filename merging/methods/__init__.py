@@ -6,13 +6,18 @@ from merging.config import describe_validation_error
 from merging.errors import ConfigError
 from merging.methods.average import Average
 from merging.methods.base import MergeMethod, MethodParams
+from merging.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from merging.methods.dare_linear import DareLinear
 from merging.methods.dare_ties import DareTies
+from merging.methods.della import Della, DellaLinear
+from merging.methods.model_stock import ModelStock
+from merging.methods.slerp import Slerp
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 
 METHODS: dict[str, type[MergeMethod]] = {
-    method.name: method for method in (Average, TaskArithmetic, Ties, DareLinear, DareTies)
+    method.name: method for method in (Average, TaskArithmetic, Ties, DareLinear, DareTies, Breadcrumbs,
+                                       BreadcrumbsTies, Della, DellaLinear, ModelStock, Slerp)
 }
 
 

@@ -8,5 +8,5 @@ from merging.methods.base import State, WeightedSum
 class Average(WeightedSum):
     name = "average"
 
-    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+    def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         return state["sum"].div_(total_weight)

@@ -2,7 +2,8 @@
 
 A method keeps per-tensor accumulators (`state`: float32 tensors named `state_names`, starting at zero).
 Each expert's task vector is optionally sparsified (in place or not: the caller's buffer is scratch),
-then folded in with `add`; `delta` turns the accumulators into the merged task vector. A batch merge of
+then folded in with `add`; `delta` turns the accumulators (and, for SLERP, the base tensor) into the merged
+task vector. An accumulator is shaped like the tensor unless `state_shape` says otherwise. A batch merge of
 K experts and an incremental merge that adds expert K+1 to saved accumulators run the same operations,
 so their results are identical.
 """
@@ -39,6 +40,9 @@ class MergeMethod(ABC):
     Params: ClassVar[type[MethodParams]] = MethodParams
     state_names: ClassVar[tuple[str, ...]]
     allows_negative_weights: ClassVar[bool] = False
+    takes_weights: ClassVar[bool] = True  # False: the maths has no per-expert weight, so only 1 is accepted
+    min_experts: ClassVar[int] = 1
+    max_experts: ClassVar[int | None] = None
 
     def __init__(self, params: MethodParams, seed: int = 0):
         self.params = params
@@ -48,14 +52,19 @@ class MergeMethod(ABC):
         """The part of one expert's task vector that enters the merge (all of it by default)."""
         return delta
 
+    def state_shape(self, key: str, shape: torch.Size) -> tuple[int, ...]:
+        """The shape of accumulator `key` for a tensor of `shape` (the tensor's own by default)."""
+        return tuple(shape)
+
     @abstractmethod
     def add(self, state: State, delta: torch.Tensor, weight: float) -> None:
         """Fold one expert's (sparsified, float32) task vector into the accumulators, in place."""
 
     @abstractmethod
-    def delta(self, state: State, total_weight: float) -> torch.Tensor:
-        """The merged task vector from the accumulators; total_weight is the sum of all experts' weights.
-        It may reuse the accumulators' memory: the state is not used afterwards."""
+    def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
+        """The merged task vector from the accumulators; total_weight is the sum of all experts' weights and
+        base the base tensor (float32, read only). It may reuse the accumulators' memory: the state is not used
+        afterwards."""
 
 
 class WeightedSum(MergeMethod):

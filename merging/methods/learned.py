@@ -64,5 +64,5 @@ class LearnedCoefficients(WeightedSum):
     def add(self, state: State, delta: torch.Tensor, weight: float) -> None:
         state["sum"].add_(delta)  # task weights shaped alpha during calibration: they do not scale it again
 
-    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+    def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         return state["sum"]

@@ -46,3 +46,37 @@ def dare_drop_(delta: torch.Tensor, density: float, seed: int, tensor_name: str,
         return delta
     kept = torch.rand(delta.shape, generator=generator(seed, tensor_name, expert_index)) < density
     return delta.div_(density).mul_(kept)
+
+
+def outlier_trim_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """In place (Model Breadcrumbs): zero the int(gamma·numel) entries of largest magnitude, then keep the
+    int(density·numel) largest of the rest; when the two fractions exceed 1, fewer outliers are cut."""
+    numel = delta.numel()
+    keep = int(density * numel)
+    outliers = min(int(gamma * numel), numel - keep)
+    if keep == 0:
+        return delta.zero_()
+    magnitudes = delta.abs().reshape(-1)
+    mask = top_magnitude_mask(magnitudes, keep + outliers) if keep + outliers < numel else \
+        torch.ones(numel, dtype=torch.bool)
+    if outliers:
+        mask &= ~top_magnitude_mask(magnitudes, outliers)
+    return delta.mul_(mask.view(delta.shape))
+
+
+def della_drop_(delta: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
+                expert_index: int) -> torch.Tensor:
+    """In place (DELLA's MagPrune): in each row (first dimension; a vector is one row), the entry of magnitude
+    rank r among n (1 = smallest) is kept with probability p = density - epsilon + 2·epsilon·(r - 1)/(n - 1)
+    (density when n = 1) and divided by p when kept, so each entry keeps its expected value."""
+    if density >= 1:
+        return delta
+    rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
+    width = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(width, dtype=rows.dtype).expand_as(rows))
+    spread = ranks.div_(width - 1).mul_(2 * epsilon) if width > 1 else ranks.fill_(epsilon)
+    keep_probability = spread.add_(density - epsilon)
+    kept = torch.rand(rows.shape, generator=generator(seed, tensor_name, expert_index)) < keep_probability
+    rows.div_(keep_probability).mul_(kept)
+    return delta

@@ -10,6 +10,6 @@ class TaskArithmetic(WeightedSum):
     Params = LinearParams
     allows_negative_weights = True
 
-    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+    def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         scale = self.params.scale / total_weight if self.params.normalize else self.params.scale
         return state["sum"].mul_(scale)

@@ -27,7 +27,7 @@ class Ties(MergeMethod):
         state["positive_weight"].add_(positive > 0, alpha=weight)
         state["negative_weight"].add_(negative < 0, alpha=weight)
 
-    def delta(self, state: State, total_weight: float) -> torch.Tensor:
+    def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         positive, negative = state["positive_sum"], state["negative_sum"]
         elected = positive + negative
         # 0/0 where no expert has that sign; those entries are never selected below
