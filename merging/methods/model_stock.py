@@ -11,6 +11,8 @@ from pydantic import Field
 
 from merging.methods.base import MergeMethod, MethodParams, State
 
+SINGULAR = 1e-6
+
 
 class ModelStockParams(MethodParams):
     filter_wise: bool = Field(False, description="one cosine per row of a matrix instead of one per tensor")
@@ -43,7 +45,9 @@ class ModelStock(MergeMethod):
     def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         experts = round(total_weight)  # every weight is 1
         cosine = state["cosine_sum"].div_(experts * (experts - 1) / 2)
-        # 1 + (K - 1)·c is 0 only when the unit vectors cancel exactly; then no direction is shared: t = 0
-        ratio = (cosine * experts).div_(cosine * (experts - 1) + 1).nan_to_num_(0.0, posinf=0.0, neginf=0.0)
+        denominator = cosine * (experts - 1) + 1
+        # 1 + (K - 1)·c is 0 only where the unit vectors cancel: no shared direction, so t = 0 (as mergekit, below 1e-6)
+        singular = denominator.abs() < SINGULAR
+        ratio = torch.where(singular, 0.0, cosine * experts / torch.where(singular, 1.0, denominator))
         ratio = ratio.reshape(ratio.shape + (1,) * (base.dim() - ratio.dim()))
         return state["sum"].mul_(ratio / experts)
