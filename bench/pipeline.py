@@ -4,8 +4,8 @@
    base and K experts stored and registered. merge-pipeline runs once with empty caches (wall time measured around
    the call); then the same stages run as plain library calls in one process: download base + experts, merge,
    evaluate, upload, fit. Overhead = flow wall time - library wall time (Prefect task runs, result persistence,
-   MLflow logging and registration). Then expert K+1 is registered and on-new-expert adds it to that champion
-   (incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs. Last, the
+   MLflow logging and registration). Then expert K+1 is registered and on-new-expert adds it to that merge (the
+   head; incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs. Last, the
    scaling-sweep flow over the K+1 experts on the thread runner and on a 2-worker Dask LocalCluster.
 2. Incremental vs full. Random Llama checkpoints (merging.synthetic), K experts merged with their state kept; then
    expert K+1 is added by the flows' incremental path (copy the state, add_experts) and, separately, all K+1 are
@@ -50,7 +50,7 @@ def bench_settings(state_dir: Path):
 
 def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[str, float]:
     """On a local stack: the orchestration overhead of merge-pipeline (flow wall time vs the same stages as library
-    calls, both with empty caches), then an on-new-expert run adding expert K+1 to that champion against a
+    calls, both with empty caches), then an on-new-expert run adding expert K+1 to that merge (the head) against a
     merge-pipeline run of all K+1 (both with the experts' downloads cached, nothing else)."""
     from prefect.logging.handlers import APILogHandler
 
@@ -65,7 +65,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from merging.evaluate import evaluate
     from merging.zoo import expert_folders
     from tasks.law import LawJob, decide_job
-    from tasks.registry import crown, register_expert
+    from tasks.registry import register_expert
     from tasks.storage import base_uri, download_folder, expert_uri, upload_expert
 
     settings = bench_settings(workdir / "state")
@@ -117,8 +117,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
                                             "full_merge": []}
             for _ in range(repeats):
                 fresh_state(downloads_too=False)
-                champion = configured(merge_pipeline, config.runner, settings)(config)
-                crown("bench-base", champion.version, settings=settings)  # the K-expert merge, with its accumulators
+                configured(merge_pipeline, config.runner, settings)(config)  # the head: the K-expert merge
                 seconds, added = timed(configured(on_new_expert, config.runner, settings), config, new.s3_uri,
                                        new.sha256, new.version, new.domain, "bench-base")
                 assert added.incremental, "on-new-expert did not take the incremental path"
@@ -232,7 +231,7 @@ def main() -> None:
                   "| --- | --- | --- | --- |",
                   f"| {figures['flow_s']:.2f} | {figures['library_s']:.2f} | {figures['overhead_s']:.2f} | "
                   f"{figures['task_compute_s']:.2f} |", "",
-                  f"Runs: on-new-expert adding expert {k + 1} to the champion vs merge-pipeline with all {k + 1} "
+                  f"Runs: on-new-expert adding expert {k + 1} to the head vs merge-pipeline with all {k + 1} "
                   f"(tiny zoo, ties, downloads cached, median of {args.repeats})", "",
                   "| run | incremental s | full s | ratio | target 1.5/(K+1) |", "| --- | --- | --- | --- | --- |",
                   f"| whole flow | {figures['incremental_run_s']:.2f} | {figures['full_run_s']:.2f} | "

@@ -6,7 +6,8 @@ champion); `mergeplan serve` is started; then --experts experts (copies of the z
 noise, each under a name of its own) are uploaded and registered one right after another. Each registration goes
 MLflow -> webhook -> Prefect event -> the on-new-expert deployment (one run at a time). The bench waits for all
 of them and checks: every version was merged by exactly one finished run, the runs ran in registration order,
-no run failed, and the final champion holds every expert and equals a batch merge of them (max |difference|).
+no run failed, and the final head holds every expert and equals a batch merge of them (max |difference|), and
+whether it is also the champion.
 It prints the time to drain the burst, and the state folder's size after each run, by part.
 
     .venv/bin/python bench/registration_burst.py --experts 30 --zoo ZOO   # ZOO: a built `tiny` zoo (or built here)
@@ -29,7 +30,7 @@ from mlflow import MlflowClient
 from pydantic import SecretStr
 
 from flows.merge_pipeline import merge_pipeline
-from flows.on_new_expert import champion_experts
+from flows.on_new_expert import merged_experts
 from flows.pipeline_config import PipelineConfig
 from flows.runtime import configured, prefect_api
 from infra import stack
@@ -39,7 +40,7 @@ from merging import ExpertRef, MergeConfig, merge
 from merging.checkpoint import CheckpointReader
 from merging.synthetic import write_random_expert
 from merging.zoo import build_zoo
-from tasks.registry import champion_version, register_expert
+from tasks.registry import champion_version, head_version, register_expert
 from tasks.storage import download_folder, expert_uri, upload_expert
 from tasks.tracking import FLOW_TAG, NEW_EXPERT_TAG
 
@@ -134,13 +135,13 @@ def main() -> None:
                 runs = finished_runs(client, experiment)
                 merged_uris = [r.data.tags.get(NEW_EXPERT_TAG) for r in runs]
                 statuses = [r.info.status for r in runs]
-                champion = champion_version(BASE, settings=settings)
-                held = [ref.name for ref in champion_experts(champion)]
+                head, champion = head_version(BASE, settings=settings), champion_version(BASE, settings=settings)
+                held = [ref.name for ref in merged_experts(head)]
                 full = merge(MergeConfig(base=zoo / "base", method="task_arithmetic", params={"lambda": 0.05},
                                          experts=[ExpertRef(path=zoo / "experts" / domains[0], name="first")] + [
                                              ExpertRef(path=tmp / "copies" / n, name=n) for n in names]),
                              tmp / "batch")
-                served = download_folder(champion.source, tmp / "cache", settings=settings)
+                served = download_folder(head.source, tmp / "cache", settings=settings)
                 a, b = CheckpointReader(served), CheckpointReader(full)
                 max_diff = max(float((a.read(n).float() - b.read(n).float()).abs().max()) for n in b.names())
         finally:
@@ -156,7 +157,8 @@ def main() -> None:
             "runs": len(runs), "runs_finished": statuses.count("FINISHED"), "runs_failed": statuses.count("FAILED"),
             "each_merged_once": sorted(merged_uris) == sorted(expected),
             "in_registration_order": merged_uris == expected,
-            "champion_holds_all": held == ["first", *names], "champion_vs_batch_max_abs_diff": max_diff,
+            "head_holds_all_in_order": held == ["first", *names], "head_vs_batch_max_abs_diff": max_diff,
+            "champion_is_head": champion.version == head.version,
             "state_mb_before": round(before["total"], 1),
             "state_mb_after": {k: round(v, 1) for k, v in growth[-1][2].items()} if growth else None,
             "state_mb_per_run": round((growth[-1][2]["total"] - before["total"]) / len(growth), 2) if growth else None,

@@ -1,16 +1,21 @@
-"""`on-new-expert`: a newly registered expert is merged into the current champion incrementally, evaluated, the
-law refitted with the new point, and the decision (continue / stop) logged; the result is registered and becomes
-the champion when its macro CE is lower.
+"""`on-new-expert`: a newly registered expert joins the head (the merge of every expert taken so far)
+incrementally, is evaluated, the law refitted with the new point, and the decision (continue / stop) logged; the
+result is registered as the new head, and becomes the champion when its macro CE is lower.
 
-Incremental means: the champion's accumulators (kept under STATE_DIR/work/merges/KEY/state by the run that made
+Registration order and exactly once: a run first takes, oldest first, every registered expert that no run has
+taken and that was registered before its own (a burst of events can start runs in any order), and does nothing
+for an expert an earlier run already took (an event delivered twice, or drained by such a run).
+
+Incremental means: the head's accumulators (kept under STATE_DIR/work/merges/KEY/state by the run that made
 it) plus the new expert, read alone; the result equals a full merge of all of them. A full merge is run instead
-when there is no champion yet, the expert replaces one of the champion's domains, the method or its params
-changed, or the accumulators are not on this machine. An expert of another base is refused with the reason.
+when there is no head yet, the expert replaces one of the head's domains, the method or its params changed, or
+the accumulators are not on this machine. An expert of another base is refused with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from prefect import flow
 
@@ -22,14 +27,41 @@ from merging.errors import ExpertRefused
 from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
-from tasks.registry import MERGE_KEY, champion_version, check_same_base
-from tasks.tracking import DECISION_TAG, NEW_EXPERT_SHA_TAG, NEW_EXPERT_TAG, REASON_TAG, log_run, tracked_run
+from tasks.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version, latest_expert_versions
+from tasks.tracking import (
+    DECISION_TAG,
+    NEW_EXPERT_SHA_TAG,
+    NEW_EXPERT_TAG,
+    REASON_TAG,
+    experts_taken,
+    log_run,
+    tracked_run,
+)
 
 FLOW_NAME = "on-new-expert"
 
 
-def champion_experts(champion) -> list[CheckpointRef]:
-    return [CheckpointRef.model_validate(e) for e in json.loads(champion.tags.get("experts", "[]"))]
+log = logging.getLogger("mergeplan")
+
+
+def merged_experts(version) -> list[CheckpointRef]:
+    """The experts a registered merged version holds."""
+    return [CheckpointRef.model_validate(e) for e in json.loads(version.tags.get("experts", "[]"))]
+
+
+def taken_experts(config: PipelineConfig, settings: Settings) -> set[tuple[str, str]]:
+    """(S3 folder, manifest sha256) of the expert versions taken: a finished (or refused) on-new-expert run names
+    it, or the head holds it."""
+    taken = experts_taken(config.experiment_name, settings)
+    head = head_version(config.base.name, settings=settings)
+    return taken | {(ref.uri, ref.sha256) for ref in merged_experts(head)} if head is not None else taken
+
+
+def untaken_experts(config: PipelineConfig, settings: Settings) -> list[RegisteredExpert]:
+    """The newest version of each registered expert of the pipeline's base that no run took, oldest first."""
+    taken = taken_experts(config, settings)
+    return [expert for expert, _ in latest_expert_versions(config.base.name, settings=settings)
+            if (expert.s3_uri, expert.sha256) not in taken]
 
 
 def refuse_other_base(base: str, s3_uri: str, config: PipelineConfig, settings: Settings) -> str | None:
@@ -60,10 +92,9 @@ def _expected_local(ref: CheckpointRef) -> LocalCheckpoint:
     return LocalCheckpoint(ref=ref, path=ref.output.resolve())
 
 
-@flow(name=FLOW_NAME)
-def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str,
-                  base: str) -> Outcome:
-    settings = recording_settings()
+def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str, base: str,
+               settings: Settings) -> Outcome:
+    """One expert into the head: its own MLflow run, merge, evaluation, decision and registration."""
     clock = StageClock()
     with tracked_run(config.experiment_name, f"add {domain} v{version}",
                      run_tags(config, FLOW_NAME) | {NEW_EXPERT_TAG: s3_uri, NEW_EXPERT_SHA_TAG: sha256}) as run_id:
@@ -72,16 +103,15 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
             log_run(run_id, tags={DECISION_TAG: "refused", REASON_TAG: refusal})
             raise ExpertRefused(refusal)
         new = CheckpointRef(name=domain, domain=domain, uri=s3_uri, sha256=sha256, version=version)
-        champion = champion_version(config.base.name, settings=settings)
-        members = (champion_experts(champion) if champion is not None
-                   else registered_experts(config.base.name, settings))
+        head = head_version(config.base.name, settings=settings)
+        members = merged_experts(head) if head is not None else registered_experts(config.base.name, settings)
         base_checkpoint = pipeline_base(config, settings)
         local_base = fresh(fetch_checkpoint, base_checkpoint)(base_checkpoint)
         data = fetch_data(config, settings)
         previous = None
-        if champion is not None and all(e.domain != domain for e in members):
+        if head is not None and all(e.domain != domain for e in members):
             previous_job = merge_job(config, local_base, [_expected_local(e) for e in members], data)
-            previous = previous_merge(champion, config, previous_job)
+            previous = previous_merge(head, config, previous_job)
         if previous is not None:
             local_new = fresh(fetch_checkpoint, new)(new)
             clock.lap("fetch")
@@ -94,3 +124,34 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
             merged = fresh(merge_full, job)(job)
         clock.lap("merge")
         return conclude(run_id, job, merged, data, config, clock, settings)
+
+
+def add_untaken(config: PipelineConfig, experts: list[RegisteredExpert], settings: Settings) -> list[Outcome]:
+    """An on-new-expert run (a subflow) for each of EXPERTS, in order; a refused one (another base) is logged and
+    skipped, as its run is tagged refused and will not be taken again. An outage is not caught: the run fails
+    and a later one retries."""
+    outcomes = []
+    for expert in experts:
+        try:
+            outcome = on_new_expert(config, expert.s3_uri, expert.sha256, expert.version, expert.domain,
+                                    expert.base)
+        except ExpertRefused as exc:
+            log.warning("%s version %s not merged: %s", expert.model_name, expert.version, exc)
+            continue
+        if outcome is not None:
+            outcomes.append(outcome)
+    return outcomes
+
+
+@flow(name=FLOW_NAME)
+def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str,
+                  base: str) -> Outcome | None:
+    """The outcome of adding this expert, or None when an earlier run already took it."""
+    settings = recording_settings()
+    if (s3_uri, sha256) in taken_experts(config, settings):
+        log.info("%s (sha256 %s) was already merged by an earlier run; nothing to do", s3_uri, sha256[:12])
+        return None
+    untaken = untaken_experts(config, settings)
+    earlier = next((i for i, e in enumerate(untaken) if (e.s3_uri, e.sha256) == (s3_uri, sha256)), 0)
+    add_untaken(config, untaken[:earlier], settings)  # registered before this one: they go first
+    return add_expert(config, s3_uri, sha256, version, domain, base, settings)

@@ -1,6 +1,7 @@
 """What every merging flow does once it has a merged model: evaluate it, put it in the store, refit the law on
-every point measured so far, decide, log all of it to the flow's MLflow run, and register the model (alias
-`champion` when its macro CE beats the current champion's). Called from inside a flow."""
+every point measured so far, decide, log all of it to the flow's MLflow run, and register the model: alias `head`
+(the merge the next expert joins) always, alias `champion` when its macro CE beats the current champion's.
+Called from inside a flow."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tasks.evaluation import EvalJob, Scores, evaluate_merged
 from tasks.fetch import LocalCheckpoint
 from tasks.law import Decision, LawJob, fit_and_decide
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
-from tasks.registry import MERGE_KEY, champion_version, crown, describe_version, register_merged
+from tasks.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
 from tasks.stages import StageCost
 from tasks.tracking import (
     DECISION_TAG,
@@ -142,8 +143,9 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
         "experts": json_tag([e.ref.model_dump() for e in job.experts]),
         PREVIOUS_CHAMPION_TAG: champion.version if champion is not None else "none",
         **lineage_tags(job, config.base.name)})
+    set_alias(config.base.name, HEAD, version, settings=settings)
     if beats:
-        crown(config.base.name, version, settings=settings)
+        set_alias(config.base.name, CHAMPION, version, settings=settings)
     review = review_markdown(config, job, comparison, decision, version, beats,
                              run_link(run_id, read_run(run_id).experiment_id, settings),
                              {name: tree_hash(path) for name, path in job.calibration.items()})

@@ -286,8 +286,9 @@ def _run_pipeline(args: argparse.Namespace) -> None:
 
 
 def _reconcile(args: argparse.Namespace) -> None:
+    from flows.on_new_expert import untaken_experts
     from flows.pipeline_config import load_pipeline_config
-    from flows.reconcile import reconcile, untaken_experts
+    from flows.reconcile import reconcile
     from flows.runtime import configured, prefect_api
     from tasks.registry import check_reachable
 

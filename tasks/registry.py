@@ -29,6 +29,7 @@ log = logging.getLogger("mergeplan")
 WEBHOOK_NAME = "mergeplan-expert-registered"
 WEBHOOK_EVENT = "model_version.created"
 CHAMPION = "champion"
+HEAD = "head"  # the merge of every expert taken so far, the one the next expert joins
 MERGE_KEY = "merge_key"  # version tag of a merged model: the content key of its merge
 # Dots separate the parts of `expert.BASE.DOMAIN` and of the Prefect resource id, so names may not have any.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -202,15 +203,25 @@ def merged_model_name(base: str) -> str:
     return f"merged.{base}"
 
 
-def champion_version(base: str, *, settings: Settings) -> ModelVersion | None:
-    """The version of `merged.BASE` with alias `champion`, or None before the first one."""
+def aliased_version(base: str, alias: str, *, settings: Settings) -> ModelVersion | None:
+    """The version of `merged.BASE` with ALIAS (`champion`, `head`), or None before the first one."""
     client = mlflow_client(settings)
     try:
-        return client.get_model_version_by_alias(merged_model_name(base), CHAMPION)
+        return client.get_model_version_by_alias(merged_model_name(base), alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
-        raise refused(exc, f"reading the champion of {merged_model_name(base)}", settings) from exc
+        raise refused(exc, f"reading the {alias} of {merged_model_name(base)}", settings) from exc
+
+
+def champion_version(base: str, *, settings: Settings) -> ModelVersion | None:
+    """The best merge so far: alias `champion`."""
+    return aliased_version(base, CHAMPION, settings=settings)
+
+
+def head_version(base: str, *, settings: Settings) -> ModelVersion | None:
+    """The merge the next expert joins: alias `head` (the champion in registries made before `head` existed)."""
+    return aliased_version(base, HEAD, settings=settings) or champion_version(base, settings=settings)
 
 
 def register_merged(base: str, s3_uri: str, run_id: str, merge_key: str, tags: dict[str, str], *,
@@ -245,10 +256,10 @@ def describe_version(base: str, version: str, description: str, *, settings: Set
         raise refused(exc, f"describing {merged_model_name(base)} version {version}", settings) from exc
 
 
-def crown(base: str, version: str, *, settings: Settings) -> None:
-    """Point alias `champion` of `merged.BASE` at VERSION."""
+def set_alias(base: str, alias: str, version: str, *, settings: Settings) -> None:
+    """Point ALIAS (`champion`, `head`) of `merged.BASE` at VERSION."""
     client = mlflow_client(settings)
     try:
-        client.set_registered_model_alias(merged_model_name(base), CHAMPION, version)
+        client.set_registered_model_alias(merged_model_name(base), alias, version)
     except MlflowException as exc:
-        raise refused(exc, f"setting {merged_model_name(base)}@{CHAMPION}", settings) from exc
+        raise refused(exc, f"setting {merged_model_name(base)}@{alias}", settings) from exc

@@ -32,11 +32,10 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.on_new_expert import champion_experts
-from flows.reconcile import untaken_experts
+from flows.on_new_expert import merged_experts, untaken_experts
 from infra import stack
 from infra.settings import Settings
-from tasks.registry import CHAMPION, MERGE_KEY, champion_version, merged_model_name
+from tasks.registry import CHAMPION, HEAD, MERGE_KEY, head_version, merged_model_name
 from tasks.storage import MANIFEST, download_folder, s3_client
 
 pytestmark = pytest.mark.slow
@@ -116,8 +115,8 @@ def assert_nothing_lost(settings: Settings, tmp_path: Path) -> None:
     for v in versions:  # download_folder checks every file's sha256 and size against the manifest
         assert (download_folder(v.source, tmp_path / f"v{v.version}", settings=settings) / "config.json").is_file()
     sources = {v.source.rstrip("/") for v in versions}
-    champion = client.get_model_version_by_alias(merged_model_name(BASE), CHAMPION)
-    assert champion.source.rstrip("/") in sources
+    for alias in (CHAMPION, HEAD):
+        assert client.get_model_version_by_alias(merged_model_name(BASE), alias).source.rstrip("/") in sources
     s3 = s3_client(settings)
     listed = s3.list_objects_v2(Bucket=settings.bucket, Prefix=f"merged/{BASE}/", Delimiter="/")
     for prefix in (p["Prefix"] for p in listed.get("CommonPrefixes", [])):
@@ -155,8 +154,8 @@ def test_an_on_new_expert_run_killed_midway_is_finished_by_reconcile(services, t
     config = pipeline_config(tiny_zoo)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config.as_parameters()))
-    if champion_version(BASE, settings=services) is None:
-        assert finished(cli(services, "run", path))[0] == 0  # a champion to add to
+    if head_version(BASE, settings=services) is None:
+        assert finished(cli(services, "run", path))[0] == 0  # a head to add to
     newcomers = sorted({p.name for p in (tiny_zoo / "experts").iterdir()} - set(PIPELINE_DOMAINS))
     domain = newcomers[SERVICES.index(service)]
     with mock.patch.dict(os.environ, services.as_env()):
@@ -170,11 +169,11 @@ def test_an_on_new_expert_run_killed_midway_is_finished_by_reconcile(services, t
     stack.up(services, [service])
     status, out, err = finished(cli(services, "reconcile", path))
     assert status == 0, err
-    held = {ref.domain for ref in champion_experts(champion_version(BASE, settings=services))}
+    held = {ref.domain for ref in merged_experts(head_version(BASE, settings=services))}
     if f"not yet merged: expert.{BASE}.{domain}" in out:  # the rerun merges it, from the cache
         stages = cached_stages(newest_task_states(services, "on-new-expert"))
         assert stages and set(stages.values()) == {"Cached"}, stages
-    else:  # killed after it crowned the merge (S3 failed only the artifacts): the champion already holds it
+    else:  # killed after it registered the merge (S3 failed only the artifacts): the head already holds it
         assert "nothing to reconcile" in out and domain in held, out
     assert not untaken_experts(config, services)  # the registration was not lost
     assert_nothing_lost(services, tmp_path)

@@ -1,14 +1,17 @@
 """A registration whose event never became a flow run (Prefect down, receiver stopped) is found and merged by
-`reconcile`, once: a second reconcile finds nothing."""
+`reconcile`, once: a second reconcile finds nothing. A run takes the registrations before its own first, so
+experts join the head in registration order, each once."""
 
 from __future__ import annotations
 
 from mlflow import MlflowClient
-from pipeline_support import pipeline_config, store_expert
+from pipeline_support import BASE, pipeline_config, store_expert
 
 from flows.merge_pipeline import merge_pipeline
-from flows.reconcile import reconcile, untaken_experts
+from flows.on_new_expert import merged_experts, on_new_expert, untaken_experts
+from flows.reconcile import reconcile
 from flows.runtime import configured
+from tasks.registry import head_version
 
 
 def test_a_registration_no_run_took_is_merged_by_reconcile_once(pipeline_env, tiny_zoo):
@@ -30,3 +33,30 @@ def test_a_registration_no_run_took_is_merged_by_reconcile_once(pipeline_env, ti
     assert run.data.tags["mergeplan.decision"] in ("continue", "stop", "uncertain", "law_fails")
     assert untaken_experts(config, pipeline_env) == []
     assert configured(reconcile, config.runner, pipeline_env)(config) == []  # nothing is merged twice
+
+
+def test_a_run_takes_earlier_registrations_first_and_each_expert_once(pipeline_env, tiny_zoo):
+    config = pipeline_config(tiny_zoo)
+    configured(merge_pipeline, config.runner, pipeline_env)(config)
+    configured(reconcile, config.runner, pipeline_env)(config)  # whatever earlier tests left untaken
+    first = store_expert(tiny_zoo, "number_theory", pipeline_env)
+    second = store_expert(tiny_zoo, "code", pipeline_env)
+    add = configured(on_new_expert, config.runner, pipeline_env)
+
+    # the second registration's event starts a run first (runs waiting for the deployment's slot start in any order)
+    outcome = add(config, second.s3_uri, second.sha256, second.version, "code", BASE)
+    client = MlflowClient(pipeline_env.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name).experiment_id
+    runs = client.search_runs([experiment], "tags.`mergeplan.flow` = 'on-new-expert'", order_by=["start_time ASC"])
+    taken = [r.data.tags["mergeplan.new_expert"] for r in runs if r.data.tags["mergeplan.new_expert"] in
+             (first.s3_uri, second.s3_uri)]
+    assert taken == [first.s3_uri, second.s3_uri]  # registration order
+    assert outcome.experts[-2:] == ["number_theory", "code"] and outcome.incremental
+    head = head_version(BASE, settings=pipeline_env)
+    assert head.version == outcome.version and [e.domain for e in merged_experts(head)] == outcome.experts
+
+    # the first's own event, and the second's delivered twice: each expert is merged once
+    assert add(config, first.s3_uri, first.sha256, first.version, "number_theory", BASE) is None
+    assert add(config, second.s3_uri, second.sha256, second.version, "code", BASE) is None
+    after = client.search_runs([experiment], "tags.`mergeplan.flow` = 'on-new-expert'")
+    assert len(after) == len(runs)
