@@ -71,6 +71,7 @@ class Settings(BaseModel):
     webhook_max_age_s: float = Field(300, gt=0)
     cache_dir: Path
     cache_max_gb: float = Field(50, gt=0)  # the download cache's limit: least recently used folders go first
+    work_max_gb: float = Field(20, gt=0)  # STATE/work's limit (merged models, accumulators, sweeps), the same way
     s3_attempts: int = Field(5, ge=1)
     s3_backoff_s: float = Field(0.5, ge=0)
     s3_connect_timeout_s: float = Field(5, gt=0)

@@ -311,18 +311,27 @@ def _reconcile(args: argparse.Namespace) -> None:
 
 
 def _cache_gc(args: argparse.Namespace) -> None:
+    from tasks.caching import collect_work_garbage, work_root
     from tasks.storage import collect_garbage
 
-    if args.max_gb is not None and args.max_gb <= 0:
-        raise ConfigError(f"--max-gb: the limit must be positive, got {args.max_gb:g}")
+    for flag, value in (("--max-gb", args.max_gb), ("--work-max-gb", args.work_max_gb)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag}: the limit must be positive, got {value:g}")
     settings = _settings()
-    limit_gb = settings.cache_max_gb if args.max_gb is None else args.max_gb
-    report = collect_garbage(settings.cache_dir, int(limit_gb * 1e9))
+    limits = {"cache": settings.cache_max_gb if args.max_gb is None else args.max_gb,
+              "work": settings.work_max_gb if args.work_max_gb is None else args.work_max_gb}
+    report = collect_garbage(settings.cache_dir, int(limits["cache"] * 1e9))
     if report.busy:
         raise StorageError(f"{settings.cache_dir}: a download is in progress; run `mergeplan cache gc` again after it")
-    print(f"{settings.cache_dir}: {report.before_bytes / 1e6:.1f} MB -> {report.after_bytes / 1e6:.1f} MB "
-          f"(limit {limit_gb:g} GB); {len(report.removed)} folders removed, least recently used first; "
-          f"{len(report.held)} held by running processes kept")
+    work = work_root(settings)
+    work_report = collect_work_garbage(work, int(limits["work"] * 1e9))
+    if work_report.busy:
+        raise StorageError(f"{work}: another garbage collection is running; run `mergeplan cache gc` again after it")
+    for folder, done, limit_gb, what in ((settings.cache_dir, report, limits["cache"], "folders"),
+                                         (work, work_report, limits["work"], "job folders")):
+        print(f"{folder}: {done.before_bytes / 1e6:.1f} MB -> {done.after_bytes / 1e6:.1f} MB (limit {limit_gb:g} GB); "
+              f"{len(done.removed)} {what} removed, least recently used first; {len(done.held)} held by running "
+              "processes kept")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -525,15 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flow", choices=["merge-pipeline", "scaling-sweep"], default="merge-pipeline",
                      help="merge-pipeline (default) or scaling-sweep (the nightly deployment's flow, now)")
     run.set_defaults(run=_run_pipeline)
-    cache = commands.add_parser("cache", help="the download cache (STATE_DIR/cache)").add_subparsers(
-        dest="cache_command", required=True, metavar="COMMAND")
+    cache = commands.add_parser("cache", help="the download cache (STATE_DIR/cache) and the work folder "
+                                "(STATE_DIR/work)").add_subparsers(dest="cache_command", required=True,
+                                                                   metavar="COMMAND")
     gc = cache.add_parser(
-        "gc", help="remove least recently used folders until the cache fits its limit",
+        "gc", help="remove least recently used folders until the cache and the work folder fit their limits",
         description="Removes cached folders, least recently used first, and the files no other folder shares, until "
-                    "the cache is within the limit (MERGEPLAN_CACHE_MAX_GB, default 50; downloads enforce it too). "
-                    "A folder a running process holds (it downloaded or used it) is never removed.",
+                    "the cache is within the limit (MERGEPLAN_CACHE_MAX_GB, default 50; downloads enforce it too); "
+                    "then the flows' job folders under STATE_DIR/work (merged models with their accumulators, "
+                    "sweeps, fits) the same way (MERGEPLAN_WORK_MAX_GB, default 20; merges enforce it too; a "
+                    "removed one is recomputed when a flow needs it). A folder a running process holds (it "
+                    "downloaded, made or used it) is never removed.",
         epilog=stack_help)
-    gc.add_argument("--max-gb", type=float, help="the limit for this run (default MERGEPLAN_CACHE_MAX_GB)")
+    gc.add_argument("--max-gb", type=float, help="the cache's limit for this run (default MERGEPLAN_CACHE_MAX_GB)")
+    gc.add_argument("--work-max-gb", type=float,
+                    help="the work folder's limit for this run (default MERGEPLAN_WORK_MAX_GB)")
     gc.set_defaults(run=_cache_gc)
     reconciling = commands.add_parser(
         "reconcile", help="run on-new-expert for each registered expert no run has taken (a lost trigger)",

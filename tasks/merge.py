@@ -19,7 +19,7 @@ from infra.settings import Settings
 from merging.calibration import CALIBRATED_METHODS
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
-from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
+from tasks.caching import RESULT_SERIALIZER, collect_work_garbage, content_cache, content_hash, tree_hash, work_root
 from tasks.fetch import LocalCheckpoint
 from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
@@ -81,6 +81,9 @@ class MergedModel(BaseModel):
 
 
 def _merged(job: MergeJob, cost: StageCost, incremental: bool = False) -> MergedModel:
+    """The result of a merge, once STATE/work is back within its limit (the new merge is held: it stays)."""
+    settings = Settings.from_env()
+    collect_work_garbage(work_root(settings), int(settings.work_max_gb * 1e9))
     state = job.folder / "state" if job.keeps_state else None
     return MergedModel(key=job.cache_key, path=job.output, state=state, incremental=incremental, cost=cost,
                        experts=[e.ref.name for e in job.experts])

@@ -7,8 +7,8 @@ exists is complete. Downloads land in a content-addressed cache:
     CACHE/blobs/SHA256          verified file contents, read-only, shared by every folder that has the file
     CACHE/partial/SHA256.part*  downloads in progress; never read, deleted by the next download of that blob
     CACHE/folders/MANIFEST_SHA  one folder per stored version: hard links to the blobs + manifest.json
-    CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once; hold-SHA
-                                files that a process using a folder keeps share-locked until it exits
+    CACHE/folders/.hold-SHA     a flock file that a process using the folder keeps share-locked until it exits
+    CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once
 
 A folder appears by an atomic rename once every blob is verified, so a folder in folders/ is always complete,
 and a second download of the same manifest fetches nothing but the manifest. The cache has a size limit
@@ -331,12 +331,43 @@ def read_json_file(s3_uri: str, name: str, manifest: Manifest, *, settings: Sett
 
 
 GC_LOCK = "gc"
+HOLD_PREFIX = ".hold-"
 _HELD: dict[Path, object] = {}  # hold files this process keeps locked, by path
 
 
 def cached_folder(cache_dir: Path, manifest_sha256: str) -> Path:
     """Where the cache under CACHE_DIR keeps (or will keep) the stored folder with this manifest."""
     return Path(cache_dir) / "folders" / manifest_sha256
+
+
+def hold_folder(folder: Path) -> None:
+    """Keep FOLDER (which may not exist yet) from garbage collection for as long as this process lives (a flow run
+    uses what it downloaded or merged until it ends): a shared lock on the sibling file .hold-NAME that the kernel
+    drops at exit. Marks the folder used now, for the LRU order."""
+    lock = folder.parent / f"{HOLD_PREFIX}{folder.name}"
+    if lock not in _HELD:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the process
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _HELD[lock] = handle
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(folder)
+
+
+@contextmanager
+def unless_held(folder: Path) -> Iterator[bool]:
+    """True, with FOLDER locked against new holders until the block ends (so it can be removed), when no live
+    process holds it; False when one does."""
+    with open(folder.parent / f"{HOLD_PREFIX}{folder.name}", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class FolderCache:
@@ -383,16 +414,6 @@ class FolderCache:
         """Shared with every other download, exclusive with garbage collection: no blob vanishes mid-download."""
         return self._flocked(GC_LOCK, fcntl.LOCK_SH)
 
-    def hold(self, manifest_sha256: str) -> None:
-        """Keep the folder for as long as this process lives (a flow run uses what it downloaded until it ends):
-        a shared lock the kernel drops at exit, which garbage collection never removes a folder under. Marks the
-        folder used now, for the LRU order."""
-        path = self.root / "locks" / f"hold-{manifest_sha256}"
-        if path not in _HELD:
-            handle = open(path, "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the process
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            _HELD[path] = handle
-        os.utime(self.folder(manifest_sha256))
 
 
 def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: FolderCache,
@@ -449,7 +470,7 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
     with cache.downloading():
         if cache.folder(manifest.sha256).is_dir():
             log.info("%s: in the cache (%s), nothing downloaded", location.uri(), cache.folder(manifest.sha256))
-            cache.hold(manifest.sha256)
+            hold_folder(cache.folder(manifest.sha256))
             return cache.folder(manifest.sha256)
         wanted: dict[str, str] = {}  # sha256 -> one file name that has it: identical files are fetched once
         for name, entry in manifest.files.items():
@@ -464,7 +485,7 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
             log.info("downloaded %d files (%.1f MB) of %s in %.1f s", len(wanted), fetched / 1e6, location.uri(),
                      time.perf_counter() - started)
         folder = _assemble(cache, manifest)
-        cache.hold(manifest.sha256)
+        hold_folder(cache.folder(manifest.sha256))
     if wanted:  # the limit is checked only when the cache grew
         collect_garbage(cache.root, int(settings.cache_max_gb * 1e9))
     return folder
@@ -474,7 +495,7 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
 class GarbageReport:
     before_bytes: int
     after_bytes: int
-    removed: list[str]  # manifest sha256 of the folders removed, least recently used first
+    removed: list[str]  # the folders removed (manifest sha256, or KIND/KEY under work/), least recently used first
     held: list[str]  # folders over the limit that a live process holds, kept
     busy: bool = False  # a download was in progress: nothing was removed
 
@@ -511,11 +532,13 @@ def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
         for folder in folders:
             if size <= max_bytes:
                 break
-            if _held(cache, folder.name):
-                held.append(folder.name)
-                continue
-            blobs = {entry.sha256 for entry in _MANIFEST_FILES.validate_json((folder / MANIFEST).read_bytes()).values()}
-            shutil.rmtree(folder)
+            with unless_held(folder) as removable:
+                if not removable:
+                    held.append(folder.name)
+                    continue
+                blobs = {entry.sha256
+                         for entry in _MANIFEST_FILES.validate_json((folder / MANIFEST).read_bytes()).values()}
+                shutil.rmtree(folder)
             for sha256 in blobs:
                 blob = cache.blob(sha256)
                 # no other folder has this file when its only link left is the one in blobs/
@@ -527,16 +550,6 @@ def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
     log.info("cache %s: %.1f MB -> %.1f MB, %d folders removed, %d held by running processes kept", root,
              before / 1e6, size / 1e6, len(removed), len(held))
     return GarbageReport(before, size, removed, held)
-
-
-def _held(cache: FolderCache, manifest_sha256: str) -> bool:
-    with open(cache.root / "locks" / f"hold-{manifest_sha256}", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
 
 
 def list_experts(base: str, *, settings: Settings | None = None, client=None) -> list[str]:
