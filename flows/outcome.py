@@ -5,6 +5,7 @@ Called from inside a flow."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path, PurePosixPath
@@ -32,8 +33,10 @@ from tasks.tracking import (
     PREVIOUS_CHAMPION_TAG,
     REASON_TAG,
     RUN_NOTE_TAG,
+    MethodRuns,
+    experiment_points,
     json_tag,
-    law_points,
+    log_method_comparison,
     log_run,
     read_run,
     run_link,
@@ -127,9 +130,11 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     uri = upload_merged(Upload(model=merged, s3_uri=f"s3://{settings.bucket}/merged/{config.base.name}/{run_id}"))
     clock.lap("upload")
     k = len(job.experts)
-    earlier = law_points(config.experiment_name, content_hash(config.method_identity()))
+    methods = experiment_points(config.experiment_name)
+    mine = methods.setdefault(content_hash(config.method_identity()), MethodRuns(method=config.method))
+    mine.points[merged.key] = (k, scores.macro_ce)
     law = config.law
-    points = sorted((earlier | {merged.key: (k, scores.macro_ce)}).values())
+    points = sorted(mine.points.values())
     law_job = LawJob(method=config.method, points=points, experts=k, loss=scores.macro_ce,
                      rule=DecisionRule(**law.model_dump(include=set(DecisionRule.model_fields))), epsilon=law.epsilon)
     decision = fresh(fit_and_decide, law_job)(law_job)
@@ -180,6 +185,9 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
                   "mergeplan.champion": str(beats).lower(), "mergeplan.version": version,
                   PREVIOUS_CHAMPION_TAG: comparison.champion_version or "none",
                   RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, beats)})
+    crowned = (k, scores.macro_ce) if beats else (len(json.loads(champion.tags["experts"])),
+                                                  float(champion.tags[MACRO_METRIC]))
+    log_method_comparison(run_id, methods, crowned)
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
                    macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version, champion=beats,
                    incremental=merged.incremental, stages=stages)

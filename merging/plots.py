@@ -1,4 +1,5 @@
-"""Scaling-law figures as PNG files: loss vs experts, residuals, spread vs experts, floor vs base size.
+"""Scaling-law figures as PNG files: loss vs experts, residuals, spread vs experts, floor vs base size, and the
+methods of an experiment's merging runs side by side.
 
 Figures are drawn with matplotlib's object API on an Agg canvas, not pyplot, so nothing depends on (or changes)
 the global backend and no figure outlives its function.
@@ -6,14 +7,14 @@ the global backend and no figure outlives its function.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from merging.errors import ConfigError
 from merging.scaling_law import CurveBootstrap, CurveFit, JointFit, VarianceLaw, subset_variance
@@ -93,6 +94,25 @@ def plot_floor_vs_size(joint: JointFit, path: str | Path, *, per_size_floors: Ma
     axes.xaxis.set_minor_formatter(plain_numbers)
     axes.set_xlabel("base size N (billions of parameters)")
     axes.set_ylabel("floor L∞ (nats/token)")
+    return _save(figure, axes, title, path)
+
+
+def plot_methods(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, *,
+                 champion: tuple[int, float] | None = None,
+                 title: str = "merging runs of this experiment, by method") -> Path:
+    """One line per method through its merged models' (k, loss), ordered by k; the champion starred."""
+    if not curves:
+        raise ConfigError("nothing to plot: no merged model has a loss yet")
+    figure, axes = _figure()
+    for colour, (method, points) in zip(_colours(len(curves)), curves.items(), strict=True):
+        ks, losses = zip(*sorted(points), strict=True)
+        best = min(losses)
+        axes.plot(ks, losses, "o-", color=colour, label=f"{method}: best {best:.4f} at k = {ks[losses.index(best)]}")
+    if champion is not None:
+        axes.plot(*champion, "*", color="black", markersize=14, label=f"champion {champion[1]:.4f}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("experts merged, k")
+    axes.set_ylabel("held-out macro CE (nats/token)")
     return _save(figure, axes, title, path)
 
 

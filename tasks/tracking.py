@@ -23,6 +23,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from infra.settings import AWS_ENV, Settings, without_userinfo
+from merging.plots import plot_methods
 from tasks.registry import mlflow_client, refused
 from tasks.retrying import IO_TASK_OPTIONS
 
@@ -151,10 +152,17 @@ def run_link(run_id: str, experiment_id: str, settings: Settings) -> str:
     return f"{without_userinfo(settings.mlflow_tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-@task(name="read-law-points", **IO_TASK_OPTIONS)
-def law_points(experiment: str, params_key: str) -> dict[str, tuple[int, float]]:
-    """(experts, macro CE) by merge key, of every finished run in EXPERIMENT with PARAMS_KEY (the same method,
-    params and seed), nested runs included.
+class MethodRuns(BaseModel):
+    """The merged models an experiment's finished runs measured with one method identity (method, params, seed):
+    (experts, macro CE) by merge key, nested runs included."""
+
+    method: str
+    points: dict[str, tuple[int, float]] = {}
+
+
+@task(name="read-experiment-points", **IO_TASK_OPTIONS)
+def experiment_points(experiment: str) -> dict[str, MethodRuns]:
+    """Every finished run's point in EXPERIMENT, by params key (tag mergeplan.params_key).
 
     One point per merged model: a cached re-run logs the same model again, and must not weigh twice."""
     settings = Settings.from_env()
@@ -163,17 +171,37 @@ def law_points(experiment: str, params_key: str) -> dict[str, tuple[int, float]]
     if found is None:
         return {}
     try:
-        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARAMS_KEY_TAG}` = '{params_key}' and "
+        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARAMS_KEY_TAG}` LIKE '%' and "
                                   "attributes.status = 'FINISHED'", max_results=5000)
     except MlflowException as exc:
         raise refused(exc, f"searching runs of {experiment}", settings) from exc
-    points = {}
+    methods: dict[str, MethodRuns] = {}
     for run in runs:
-        metrics = run.data.metrics
+        metrics, tags = run.data.metrics, run.data.tags
         if EXPERTS_METRIC in metrics and MACRO_METRIC in metrics:
-            points[run.data.tags.get(MERGE_KEY_TAG, run.info.run_id)] = (
-                int(metrics[EXPERTS_METRIC]), float(metrics[MACRO_METRIC]))
-    return points
+            entry = methods.setdefault(tags[PARAMS_KEY_TAG], MethodRuns(method=tags.get(METHOD_TAG, "")))
+            entry.method = entry.method or tags.get(METHOD_TAG, "")  # nested runs may not carry the method
+            entry.points[tags.get(MERGE_KEY_TAG, run.info.run_id)] = (int(metrics[EXPERTS_METRIC]),
+                                                                      float(metrics[MACRO_METRIC]))
+    return methods
+
+
+def method_curves(methods: dict[str, MethodRuns]) -> dict[str, list[tuple[int, float]]]:
+    """(k, macro CE) points by label: the method's name, with its params key when two identities share it."""
+    names = [entry.method or "unnamed" for entry in methods.values()]
+    return {(name if names.count(name) == 1 else f"{name} #{key[:6]}"): sorted(entry.points.values())
+            for (key, entry), name in zip(methods.items(), names, strict=True)}
+
+
+def log_method_comparison(run_id: str, methods: dict[str, MethodRuns], champion: tuple[int, float] | None) -> None:
+    """The experiment's methods side by side in run RUN_ID: methods/methods.png (loss vs k per method, the
+    champion starred) and the table methods.json (method, k, macro_ce), which MLflow's UI compares across runs."""
+    curves = method_curves(methods)
+    rows = [(label, k, loss) for label, points in curves.items() for k, loss in points]
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = plot_methods(curves, Path(tmp) / "methods.png", champion=champion)
+        log_run(run_id, files=[("methods", chart)], tables={"methods.json": {
+            "method": [r[0] for r in rows], "k": [r[1] for r in rows], "macro_ce": [r[2] for r in rows]}})
 
 
 def experts_taken(experiment: str, settings: Settings) -> set[tuple[str, str]]:

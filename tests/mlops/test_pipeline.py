@@ -24,6 +24,7 @@ from merging import MergeConfig, merge
 from merging.checkpoint import CheckpointReader
 from merging.config import ExpertRef
 from merging.errors import RegistryError
+from tasks.caching import content_hash
 from tasks.registry import CHAMPION, merged_model_name
 from tasks.storage import s3_client
 
@@ -196,11 +197,24 @@ def test_a_reviewer_sees_lineage_scores_and_the_decision_in_mlflow_and_prefect(p
     assert "\n" not in note and note.endswith(outcome.decision.reason)
 
     # the per-domain table artifact, read from the store (MLflow's own download hands out presigned URLs)
-    key = f"mlflow/{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/per_domain.json"
-    table = json.loads(s3_client(pipeline_env).get_object(Bucket=pipeline_env.bucket, Key=key)["Body"].read())
-    rows = dict(zip(table["columns"], zip(*table["data"], strict=True), strict=True))
+    store = s3_client(pipeline_env)
+    artifacts_key = f"mlflow/{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}"
+
+    def table(name):
+        found = json.loads(store.get_object(Bucket=pipeline_env.bucket, Key=f"{artifacts_key}/{name}")["Body"].read())
+        return dict(zip(found["columns"], zip(*found["data"], strict=True), strict=True))
+
+    rows = table("per_domain.json")
     assert list(rows["domain"]) == sorted(m.removeprefix("ce.") for m in run.data.metrics if m.startswith("ce."))
     assert [round(ce, 6) for ce in rows["ce"]] == [round(run.data.metrics[f"ce.{d}"], 6) for d in rows["domain"]]
+
+    # the experiment's methods side by side: two λ of task arithmetic, each under its own label
+    methods = table("methods.json")
+    points = set(zip(methods["method"], methods["k"], (round(ce, 6) for ce in methods["macro_ce"]), strict=True))
+    mine = f"task_arithmetic #{content_hash(config.method_identity())[:6]}"
+    assert (mine, len(outcome.experts), round(outcome.macro_ce, 6)) in points
+    assert any(label != mine and ce == round(champion_ce, 6) for label, _, ce in points)
+    assert store.head_object(Bucket=pipeline_env.bucket, Key=f"{artifacts_key}/methods/methods.png")["ContentLength"]
 
     # the same summary as the Prefect flow run's markdown artifact
     with get_client(sync_client=True) as prefect:
