@@ -2,8 +2,9 @@
 
 A stack of its own (moto S3, MLflow, Prefect) in a temporary folder; the tiny zoo's base and three experts are
 stored and registered; merge-pipeline runs twice (task_arithmetic, then ties), so the second is compared with a
-champion. Then Chromium opens the second run's page, its merged model version's page and the experiment's run
-list, and writes one PNG each to --out. Run it after a change to what the flows log, and look at the pictures.
+champion. Then Chromium opens the second run's page, its artifacts and methods chart, its merged model version's
+page, the registered model's versions (aliases head and champion) and the experiment's run list, and writes one
+PNG each to --out. Run it after a change to what the flows log, and look at the pictures.
 
     .venv/bin/python bench/mlflow_screenshots.py --zoo .mergeplan/zoo-t --out bench/out/screenshots
 """
@@ -72,11 +73,14 @@ def main() -> None:
             last = outcomes[-1]
             experiment = client.get_run(last.run_id).info.experiment_id
             ui = settings.mlflow_tracking_uri
+            run_page = f"{ui}/#/experiments/{experiment}/runs/{last.run_id}"
             pages = {
-                "run.png": f"{ui}/#/experiments/{experiment}/runs/{last.run_id}",
+                "run.png": run_page,
                 "model_version.png": f"{ui}/#/models/{merged_model_name(BASE)}/versions/{last.version}",
                 "experiment_runs.png": f"{ui}/#/experiments/{experiment}/runs",
-                "run_artifacts.png": f"{ui}/#/experiments/{experiment}/runs/{last.run_id}/artifacts",
+                "run_artifacts.png": f"{run_page}/artifacts",
+                "methods_chart.png": f"{run_page}/artifacts/methods/methods.png",
+                "model_versions.png": f"{ui}/#/models/{merged_model_name(BASE)}",
             }
             for name, url in pages.items():
                 screenshot(chromium, url, args.out / name, tmp / "chromium")

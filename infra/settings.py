@@ -63,6 +63,9 @@ class Settings(BaseModel):
     mlflow_tracking_uri: str
     # basic: the local MLflow server runs its basic-auth app, admin = MLFLOW_TRACKING_USERNAME / _PASSWORD
     mlflow_auth: Literal["none", "basic"] = "none"
+    # basic: the local Prefect server requires PREFECT_API_AUTH_STRING (user:password), which every Prefect client
+    # (flows, serve, the receiver's events client) reads from the environment and sends
+    prefect_auth: Literal["none", "basic"] = "none"
     prefect_api_url: str
     webhook_url: str
     # Loopback unless the receiver runs in a container that MLflow reaches over a network (0.0.0.0 there).

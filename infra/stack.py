@@ -246,10 +246,22 @@ def _start(service: Service, settings: Settings) -> subprocess.Popen:
 
 def _generated_env(service: Service, settings: Settings) -> dict[str, str]:
     """Keys generated on first use: only when starting, so that `status` and `down` create no files."""
+    if service.name == "prefect":
+        return _prefect_auth_env() if settings.prefect_auth == "basic" else {}
     if service.name != "mlflow":
         return {}
     env = {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)}
     return env | (_basic_auth_env(settings) if settings.mlflow_auth == "basic" else {})
+
+
+def _prefect_auth_env() -> dict[str, str]:
+    """The local Prefect server's basic auth: the user:password every client sends (PREFECT_API_AUTH_STRING),
+    given to the server in its environment, never on its command line."""
+    auth = os.environ.get("PREFECT_API_AUTH_STRING", "")
+    if ":" not in auth or auth.startswith(":") or auth.endswith(":"):
+        raise StackError("MERGEPLAN_PREFECT_AUTH=basic: set PREFECT_API_AUTH_STRING to user:password, what the local "
+                         "Prefect server requires and every Prefect client sends")
+    return {"PREFECT_SERVER_API_AUTH_STRING": auth}
 
 
 def _basic_auth_env(settings: Settings) -> dict[str, str]:

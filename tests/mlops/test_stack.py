@@ -249,3 +249,48 @@ def test_mlflow_behind_its_basic_auth_app(tmp_path, monkeypatch):
         stack.down(settings)
     files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".ini", ".json")]
     assert files and not any(password in p.read_text(errors="replace") for p in files)
+
+
+def test_prefect_behind_basic_auth(tmp_path, monkeypatch):
+    """MERGEPLAN_PREFECT_AUTH=basic: the local Prefect server refuses anonymous and wrong logins, a flow run with
+    PREFECT_API_AUTH_STRING reports to it, and the password is in no argv, file or log of the stack."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    from flows.runtime import prefect_api
+
+    password = "mergeplan-test-prefect-password-5e1a"
+    settings = stack_settings(tmp_path / "state", prefect_auth="basic")
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    with pytest.raises(StackError, match="set PREFECT_API_AUTH_STRING to user:password"):
+        stack.up(settings, ["prefect"])
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", f"admin:{password}")
+
+    @flow(name="auth-probe")
+    def probe() -> int:
+        return 42
+
+    try:
+        stack.up(settings, ["prefect"])
+        request = urllib.request.Request(f"{settings.prefect_api_url}/flows/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(request, timeout=10)
+        assert anonymous.value.code == 401
+        with temporary_settings(updates={PREFECT_API_AUTH_STRING: f"admin:{password}"}), prefect_api(settings):
+            assert probe() == 42
+            with get_client(sync_client=True) as client:
+                assert [f.name for f in client.read_flows()] == ["auth-probe"]  # the run reported to this server
+        wrong = temporary_settings(updates={PREFECT_API_AUTH_STRING: "admin:a-wrong-password"})
+        with wrong, prefect_api(settings), get_client(sync_client=True) as client, \
+                pytest.raises(PrefectHTTPStatusError, match="401"):
+            client.read_flows()
+        process = psutil.Process(json.loads((settings.stack_dir / "prefect.pid").read_text())["pid"])
+        arguments = " ".join(" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)])
+        assert "prefect" in arguments and password not in arguments
+    finally:
+        stack.down(settings)
+    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".json", ".toml")]
+    assert files and not any(password in p.read_text(errors="replace") for p in files)
