@@ -2,9 +2,9 @@
 incrementally, is evaluated, the law refitted with the new point, and the decision (continue / stop) logged; the
 result is registered as the new head, and becomes the champion when its macro CE is lower.
 
-Registration order and exactly once: a run first takes, oldest first, every registered expert that no run has
-taken and that was registered before its own (a burst of events can start runs in any order), and does nothing
-for an expert an earlier run already took (an event delivered twice, or drained by such a run).
+Registration order and exactly once: a run takes, oldest first, every registered expert that no run has taken,
+its own among them (a burst of events can start runs in any order; the first one drains the burst), and does
+nothing for an expert an earlier run already took (an event delivered twice, or drained by such a run).
 
 Incremental means: the head's accumulators (kept under STATE_DIR/work/merges/KEY/state by the run that made
 it) plus the new expert, read alone; the result equals a full merge of all of them. A full merge is run instead
@@ -127,14 +127,14 @@ def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, d
 
 
 def add_untaken(config: PipelineConfig, experts: list[RegisteredExpert], settings: Settings) -> list[Outcome]:
-    """An on-new-expert run (a subflow) for each of EXPERTS, in order; a refused one (another base) is logged and
+    """An on-new-expert run (a subflow that does not drain) for each of EXPERTS, in order; a refused one (another base) is logged and
     skipped, as its run is tagged refused and will not be taken again. An outage is not caught: the run fails
     and a later one retries."""
     outcomes = []
     for expert in experts:
         try:
             outcome = on_new_expert(config, expert.s3_uri, expert.sha256, expert.version, expert.domain,
-                                    expert.base)
+                                    expert.base, drain=False)
         except ExpertRefused as exc:
             log.warning("%s version %s not merged: %s", expert.model_name, expert.version, exc)
             continue
@@ -145,13 +145,18 @@ def add_untaken(config: PipelineConfig, experts: list[RegisteredExpert], setting
 
 @flow(name=FLOW_NAME)
 def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, domain: str,
-                  base: str) -> Outcome | None:
-    """The outcome of adding this expert, or None when an earlier run already took it."""
+                  base: str, drain: bool = True) -> Outcome | None:
+    """The outcome of adding this expert, or None when an earlier run already took it. With DRAIN (as triggered),
+    the other untaken experts are added too, each in a subflow of its own that does not drain."""
     settings = recording_settings()
     if (s3_uri, sha256) in taken_experts(config, settings):
         log.info("%s (sha256 %s) was already merged by an earlier run; nothing to do", s3_uri, sha256[:12])
         return None
-    untaken = untaken_experts(config, settings)
-    earlier = next((i for i, e in enumerate(untaken) if (e.s3_uri, e.sha256) == (s3_uri, sha256)), 0)
-    add_untaken(config, untaken[:earlier], settings)  # registered before this one: they go first
-    return add_expert(config, s3_uri, sha256, version, domain, base, settings)
+    untaken = untaken_experts(config, settings) if drain else []
+    position = next((i for i, e in enumerate(untaken) if (e.s3_uri, e.sha256) == (s3_uri, sha256)), None)
+    if position is None:  # not draining, or not a registered expert's newest version: just this one
+        return add_expert(config, s3_uri, sha256, version, domain, base, settings)
+    add_untaken(config, untaken[:position], settings)  # registered before this one: they go first
+    outcome = add_expert(config, s3_uri, sha256, version, domain, base, settings)
+    add_untaken(config, untaken[position + 1:], settings)  # registered after: they need not wait for their runs
+    return outcome

@@ -1,6 +1,6 @@
 """A registration whose event never became a flow run (Prefect down, receiver stopped) is found and merged by
-`reconcile`, once: a second reconcile finds nothing. A run takes the registrations before its own first, so
-experts join the head in registration order, each once."""
+`reconcile`, once: a second reconcile finds nothing. A run takes every untaken registration, its own among them,
+so experts join the head in registration order, each once."""
 
 from __future__ import annotations
 
@@ -35,28 +35,26 @@ def test_a_registration_no_run_took_is_merged_by_reconcile_once(pipeline_env, ti
     assert configured(reconcile, config.runner, pipeline_env)(config) == []  # nothing is merged twice
 
 
-def test_a_run_takes_earlier_registrations_first_and_each_expert_once(pipeline_env, tiny_zoo):
+def test_a_run_takes_every_untaken_registration_in_order_and_each_expert_once(pipeline_env, tiny_zoo):
     config = pipeline_config(tiny_zoo)
     configured(merge_pipeline, config.runner, pipeline_env)(config)
     configured(reconcile, config.runner, pipeline_env)(config)  # whatever earlier tests left untaken
-    first = store_expert(tiny_zoo, "number_theory", pipeline_env)
-    second = store_expert(tiny_zoo, "code", pipeline_env)
+    registered = [store_expert(tiny_zoo, domain, pipeline_env) for domain in ("number_theory", "code", "physics")]
     add = configured(on_new_expert, config.runner, pipeline_env)
 
-    # the second registration's event starts a run first (runs waiting for the deployment's slot start in any order)
-    outcome = add(config, second.s3_uri, second.sha256, second.version, "code", BASE)
+    # the middle registration's event starts a run first (runs waiting for the deployment's slot start in any order)
+    middle = registered[1]
+    outcome = add(config, middle.s3_uri, middle.sha256, middle.version, "code", BASE)
     client = MlflowClient(pipeline_env.mlflow_tracking_uri)
     experiment = client.get_experiment_by_name(config.experiment_name).experiment_id
     runs = client.search_runs([experiment], "tags.`mergeplan.flow` = 'on-new-expert'", order_by=["start_time ASC"])
-    taken = [r.data.tags["mergeplan.new_expert"] for r in runs if r.data.tags["mergeplan.new_expert"] in
-             (first.s3_uri, second.s3_uri)]
-    assert taken == [first.s3_uri, second.s3_uri]  # registration order
-    assert outcome.experts[-2:] == ["number_theory", "code"] and outcome.incremental
+    uris = [r.s3_uri for r in registered]
+    assert [r.data.tags["mergeplan.new_expert"] for r in runs if r.data.tags["mergeplan.new_expert"] in uris] == uris
+    assert outcome.experts[-2:] == ["number_theory", "code"] and outcome.incremental  # its own result
     head = head_version(BASE, settings=pipeline_env)
-    assert head.version == outcome.version and [e.domain for e in merged_experts(head)] == outcome.experts
+    assert [e.domain for e in merged_experts(head)] == [*outcome.experts, "physics"]  # the later one joined too
 
-    # the first's own event, and the second's delivered twice: each expert is merged once
-    assert add(config, first.s3_uri, first.sha256, first.version, "number_theory", BASE) is None
-    assert add(config, second.s3_uri, second.sha256, second.version, "code", BASE) is None
-    after = client.search_runs([experiment], "tags.`mergeplan.flow` = 'on-new-expert'")
-    assert len(after) == len(runs)
+    # the other two events, and the middle one delivered twice: each expert is merged once
+    for expert, domain in zip(registered, ("number_theory", "code", "physics"), strict=True):
+        assert add(config, expert.s3_uri, expert.sha256, expert.version, domain, BASE) is None
+    assert len(client.search_runs([experiment], "tags.`mergeplan.flow` = 'on-new-expert'")) == len(runs)
