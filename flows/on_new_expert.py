@@ -127,9 +127,9 @@ def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, d
 
 
 def add_untaken(config: PipelineConfig, experts: list[RegisteredExpert], settings: Settings) -> list[Outcome]:
-    """An on-new-expert run (a subflow that does not drain) for each of EXPERTS, in order; a refused one (another base) is logged and
-    skipped, as its run is tagged refused and will not be taken again. An outage is not caught: the run fails
-    and a later one retries."""
+    """An on-new-expert run (a subflow that does not drain) for each of EXPERTS, in order; a refused one (another
+    base) is logged and skipped, as its run is tagged refused and will not be taken again. An outage is not
+    caught: the run fails and a later one retries."""
     outcomes = []
     for expert in experts:
         try:

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.errors import ConfigError
-from merging.scaling_law import CurveFit, bootstrap_curve, fit_curve, marginal_gain, refit_means
+from merging.scaling_law import CurveBootstrap, CurveFit, bootstrap_curve, fit_curve, marginal_gain, refit_means
 
 Action = Literal["continue", "stop", "uncertain", "law_fails"]
 LAW_PARAMETERS = 3
@@ -52,6 +52,7 @@ class Verdict:
     fit: CurveFit | None = None
     predicted_gain: float | None = None  # of expert k + 1, by the fitted law
     gain_band: tuple[float, float] | None = None
+    bootstrap: CurveBootstrap | None = None  # the refits the band comes from (its confidence is the rule's)
 
     @property
     def stops(self) -> bool:
@@ -77,7 +78,8 @@ def decide(points: list[tuple[int, float]], experts: int, loss: float, rule: Dec
     if failure is not None:
         return Verdict("law_fails", f"law_fails: {failure}; the law cannot say when to stop for this method, keep "
                                     f"measuring with caution{not_met}", fit, gain)
-    band = gain_band(fit, experts, rule)
+    bootstrap = curve_bootstrap(fit, rule)
+    band = gain_band(bootstrap, experts, rule)
     if band is None:
         action = "continue" if gain > rule.min_gain else "uncertain"
         return Verdict(action, f"{action}: expert {experts + 1} would gain {gain:.4g} nats "
@@ -89,7 +91,7 @@ def decide(points: list[tuple[int, float]], experts: int, loss: float, rule: Dec
     where = {"stop": "entirely below", "continue": "entirely above", "uncertain": "straddles"}[action]
     return Verdict(action, f"{action}: expert {experts + 1} would gain {gain:.4g} nats, "
                            f"{100 * rule.confidence:g}% band [{low:.4g}, {high:.4g}] {where} min_gain "
-                           f"{rule.min_gain:g}{not_met}", fit, gain, band)
+                           f"{rule.min_gain:g}{not_met}", fit, gain, band, bootstrap)
 
 
 def law_failure(fit: CurveFit, rule: DecisionRule) -> str | None:
@@ -106,21 +108,29 @@ def law_failure(fit: CurveFit, rule: DecisionRule) -> str | None:
     return None
 
 
-def gain_band(fit: CurveFit, experts: int, rule: DecisionRule) -> tuple[float, float] | None:
-    """The `rule.confidence` band of the gain of expert `experts + 1`; None when the fit has no residual
-    degree of freedom (as many distinct k as parameters) and one row per k."""
-    tail = 100 * (1 - rule.confidence) / 2
+def curve_bootstrap(fit: CurveFit, rule: DecisionRule) -> CurveBootstrap | None:
+    """Refits of the law at `rule.confidence`: subsets resampled within each k where a k has several, else the
+    residuals resampled; None when the fit has no residual degree of freedom (as many distinct k as parameters)
+    and one row per k."""
     if np.any(fit.summary.count > 1):
-        samples = bootstrap_curve(fit, resamples=rule.resamples, seed=rule.seed).samples
-    else:
-        n = fit.summary.k.size
-        if n <= LAW_PARAMETERS:
-            return None
-        residuals = fit.residuals * np.sqrt(n / (n - LAW_PARAMETERS))
-        rng = np.random.default_rng(rule.seed)
-        fitted = fit.params.loss(fit.summary.k)
-        samples = np.array([refit_means(fit, fitted + residuals[rng.integers(0, n, n)], warm_start=True)
-                            for _ in range(rule.resamples)])
+        return bootstrap_curve(fit, resamples=rule.resamples, confidence=rule.confidence, seed=rule.seed)
+    n = fit.summary.k.size
+    if n <= LAW_PARAMETERS:
+        return None
+    residuals = fit.residuals * np.sqrt(n / (n - LAW_PARAMETERS))
+    rng = np.random.default_rng(rule.seed)
+    fitted = fit.params.loss(fit.summary.k)
+    samples = np.array([refit_means(fit, fitted + residuals[rng.integers(0, n, n)], warm_start=True)
+                        for _ in range(rule.resamples)])
+    return CurveBootstrap.from_samples(samples, rule.confidence)
+
+
+def gain_band(bootstrap: CurveBootstrap | None, experts: int, rule: DecisionRule) -> tuple[float, float] | None:
+    """The `rule.confidence` band of the gain of expert `experts + 1` over the refits; None without them."""
+    if bootstrap is None:
+        return None
+    tail = 100 * (1 - rule.confidence) / 2
+    samples = bootstrap.samples
     x = experts + samples[:, 2]
     gains = samples[:, 1] / (x * (x + 1))
     low, high = np.percentile(gains, [tail, 100 - tail])

@@ -24,12 +24,15 @@ _GRID_POINTS = 200
 
 def plot_loss_vs_experts(fits: Mapping[str, CurveFit], path: str | Path, *,
                          bootstraps: Mapping[str, CurveBootstrap] | None = None,
+                         newest: tuple[int, float] | None = None,
                          title: str = "merged-model loss vs number of experts") -> Path:
-    """One line per method: raw subset losses, per-k means, the fitted law and (when given) its bootstrap band."""
+    """One line per method: raw subset losses, per-k means, the fitted law and (when given) its bootstrap band;
+    `newest` (k, loss) is marked: the point the run that drew it measured."""
     _require_some(fits)
     figure, axes = _figure()
     for colour, (method, fit) in zip(_colours(len(fits)), fits.items(), strict=True):
-        grid = np.linspace(fit.summary.k.min(), fit.summary.k.max(), _GRID_POINTS)
+        # with the newest point marked, the curve and band reach one expert further: the next arrival's forecast
+        grid = np.linspace(fit.summary.k.min(), fit.summary.k.max() + (newest is not None), _GRID_POINTS)
         axes.scatter(fit.subset_k, fit.subset_loss, s=6, alpha=0.25, color=colour)
         axes.plot(fit.summary.k, fit.summary.mean, "o", color=colour)
         p = fit.params
@@ -37,7 +40,10 @@ def plot_loss_vs_experts(fits: Mapping[str, CurveFit], path: str | Path, *,
         axes.plot(grid, p.loss(grid), "-", color=colour, label=label)
         if bootstraps and method in bootstraps:
             low, high = bootstraps[method].prediction_band(grid)
-            axes.fill_between(grid, low, high, color=colour, alpha=0.2, linewidth=0)
+            axes.fill_between(grid, low, high, color=colour, alpha=0.2, linewidth=0,
+                              label=f"{100 * bootstraps[method].confidence:g}% band")
+    if newest is not None:
+        axes.plot(*newest, "D", color="black", markersize=8, label=f"this run: k = {newest[0]}, {newest[1]:.4f}")
     axes.set_xlabel("experts merged, k")
     axes.set_ylabel("held-out CE (nats/token)")
     return _save(figure, axes, title, path)

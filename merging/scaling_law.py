@@ -93,6 +93,11 @@ class CurveBootstrap:
     low: CurveParams
     high: CurveParams
 
+    @classmethod
+    def from_samples(cls, samples: np.ndarray, confidence: float) -> CurveBootstrap:
+        low, high = _percentile_interval(samples, confidence)
+        return cls(samples, confidence, CurveParams(*map(float, low)), CurveParams(*map(float, high)))
+
     def prediction_band(self, k: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper percentile of the predicted L(k) over the resamples, pointwise in k."""
         grid = np.atleast_1d(np.asarray(k, dtype=float))
@@ -353,9 +358,7 @@ def bootstrap_curve(fit: CurveFit, *, resamples: int = 200, confidence: float = 
     for column, k in enumerate(fit.summary.k):
         group = fit.subset_loss[fit.subset_k == k]
         resampled_means[:, column] = group[rng.integers(0, group.size, size=(resamples, group.size))].mean(axis=1)
-    samples = np.array([refit_means(fit, means) for means in resampled_means])
-    low, high = _percentile_interval(samples, confidence)
-    return CurveBootstrap(samples, confidence, CurveParams(*map(float, low)), CurveParams(*map(float, high)))
+    return CurveBootstrap.from_samples(np.array([refit_means(fit, means) for means in resampled_means]), confidence)
 
 
 def refit_means(fit: CurveFit, means: np.ndarray, warm_start: bool = False) -> tuple[float, float, float]:

@@ -56,18 +56,26 @@ def decide_job(job: LawJob) -> Decision:
     law = {"floor": fit.params.floor, "amplitude": fit.params.amplitude, "offset": fit.params.offset,
            "r_squared": fit.r_squared}
     return Decision(action=verdict.action, reason=verdict.reason, law=law, predicted_gain=verdict.predicted_gain,
-                    gain_low=low, gain_high=high, plot=plot_loss_vs_experts({job.method: fit}, job.output / "law.png"),
-                    plan_markdown=_markdown(job, verdict))
+                    gain_low=low, gain_high=high, plan_markdown=_markdown(job, verdict),
+                    plot=plot_loss_vs_experts(
+                        {job.method: fit}, job.output / "law.png", newest=(job.experts, job.loss),
+                        bootstraps={job.method: verdict.bootstrap} if verdict.bootstrap else None))
 
 
 def _markdown(job: LawJob, verdict: Verdict) -> str:
-    lines = [f"# Plan for {job.method}", "", f"**Decision**: {verdict.reason}", "", "| k | macro CE |",
-             "| --- | --- |"]
-    lines += [f"| {k} | {loss:.4f} |" for k, loss in sorted(job.points)]
+    lines = [f"# Plan for {job.method}", "", f"**Decision**: {verdict.reason}", "", "| k | macro CE | |",
+             "| --- | --- | --- |"]
+    this_run = (job.experts, job.loss)
+    lines += [f"| {k} | {loss:.4f} | {'this run' if (k, loss) == this_run else ''} |" for k, loss in sorted(job.points)]
     if verdict.fit is not None:
         params = verdict.fit.params
         lines += ["", f"Law: L(k) = {params.floor:.4f} + {params.amplitude:.4f} / (k + {params.offset:.3f}), "
-                      f"R² {verdict.fit.r_squared:.3f}"]
+                      f"R² {verdict.fit.r_squared:.3f}; this run's point is "
+                      f"{job.loss - float(params.loss(job.experts)):+.4f} off the curve"]
+        if verdict.bootstrap is not None:
+            low, high = verdict.bootstrap.prediction_band(job.experts + 1)
+            lines += ["", f"Predicted L({job.experts + 1}) = {float(params.loss(job.experts + 1)):.4f}, "
+                          f"{100 * verdict.bootstrap.confidence:g}% band [{low[0]:.4f}, {high[0]:.4f}]"]
         if verdict.action != "law_fails":
             answer = plan(params, target=job.rule.target_loss, epsilon=job.epsilon, tau=job.rule.min_gain)
             lines += ["", answer.sentence]

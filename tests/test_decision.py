@@ -121,3 +121,23 @@ def test_backtest_names_a_missing_subset():
     del macro["e0+e1"]
     with pytest.raises(Exception, match=r"subset e0\+e1 .* is not in the sweep; sweep with --design diverse"):
         backtest(macro, "m", RULE, orders=4, seed=0)
+
+
+def test_plan_and_plot_show_the_new_point_against_the_curve_and_its_band(tmp_path, monkeypatch):
+    from tasks.law import LawJob, decide_job
+
+    monkeypatch.setenv("MERGEPLAN_STATE_DIR", str(tmp_path))
+    points = law_points(6, noise=0.002)
+    k, loss = points[-1]
+    decision = decide_job(LawJob(method="ties", points=points, experts=k, loss=loss, rule=RULE))
+    verdict = decide(points, k, loss, RULE)
+    rows = [line for line in decision.plan_markdown.splitlines() if line.startswith(f"| {k} |")]
+    assert rows == [f"| {k} | {loss:.4f} | this run |"]
+    assert f"this run's point is {loss - float(verdict.fit.params.loss(k)):+.4f} off the curve" in \
+        decision.plan_markdown
+    low, high = verdict.bootstrap.prediction_band(k + 1)
+    predicted = float(verdict.fit.params.loss(k + 1))
+    assert low[0] <= predicted <= high[0]
+    assert (f"Predicted L({k + 1}) = {predicted:.4f}, 90% band [{low[0]:.4f}, {high[0]:.4f}]"
+            in decision.plan_markdown)
+    assert decision.plot is not None and decision.plot.stat().st_size > 10_000
