@@ -222,6 +222,17 @@ def test_generated_webhook_secret_is_private_and_stable(tmp_path):
     assert (settings.stack_dir / "webhook-secret").stat().st_mode & 0o777 == 0o600
 
 
+def service_arguments(settings: Settings, name: str) -> str:
+    """The command lines of the stack service NAME's process and its children, joined."""
+    process = psutil.Process(json.loads((settings.stack_dir / f"{name}.pid").read_text())["pid"])
+    return " ".join(" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)])
+
+
+def assert_in_no_file(secret: str, settings: Settings, suffixes: tuple[str, ...]) -> None:
+    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in suffixes]
+    assert files and not any(secret in p.read_text(errors="replace") for p in files)
+
+
 def test_mlflow_behind_its_basic_auth_app(tmp_path, monkeypatch):
     """MERGEPLAN_MLFLOW_AUTH=basic: the local server refuses anonymous and wrong logins, serves the configured
     admin, and the password is in no argv, file or log of the stack."""
@@ -242,13 +253,11 @@ def test_mlflow_behind_its_basic_auth_app(tmp_path, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-wrong-password")
         with pytest.raises(RegistryError, match="refused listing the experts of tiny-base: .*401"):
             latest_expert_versions("tiny-base", settings=settings)
-        process = psutil.Process(json.loads((settings.stack_dir / "mlflow.pid").read_text())["pid"])
-        arguments = " ".join(" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)])
+        arguments = service_arguments(settings, "mlflow")
         assert "basic-auth" in arguments and password not in arguments
     finally:
         stack.down(settings)
-    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".ini", ".json")]
-    assert files and not any(password in p.read_text(errors="replace") for p in files)
+    assert_in_no_file(password, settings, (".log", ".ini", ".json"))
 
 
 def test_prefect_behind_basic_auth(tmp_path, monkeypatch):
@@ -287,10 +296,8 @@ def test_prefect_behind_basic_auth(tmp_path, monkeypatch):
         with wrong, prefect_api(settings), get_client(sync_client=True) as client, \
                 pytest.raises(PrefectHTTPStatusError, match="401"):
             client.read_flows()
-        process = psutil.Process(json.loads((settings.stack_dir / "prefect.pid").read_text())["pid"])
-        arguments = " ".join(" ".join(p.cmdline()) for p in [process, *process.children(recursive=True)])
+        arguments = service_arguments(settings, "prefect")
         assert "prefect" in arguments and password not in arguments
     finally:
         stack.down(settings)
-    files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".json", ".toml")]
-    assert files and not any(password in p.read_text(errors="replace") for p in files)
+    assert_in_no_file(password, settings, (".log", ".json", ".toml"))
