@@ -266,7 +266,7 @@ def test_prefect_behind_basic_auth(tmp_path, monkeypatch):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from flows.runtime import prefect_api
 
@@ -288,7 +288,10 @@ def test_prefect_behind_basic_auth(tmp_path, monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(request, timeout=10)
         assert anonymous.value.code == 401
-        with temporary_settings(updates={PREFECT_API_AUTH_STRING: f"admin:{password}"}), prefect_api(settings):
+        # logs stay local: the handler would otherwise retry sending them after the server is stopped
+        logged_in = temporary_settings(updates={PREFECT_API_AUTH_STRING: f"admin:{password}",
+                                                PREFECT_LOGGING_TO_API_ENABLED: False})
+        with logged_in, prefect_api(settings):
             assert probe() == 42
             with get_client(sync_client=True) as client:
                 assert [f.name for f in client.read_flows()] == ["auth-probe"]  # the run reported to this server
