@@ -161,7 +161,7 @@ def test_same_expert_twice_warns(zoo, tmp_path, write_config, run_cli, caplog):
 
 
 def test_unknown_method(refuse):
-    refuse("method: unknown method 'slerp'; choose one of average, task_arithmetic, ties", method="slerp")
+    refuse("method: unknown method 'nuslerp'; choose one of average, task_arithmetic, ties", method="nuslerp")
 
 
 @pytest.mark.parametrize("density", [0, 1.5, -0.2])
