@@ -146,7 +146,8 @@ def run_pipeline_demo(workdir: Path) -> None:
     kind = "incremental (saved accumulators + the new expert)" if tags.get("mergeplan.incremental") == "true" \
         else "full merge"
     _step(f"on-new-expert {run.info.status.lower()}: {kind}, k={metrics.get('experts', 0):.0f}, macro CE "
-          f"{metrics.get('macro_ce', float('nan')):.4f}, champion: {tags.get('mergeplan.champion')}", started)
+          f"{metrics.get('macro_ce', float('nan')):.4f}, the new head (version {tags.get('mergeplan.version')}), "
+          f"{'the new' if tags.get('mergeplan.champion') == 'true' else 'not the'} champion", started)
     print(f"         decision: {tags.get('mergeplan.decision')} ({tags.get('mergeplan.reason')})")
     print(f"\nMLflow UI   {redact_url(settings.mlflow_tracking_uri)}  (experiment {config.experiment_name}, "
           f"models merged.{BASE} and expert.{BASE}.*)")
