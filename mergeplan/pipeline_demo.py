@@ -86,18 +86,12 @@ def _triggered_run(settings: Settings, experiment: str, s3_uri: str, since_ms: i
 
 
 def _register_seventh(folder: Path, settings: Settings) -> tuple[str, bool]:
-    """Register the seventh expert; False when an earlier demo registered it (MLflow then sends no webhook)."""
+    """Register the seventh expert; False when an earlier demo registered it (MLflow then sends no webhook, and
+    on-new-expert merged it then: each expert is merged once)."""
     uri = expert_uri(BASE, folder.name, settings)
     before = mlflow_client(settings).search_model_versions(f"name='{expert_model_name(BASE, folder.name)}'")
     registered = register_expert(uri, folder.name, BASE, settings=settings)
-    new = all(str(v.version) != registered.version for v in before)
-    if not new:
-        from prefect.deployments import run_deployment
-
-        run_deployment(f"on-new-expert/{BASE}", timeout=0, parameters={
-            "s3_uri": uri, "sha256": registered.sha256, "version": registered.version, "domain": folder.name,
-            "base": BASE})
-    return uri, new
+    return uri, all(str(v.version) != registered.version for v in before)
 
 
 def run_pipeline_demo(workdir: Path) -> None:
@@ -135,9 +129,9 @@ def run_pipeline_demo(workdir: Path) -> None:
             since_ms = int(time.time() * 1000)
             uri, new = _register_seventh(experts[FIRST_EXPERTS], settings)
             how = ("registered -> MLflow webhook -> Prefect event mergeplan.expert.registered" if new else
-                   "was registered by an earlier demo (no new version, no webhook): deployment run directly")
+                   "was registered and merged by an earlier demo (each expert is merged once): its run")
             _step(f"expert {experts[FIRST_EXPERTS].name} {how}", started)
-            run = wait_until(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms),
+            run = wait_until(lambda: _triggered_run(settings, config.experiment_name, uri, since_ms if new else 0),
                              TRIGGER_TIMEOUT_S, f"the on-new-expert run (see {log})")
         finally:
             server.terminate()
