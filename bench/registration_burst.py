@@ -30,7 +30,6 @@ from mlflow import MlflowClient
 from pydantic import SecretStr
 
 from flows.merge_pipeline import merge_pipeline
-from flows.on_new_expert import merged_experts
 from flows.pipeline_config import PipelineConfig
 from flows.runtime import configured, prefect_api
 from infra import stack
@@ -40,6 +39,7 @@ from merging import ExpertRef, MergeConfig, merge
 from merging.checkpoint import CheckpointReader
 from merging.synthetic import write_random_expert
 from merging.zoo import build_zoo
+from tasks.fetch import merged_experts
 from tasks.registry import champion_version, head_version, register_expert
 from tasks.storage import download_folder, expert_uri, upload_expert
 from tasks.tracking import FLOW_TAG, NEW_EXPERT_TAG

@@ -14,7 +14,6 @@ the accumulators are not on this machine. An expert of another base is refused w
 
 from __future__ import annotations
 
-import json
 import logging
 
 from prefect import flow
@@ -25,7 +24,7 @@ from flows.pipeline_config import PipelineConfig
 from infra.settings import Settings
 from merging.errors import ExpertRefused
 from tasks.caching import fresh
-from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, registered_experts
+from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, merged_experts, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
 from tasks.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version, latest_expert_versions
 from tasks.tracking import (
@@ -44,11 +43,6 @@ FLOW_NAME = "on-new-expert"
 log = logging.getLogger("mergeplan")
 
 
-def merged_experts(version) -> list[CheckpointRef]:
-    """The experts a registered merged version holds."""
-    return [CheckpointRef.model_validate(e) for e in json.loads(version.tags.get("experts", "[]"))]
-
-
 def taken_experts(config: PipelineConfig, settings: Settings) -> set[tuple[str, str]]:
     """(S3 folder, manifest sha256) of the expert versions taken: a finished (or refused) on-new-expert run names
     it, or the head holds it."""
@@ -57,9 +51,11 @@ def taken_experts(config: PipelineConfig, settings: Settings) -> set[tuple[str, 
     return taken | {(ref.uri, ref.sha256) for ref in merged_experts(head)} if head is not None else taken
 
 
-def untaken_experts(config: PipelineConfig, settings: Settings) -> list[RegisteredExpert]:
-    """The newest version of each registered expert of the pipeline's base that no run took, oldest first."""
-    taken = taken_experts(config, settings)
+def untaken_experts(config: PipelineConfig, settings: Settings,
+                    taken: set[tuple[str, str]] | None = None) -> list[RegisteredExpert]:
+    """The newest version of each registered expert of the pipeline's base that no run took (TAKEN, when already
+    read), oldest first."""
+    taken = taken_experts(config, settings) if taken is None else taken
     return [expert for expert, _ in latest_expert_versions(config.base.name, settings=settings)
             if (expert.s3_uri, expert.sha256) not in taken]
 
@@ -149,10 +145,11 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
     """The outcome of adding this expert, or None when an earlier run already took it. With DRAIN (as triggered),
     the other untaken experts are added too, each in a subflow of its own that does not drain."""
     settings = recording_settings()
-    if (s3_uri, sha256) in taken_experts(config, settings):
+    taken = taken_experts(config, settings)
+    if (s3_uri, sha256) in taken:
         log.info("%s (sha256 %s) was already merged by an earlier run; nothing to do", s3_uri, sha256[:12])
         return None
-    untaken = untaken_experts(config, settings) if drain else []
+    untaken = untaken_experts(config, settings, taken) if drain else []
     position = next((i for i, e in enumerate(untaken) if (e.s3_uri, e.sha256) == (s3_uri, sha256)), None)
     if position is None:  # not draining, or not a registered expert's newest version: just this one
         return add_expert(config, s3_uri, sha256, version, domain, base, settings)

@@ -5,7 +5,6 @@ Called from inside a flow."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path, PurePosixPath
@@ -20,7 +19,7 @@ from merging.decision import DecisionRule
 from merging.merger import COEFFICIENTS_PLOT
 from tasks.caching import content_hash, fresh, tree_hash
 from tasks.evaluation import EvalJob, Scores, evaluate_merged
-from tasks.fetch import LocalCheckpoint
+from tasks.fetch import LocalCheckpoint, merged_experts
 from tasks.law import Decision, LawJob, fit_and_decide
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
 from tasks.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
@@ -36,8 +35,8 @@ from tasks.tracking import (
     MethodRuns,
     experiment_points,
     json_tag,
-    log_method_comparison,
     log_run,
+    method_comparison,
     read_run,
     run_link,
 )
@@ -177,17 +176,17 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     metrics |= {"base_macro_ce": base_scores.macro_ce, "vs_base.macro_ce": scores.macro_ce - base_scores.macro_ce}
     if comparison.champion_macro_ce is not None:
         metrics["vs_champion.macro_ce"] = scores.macro_ce - comparison.champion_macro_ce
+    crowned = (k, scores.macro_ce) if beats else (len(merged_experts(champion)), float(champion.tags[MACRO_METRIC]))
+    chart, methods_table = method_comparison(methods, crowned, merged.path.parent)
+    files.append(("methods", chart))
     log_run(run_id, params=job_params(job, data), metrics=metrics,
             texts={"plan.md": decision.plan_markdown, "review.md": review}, files=files,
-            tables={"per_domain.json": domain_table(comparison)},
+            tables={"per_domain.json": domain_table(comparison), "methods.json": methods_table},
             tags={DECISION_TAG: decision.action, REASON_TAG: decision.reason, MERGE_KEY_TAG: merged.key,
                   "mergeplan.incremental": str(merged.incremental).lower(), "mergeplan.merged_uri": uri,
                   "mergeplan.champion": str(beats).lower(), "mergeplan.version": version,
                   PREVIOUS_CHAMPION_TAG: comparison.champion_version or "none",
                   RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, beats)})
-    crowned = (k, scores.macro_ce) if beats else (len(json.loads(champion.tags["experts"])),
-                                                  float(champion.tags[MACRO_METRIC]))
-    log_method_comparison(run_id, methods, crowned)
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
                    macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version, champion=beats,
                    incremental=merged.incremental, stages=stages)

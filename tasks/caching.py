@@ -13,7 +13,6 @@ process's life and marks it used, so a running flow keeps what it made or reuses
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 
 from infra.settings import Settings
-from tasks.storage import GarbageReport, hold_folder, unless_held
+from tasks.storage import GarbageReport, exclusive_or_busy, hold_folder, unless_held
 
 log = logging.getLogger("mergeplan")
 
@@ -101,10 +100,8 @@ def collect_work_garbage(work: Path, max_bytes: int) -> GarbageReport:
     before = size = sum(sizes.values())
     if before <= max_bytes:
         return GarbageReport(before, before, [], [])
-    with open(work / ".gc", "a") as gc_lock:
-        try:
-            fcntl.flock(gc_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with exclusive_or_busy(work / ".gc") as collecting:
+        if not collecting:
             return GarbageReport(before, before, [], [], busy=True)
         removed, held = [], []
         for folder in folders:
@@ -113,13 +110,8 @@ def collect_work_garbage(work: Path, max_bytes: int) -> GarbageReport:
             with unless_held(folder) as removable:
                 if removable:
                     shutil.rmtree(folder)
-            name = str(folder.relative_to(work))
-            if removable:
-                size -= sizes[folder]
-                removed.append(name)
-            else:
-                held.append(name)
-        fcntl.flock(gc_lock, fcntl.LOCK_UN)
+                    size -= sizes[folder]
+            (removed if removable else held).append(str(folder.relative_to(work)))
     log.info("work %s: %.1f MB -> %.1f MB, %d job folders removed, %d held by running processes kept", work,
              before / 1e6, size / 1e6, len(removed), len(held))
     return GarbageReport(before, size, removed, held)

@@ -7,6 +7,7 @@ sha256, so a second run neither downloads nor re-reads anything but the registry
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def registered_experts(base: str, settings: Settings) -> list[CheckpointRef]:
                             "register S3_URI --domain D --base BASE`, or list S3 URIs under experts:")
     return [CheckpointRef(name=e.domain, domain=e.domain, uri=e.s3_uri, sha256=e.sha256, version=e.version)
             for e in experts]
+
+
+def merged_experts(version) -> list[CheckpointRef]:
+    """The experts a registered merged version (of `merged.BASE`) holds, from its `experts` tag."""
+    return [CheckpointRef.model_validate(e) for e in json.loads(version.tags.get("experts", "[]"))]
 
 
 def stored_experts(uris: list[str], settings: Settings) -> list[CheckpointRef]:

@@ -355,10 +355,10 @@ def hold_folder(folder: Path) -> None:
 
 
 @contextmanager
-def unless_held(folder: Path) -> Iterator[bool]:
-    """True, with FOLDER locked against new holders until the block ends (so it can be removed), when no live
-    process holds it; False when one does."""
-    with open(folder.parent / f"{HOLD_PREFIX}{folder.name}", "a") as handle:
+def exclusive_or_busy(lock: Path) -> Iterator[bool]:
+    """True, with LOCK held exclusively until the block ends, when no other holder has it; False (at once) when
+    one does."""
+    with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -368,6 +368,12 @@ def unless_held(folder: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def unless_held(folder: Path) -> contextlib.AbstractContextManager[bool]:
+    """True, with FOLDER locked against new holders until the block ends (so it can be removed), when no live
+    process holds it; False when one does."""
+    return exclusive_or_busy(folder.parent / f"{HOLD_PREFIX}{folder.name}")
 
 
 class FolderCache:
@@ -413,7 +419,6 @@ class FolderCache:
     def downloading(self) -> contextlib.AbstractContextManager[None]:
         """Shared with every other download, exclusive with garbage collection: no blob vanishes mid-download."""
         return self._flocked(GC_LOCK, fcntl.LOCK_SH)
-
 
 
 def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: FolderCache,
@@ -521,10 +526,8 @@ def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
     before = cache_bytes(root)
     if before <= max_bytes:
         return GarbageReport(before, before, [], [])
-    with open(cache.root / "locks" / GC_LOCK, "a") as gc_lock:
-        try:
-            fcntl.flock(gc_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with exclusive_or_busy(cache.root / "locks" / GC_LOCK) as collecting:
+        if not collecting:
             return GarbageReport(before, before, [], [], busy=True)
         size, removed, held = before, [], []
         folders = sorted((p for p in (cache.root / "folders").iterdir() if not p.name.startswith(".")),
@@ -546,7 +549,6 @@ def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
                     size -= blob.stat().st_size
                     blob.unlink()
             removed.append(folder.name)
-        fcntl.flock(gc_lock, fcntl.LOCK_UN)
     log.info("cache %s: %.1f MB -> %.1f MB, %d folders removed, %d held by running processes kept", root,
              before / 1e6, size / 1e6, len(removed), len(held))
     return GarbageReport(before, size, removed, held)

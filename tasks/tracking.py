@@ -193,15 +193,14 @@ def method_curves(methods: dict[str, MethodRuns]) -> dict[str, list[tuple[int, f
             for (key, entry), name in zip(methods.items(), names, strict=True)}
 
 
-def log_method_comparison(run_id: str, methods: dict[str, MethodRuns], champion: tuple[int, float] | None) -> None:
-    """The experiment's methods side by side in run RUN_ID: methods/methods.png (loss vs k per method, the
-    champion starred) and the table methods.json (method, k, macro_ce), which MLflow's UI compares across runs."""
+def method_comparison(methods: dict[str, MethodRuns], champion: tuple[int, float] | None,
+                      folder: Path) -> tuple[Path, dict[str, list]]:
+    """The experiment's methods side by side: FOLDER/methods.png (loss vs k per method, the champion starred) and
+    the columns of the table methods.json (method, k, macro_ce), which MLflow's UI compares across runs."""
     curves = method_curves(methods)
     rows = [(label, k, loss) for label, points in curves.items() for k, loss in points]
-    with tempfile.TemporaryDirectory() as tmp:
-        chart = plot_methods(curves, Path(tmp) / "methods.png", champion=champion)
-        log_run(run_id, files=[("methods", chart)], tables={"methods.json": {
-            "method": [r[0] for r in rows], "k": [r[1] for r in rows], "macro_ce": [r[2] for r in rows]}})
+    chart = plot_methods(curves, folder / "methods.png", champion=champion)
+    return chart, {"method": [r[0] for r in rows], "k": [r[1] for r in rows], "macro_ce": [r[2] for r in rows]}
 
 
 def experts_taken(experiment: str, settings: Settings) -> set[tuple[str, str]]:

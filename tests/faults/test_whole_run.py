@@ -32,9 +32,10 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.on_new_expert import merged_experts, untaken_experts
+from flows.on_new_expert import untaken_experts
 from infra import stack
 from infra.settings import Settings
+from tasks.fetch import merged_experts
 from tasks.registry import CHAMPION, HEAD, MERGE_KEY, head_version, merged_model_name
 from tasks.storage import MANIFEST, download_folder, s3_client
 

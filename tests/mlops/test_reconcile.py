@@ -8,9 +8,10 @@ from mlflow import MlflowClient
 from pipeline_support import BASE, pipeline_config, store_expert
 
 from flows.merge_pipeline import merge_pipeline
-from flows.on_new_expert import merged_experts, on_new_expert, untaken_experts
+from flows.on_new_expert import on_new_expert, untaken_experts
 from flows.reconcile import reconcile
 from flows.runtime import configured
+from tasks.fetch import merged_experts
 from tasks.registry import head_version
 
 
