@@ -139,18 +139,9 @@ def _sparsified_params(method: str, ours: str, models: list[dict], parameters: d
                           "task vector by dividing each kept entry by its keep probability")
     if rescale_default:
         log.warning("%s: %s: mergeplan divides each kept entry by its keep probability (1/density for DARE, as the "
-                    "paper does) with "
-                    "its own seeded masks; mergekit's masks and L1 rescaling differ, so the outputs do not match",
-                    source, method)
+                    "paper does) with its own seeded masks; mergekit's masks and L1 rescaling differ, so the "
+                    "outputs do not match", source, method)
     return params
-
-
-def _paired_models(method: str, base: str | None, paths: list[str], source: str) -> None:
-    if base is None:
-        raise ConfigError(f"{source}: base_model: required by {method}; name one of the models as the base")
-    if method == "slerp" and (len(paths) != 2 or base not in paths):
-        raise ConfigError(f"{source}: models: slerp takes exactly two models, one of them the base_model; "
-                          f"got {len(paths)}")
 
 
 def from_mergekit(data: dict, source: str) -> dict[str, Any]:
@@ -178,10 +169,11 @@ def from_mergekit(data: dict, source: str) -> dict[str, Any]:
         _known(entry, MODEL_FIELDS, f"models[{i}].", source)
         _known(entry.get("parameters") or {}, MODEL_PARAMETERS, f"models[{i}].parameters.", source)
     base = data.get("base_model")
-    if normalize_default is None:
-        _paired_models(method, base, paths, source)
     if base is None and method != "linear":
         raise ConfigError(f"{source}: base_model: required by {method}; name the model the experts were tuned from")
+    if method == "slerp" and (len(paths) != 2 or base not in paths):
+        raise ConfigError(f"{source}: models: slerp takes exactly two models, one of them the base_model; "
+                          f"got {len(paths)}")
     base = base if base is not None else paths[0]  # linear: any listed model serves as θ0
     _tokenizer(data, base, source)
     default_weight = _number(parameters.get("weight", 1.0), "parameters.weight", source)
