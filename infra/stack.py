@@ -188,14 +188,33 @@ def _healthy(url: str) -> bool:
         return False
 
 
+_LOWEST_FREE_PORT = 20000
+_next_free_port: list[int] = []  # where this process's next search starts: blocks handed out are not bound yet
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(size: int) -> int:
-    """The first of SIZE consecutive loopback ports that are all free now (for stacks on free ports: tests, bench)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            first = probe.getsockname()[1]
-        if first + size <= 65536 and all(_bindable(port) for port in range(first, first + size)):
+    """The first of SIZE consecutive loopback ports that are all free now (for stacks on free ports: tests, bench).
+
+    Below the kernel's ephemeral range, so that no outgoing connection takes one before its server binds it; the
+    search starts at an offset of the process id (processes side by side look in different places) and moves on
+    past every block handed out."""
+    ceiling = _ephemeral_start()
+    span = ceiling - _LOWEST_FREE_PORT
+    if not _next_free_port:
+        _next_free_port.append(_LOWEST_FREE_PORT + (os.getpid() * 101) % span)
+    for _ in range(span):
+        first = _next_free_port[0]
+        _next_free_port[0] = first + size if first + 2 * size <= ceiling else _LOWEST_FREE_PORT
+        if first + size <= ceiling and all(_bindable(port) for port in range(first, first + size)):
             return first
+    raise StackError(f"no {size} consecutive free loopback ports between {_LOWEST_FREE_PORT} and {ceiling}")
 
 
 def _bindable(port: int) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -25,9 +24,7 @@ WEBHOOK_SECRET = "mergeplan-test-webhook-secret-5d2e"
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port_block(1)
 
 
 def free_s3_port() -> int:
