@@ -139,10 +139,17 @@ def main() -> None:
                         help="epochs at which seed 0's Expert Merging snapshot is scored (one run to the largest)")
     parser.add_argument("--select-epochs", default="1,2,3",
                         help="the epoch counts the calibrated methods may be given (chosen by calib-split CE)")
+    parser.add_argument("--init", type=float, default=None,
+                        help="ᾱ of the calibrated methods and the ceiling (default: the tuned TA λ in results.json)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the calibrated methods (default: the select section's choice in results.json)")
+    parser.add_argument("--curve-samples", default="1,2,5,10", help="the curves section's samples per domain")
+    parser.add_argument("--curve-gammas", default="0,0.8,5", help="the curves section's γ values")
     parser.add_argument("--sections", default="main,select,calibrated,paired,matrix",
                         help="main (references, training-free), select (epoch curve and choice), calibrated (EM, "
                              "EM++, AdaMerging over seeds), paired, matrix, curves (EM++ sample count and gamma), "
-                             "ceiling (α fit to labels; small zoos); rows are added to an existing results.json")
+                             "ceiling (α fit to the labels of the --tune-examples); rows are added to an existing "
+                             "results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -163,7 +170,13 @@ def main() -> None:
         save()
 
     def tuned_lambda() -> float:
-        return next(row["params"]["lambda"] for row in rows.values() if row.get("method") == "task_arithmetic")
+        tuned = [row["params"]["lambda"] for row in rows.values() if row.get("method") == "task_arithmetic"]
+        if args.init is None and not tuned:
+            parser.error(f"{results_path}: no task_arithmetic row; run --sections main first or give --init")
+        return args.init if args.init is not None else tuned[0]
+
+    def epochs() -> int:
+        return args.epochs or selected_epochs(rows)
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
@@ -188,9 +201,8 @@ def main() -> None:
             rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed)
             save()
         elif section == "calibrated":
-            epochs = selected_epochs(rows)
             for method in CALIBRATED:
-                calibrated(method, {"epochs": epochs}, f"{method} (ᾱ={tuned_lambda()}, {epochs} epochs)")
+                calibrated(method, {"epochs": epochs()}, f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs)")
         elif section == "paired":
             rows["paired differences"] = paired_rows(rows)
             save()
@@ -200,15 +212,15 @@ def main() -> None:
             write_matrix(chosen, args.out / "ce_matrix.csv", args.out / "ce_matrix.png")
             print(f"wrote {args.out / 'ce_matrix.csv'}", flush=True)
         elif section == "curves":
-            epochs = selected_epochs(rows)
-            for count in (1, 2, 5, 10):
-                calibrated("expert_merging_pp", {"epochs": epochs, "samples_per_expert": count}, f"em++ N={count}",
-                           accuracy=False)
-            for gamma in (0.0, 0.8, 5.0):
-                calibrated("expert_merging_pp", {"epochs": epochs, "gamma": gamma}, f"em++ gamma={gamma}",
+            for count in (int(n) for n in args.curve_samples.split(",")):
+                calibrated("expert_merging_pp", {"epochs": epochs(), "samples_per_expert": count},
+                           f"em++ N={count}", accuracy=False)
+            for gamma in (float(g) for g in args.curve_gammas.split(",")):
+                calibrated("expert_merging_pp", {"epochs": epochs(), "gamma": gamma}, f"em++ gamma={gamma}",
                            accuracy=False)
         elif section == "ceiling":
-            record("supervised ceiling (α fit to labels)", [bench.evaluate(supervised_ceiling(bench, tuned_lambda()))])
+            folder, training = supervised_ceiling(bench, tuned_lambda())
+            record("supervised ceiling (α fit to labels)", [bench.evaluate(folder)], **training)
         else:
             parser.error(f"--sections: unknown section {section!r}")
     shutil.rmtree(args.out / "models", ignore_errors=True)
@@ -279,20 +291,25 @@ def paired_rows(rows: dict) -> dict:
     return differences
 
 
-def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
-    """Not a merging method: one α per (tensor, expert) fit with Adam to the labelled response CE of the whole
-    calibration split. It bounds what any layer-wise coefficients can reach on this zoo."""
+def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path, dict]:
+    """Not a merging method: one α per (tensor, expert) fit to the labelled response CE of the calibration
+    split's first --tune-examples examples per domain, by the calibration loop itself (8-sample steps, Adam at a
+    constant lr 0.05, no pull, no clipping). It bounds what any layer-wise coefficients can reach on this zoo.
+    Returns the merged folder and the training's seconds and mean labelled CE per epoch."""
     import torch
 
-    from merging.calibration import Coefficients, calibrated_tensors
+    from merging.calibration import CalibrationParams, Coefficients, calibrated_tensors
     from merging.calibration.expert_merging import (
         MergedModel,
+        Student,
         TrainableCoefficients,
         inverse_activation,
         load_task_vectors,
         merged_weights,
+        train_stage,
     )
     from merging.calibration.params import DEFAULT_EXCLUDE
+    from merging.calibration.samples import Sample
     from merging.checkpoint import CheckpointReader
     from merging.data.loading import IGNORE_INDEX, collate, encode, load_split
     from merging.experts import open_expert
@@ -302,27 +319,31 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> Path:
     names = calibrated_tensors(base, set(base.names()), list(DEFAULT_EXCLUDE))
     vectors = load_task_vectors(base, [open_expert(p) for p in bench.experts], names, torch.device("cpu"),
                                 torch.float32)
-    student = MergedModel(load_causal_lm(bench.zoo / "base").eval().requires_grad_(False), vectors)
+    model = MergedModel(load_causal_lm(bench.zoo / "base").eval().requires_grad_(False), vectors)
+    tokenizer = load_tokenizer(bench.zoo / "base")
+    samples, labels = [], {}
+    for index, domain in enumerate(bench.domains):
+        for example in load_split(bench.zoo / "data", domain, "calib")[: bench.tune_examples]:
+            batch = collate([encode(tokenizer, example, 192)], tokenizer.pad_token_id)
+            samples.append(Sample(index, batch["input_ids"]))
+            labels[id(samples[-1])] = batch["labels"][0, 1:]
+
+    def losses(weights: dict[str, torch.Tensor], sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(weights, sample.input_ids, hidden=False).logits[0, :-1]
+        ce = torch.nn.functional.cross_entropy(logits, labels[id(sample)], ignore_index=IGNORE_INDEX)
+        return ce, torch.zeros(())
+
+    student = Student(lambda alpha: merged_weights(model.base, vectors, alpha), losses)
     start = inverse_activation("sigmoid", init)
     coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), start) for n in names}, {})
-    optimizer = torch.optim.Adam(coefficients.parameters(), lr=0.05)
-    tokenizer = load_tokenizer(bench.zoo / "base")
-    batches = [collate([encode(tokenizer, e, 192)], tokenizer.pad_token_id)
-               for d in bench.domains for e in load_split(bench.zoo / "data", d, "calib")]
-    for epoch in range(epochs):
-        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch)).tolist()
-        for step, i in enumerate(order, start=1):
-            weights = merged_weights(student.base, vectors, coefficients.alpha())
-            logits = student(weights, batches[i]["input_ids"], hidden=False).logits[0, :-1]
-            torch.nn.functional.cross_entropy(logits, batches[i]["labels"][0, 1:], ignore_index=IGNORE_INDEX
-                                              ).backward()
-            if step % 8 == 0 or step == len(order):
-                optimizer.step()
-                optimizer.zero_grad()
+    params = CalibrationParams(init=init, gamma=0.0, lr=0.05, weight_decay=0.0, epochs=epochs, grad_clip=None,
+                               min_lr_ratio=1.0)
+    report = train_stage("ceiling", coefficients, samples, student, [1.0] * len(bench.experts), params, seed=0)
     learned = Coefficients(bench.config("expert_merging", {}, 0), bench.domains,
                            {n: a.detach() for n, a in coefficients.alpha().items()})
-    return apply_coefficients(learned, bench.out / "models" / "ceiling", overwrite=True)
-
+    epoch_ce = [statistics.mean(s["loss"] for s in report.steps if s["epoch"] == e) for e in range(1, epochs + 1)]
+    return (apply_coefficients(learned, bench.out / "models" / "ceiling", overwrite=True),
+            {"calibration_seconds": report.seconds, "train_ce_per_epoch": epoch_ce})
 
 if __name__ == "__main__":
     main()
