@@ -1,8 +1,9 @@
 """Merging quality on a zoo: every method's held-out macro CE and exact match, mean ± std over seeds.
 
 Every knob is chosen on the calibration split (response CE of its first --tune-examples examples per domain),
-never on eval data: the training-free methods' λ (and density), and the calibrated methods' epoch count, picked
-from Expert Merging's per-epoch snapshots (seed 0). expert_merging(_pp) and adamerging start from ᾱ = the tuned
+never on eval data: the training-free methods' λ (and density), the calibrated methods' epoch count, picked
+from Expert Merging's per-epoch snapshots (seed 0), and the weight γ of EM / EM++'s pull towards ᾱ, picked from
+one Expert Merging run (seed 0) per grid value. expert_merging(_pp) and adamerging start from ᾱ = the tuned
 Task Arithmetic λ (the spec: ᾱ is the TA coefficient). Each calibrated merge runs in its own `mergeplan merge`
 process, so its calibration.json's peak RSS is its own. The paired section gives per-(seed, domain) CE
 differences with a two-level bootstrap 95% interval; the matrix section writes the merged models' CE and
@@ -143,13 +144,19 @@ def main() -> None:
                         help="ᾱ of the calibrated methods and the ceiling (default: the tuned TA λ in results.json)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of the calibrated methods (default: the select section's choice in results.json)")
+    parser.add_argument("--select-gammas", default="0,0.8,5",
+                        help="the γ values the gamma section scores (EM seed 0; chosen by calib-split CE)")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="γ of EM and EM++ and of the select section's run (default: the gamma section's "
+                             "choice in results.json, else the spec's)")
+    parser.add_argument("--methods", default=",".join(CALIBRATED), help="the calibrated section's methods")
     parser.add_argument("--curve-samples", default="1,2,5,10", help="the curves section's samples per domain")
     parser.add_argument("--curve-gammas", default="0,0.8,5", help="the curves section's γ values")
-    parser.add_argument("--sections", default="main,select,calibrated,paired,matrix",
-                        help="main (references, training-free), select (epoch curve and choice), calibrated (EM, "
-                             "EM++, AdaMerging over seeds), paired, matrix, curves (EM++ sample count and gamma), "
-                             "ceiling (α fit to the labels of the --tune-examples); rows are added to an existing "
-                             "results.json")
+    parser.add_argument("--sections", default="main,select,gamma,calibrated,paired,matrix",
+                        help="main (references, training-free), select (epoch curve and choice), gamma (γ choice), "
+                             "calibrated (EM, EM++, AdaMerging over seeds), paired, matrix, curves (EM++ sample "
+                             "count and gamma), ceiling (α fit to the labels of the --tune-examples); rows are added "
+                             "to an existing results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -178,6 +185,15 @@ def main() -> None:
     def epochs() -> int:
         return args.epochs or selected_epochs(rows)
 
+    def pull(method: str) -> dict:
+        """EM / EM++'s γ when one was chosen (AdaMerging has no pull towards ᾱ)."""
+        gamma = args.gamma if args.gamma is not None else rows.get("gamma selection", {}).get("selected")
+        return {"gamma": gamma} if gamma is not None and method != "adamerging" else {}
+
+    def calibrated_label(method: str) -> str:
+        gamma = "".join(f", γ={value}" for value in pull(method).values())
+        return f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs{gamma})"
+
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
         params = {"init": tuned_lambda(), **params}
@@ -198,13 +214,19 @@ def main() -> None:
             main_rows(bench, seeds, record)
         elif section == "select":
             curve, allowed = ([int(e) for e in text.split(",")] for text in (args.curve_epochs, args.select_epochs))
-            rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed)
+            rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed, pull("expert_merging"))
+            save()
+        elif section == "gamma":
+            grid = [float(g) for g in args.select_gammas.split(",")]
+            rows["gamma selection"] = select_gamma(bench, tuned_lambda(), epochs(), grid)
             save()
         elif section == "calibrated":
-            for method in CALIBRATED:
-                calibrated(method, {"epochs": epochs()}, f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs)")
+            for method in args.methods.split(","):
+                if method not in CALIBRATED:
+                    parser.error(f"--methods: {method!r} is not one of {', '.join(CALIBRATED)}")
+                calibrated(method, {"epochs": epochs(), **pull(method)}, calibrated_label(method))
         elif section == "paired":
-            rows["paired differences"] = paired_rows(rows)
+            rows["paired differences"] = paired_rows(rows, [calibrated_label(m) for m in CALIBRATED])
             save()
         elif section == "matrix":
             chosen = {name: EvalResult.from_dict(row["results"][0]) for name, row in rows.items()
@@ -246,11 +268,12 @@ def label(method: str, params: dict) -> str:
     return f"{method} ({', '.join(f'{key}={value}' for key, value in params.items())})"
 
 
-def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int]) -> dict:
-    """Expert Merging, seed 0, trained to max(curve) epochs with a snapshot after each epoch of `curve`: each
-    snapshot's calibration-split CE (the choice, among `allowed`), held-out CE (the curve) and mean alignment loss."""
-    folder, report = bench.merge_in_child("select", "expert_merging",
-                                          {"init": init, "epochs": max(curve), "keep_epochs": curve}, 0)
+def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int], pull: dict) -> dict:
+    """Expert Merging, seed 0 (γ from `pull`, else the spec's), trained to max(curve) epochs with a snapshot after
+    each epoch of `curve`: each snapshot's calibration-split CE (the choice, among `allowed`), held-out CE (the
+    curve) and mean alignment loss."""
+    params = {"init": init, "epochs": max(curve), "keep_epochs": curve, **pull}
+    folder, report = bench.merge_in_child("select", "expert_merging", params, 0)
     steps = report["stages"][-1]["steps"]
     points = {}
     for epoch in curve:
@@ -263,8 +286,24 @@ def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int
         print(f"  expert_merging after {epoch} epochs: {json.dumps(points[epoch])}", flush=True)
     selected = min(allowed, key=lambda e: points[e]["calib_ce"])
     print(f"  -> {selected} epochs (lowest calibration-split CE among {allowed})", flush=True)
-    return {"points": points, "selected": selected, "allowed": allowed, "calibration_seconds": report["seconds"],
-            "steps_per_epoch": sum(1 for s in steps if s["epoch"] == 1)}
+    return {"points": points, "selected": selected, "allowed": allowed, **pull,
+            "calibration_seconds": report["seconds"], "steps_per_epoch": sum(1 for s in steps if s["epoch"] == 1)}
+
+
+def select_gamma(bench: Bench, init: float, epochs: int, grid: list[float]) -> dict:
+    """One Expert Merging run (seed 0) per γ of `grid`: its calibration-split CE (the choice) and held-out CE."""
+    points = {}
+    for gamma in grid:
+        folder, report = bench.merge_in_child(f"gamma-{gamma}", "expert_merging",
+                                              {"init": init, "epochs": epochs, "gamma": gamma}, 0)
+        points[gamma] = {"calib_ce": bench.evaluate(folder, split="calib").macro_ce,
+                         "eval_ce": bench.evaluate(folder, accuracy=False).macro_ce,
+                         "calibration_seconds": report["seconds"]}
+        shutil.rmtree(folder)
+        print(f"  expert_merging with γ={gamma}: {json.dumps(points[gamma])}", flush=True)
+    selected = min(grid, key=lambda g: points[g]["calib_ce"])
+    print(f"  -> γ={selected} (lowest calibration-split CE among {grid})", flush=True)
+    return {"points": points, "selected": selected, "epochs": epochs}
 
 
 def selected_epochs(rows: dict) -> int:
@@ -272,10 +311,12 @@ def selected_epochs(rows: dict) -> int:
     return rows["epoch selection"]["selected"] if "epoch selection" in rows else 1
 
 
-def paired_rows(rows: dict) -> dict:
+def paired_rows(rows: dict, calibrated: list[str]) -> dict:
     """EM++ and EM against the best training-free row (lowest held-out macro CE, so the hardest reference),
-    against AdaMerging, and against each other."""
-    by_method = {row["method"]: row for row in rows.values() if "method" in row and "results" in row}
+    against AdaMerging, and against each other; the calibrated methods' rows are those named in `calibrated`
+    (the current epoch and γ choices)."""
+    by_method = {row["method"]: row for name, row in rows.items() if "method" in row and "results" in row
+                 and (row["method"] not in CALIBRATED or name in calibrated)}
     training_free = min((m for m in ("average", "task_arithmetic", "ties", "dare_ties") if m in by_method),
                         key=lambda m: by_method[m]["macro_ce"])
     pairs = [("expert_merging_pp", training_free), ("expert_merging", training_free),
@@ -294,7 +335,9 @@ def paired_rows(rows: dict) -> dict:
 def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path, dict]:
     """Not a merging method: one α per (tensor, expert) fit to the labelled response CE of the calibration
     split's first --tune-examples examples per domain, by the calibration loop itself (8-sample steps, Adam at a
-    constant lr 0.05, no pull, no clipping). It bounds what any layer-wise coefficients can reach on this zoo.
+    constant lr 0.05, no pull, no clipping): what the same per-tensor coefficients reach when labels are given.
+    Not a bound: 8 labelled responses per domain carry less signal than the teachers' distributions over every
+    token, and chunk-wise coefficients have more freedom.
     Returns the merged folder and the training's seconds and mean labelled CE per epoch."""
     import torch
 
