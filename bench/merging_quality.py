@@ -56,6 +56,11 @@ class Bench:
                         accuracy_samples=self.accuracy_samples if held_out and accuracy else 0,
                         max_examples=self.max_examples if held_out else self.tune_examples)
 
+    def score(self, folder: Path) -> dict:
+        """Calibration-split CE (what every choice is made on) and held-out CE, for a selection point."""
+        return {"calib_ce": self.evaluate(folder, split="calib").macro_ce,
+                "eval_ce": self.evaluate(folder, accuracy=False).macro_ce}
+
     def config(self, method: str, params: dict, seed: int) -> MergeConfig:
         calibration = {d: self.zoo / "data" / d / "calib.jsonl" for d in self.domains} if method in CALIBRATED else {}
         return MergeConfig(base=self.zoo / "base", experts=[{"path": p} for p in self.experts], method=method,
@@ -191,8 +196,8 @@ def main() -> None:
         return {"gamma": gamma} if gamma is not None and method != "adamerging" else {}
 
     def calibrated_label(method: str) -> str:
-        gamma = "".join(f", γ={value}" for value in pull(method).values())
-        return f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs{gamma})"
+        gamma = pull(method).get("gamma")
+        return f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'})"
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
@@ -279,9 +284,8 @@ def select_epochs(bench: Bench, init: float, curve: list[int], allowed: list[int
     for epoch in curve:
         snapshot = apply_coefficients(folder / "epochs" / f"coefficients-epoch-{epoch}.json",
                                       bench.out / "models" / f"epoch-{epoch}", overwrite=True)
-        points[epoch] = {"calib_ce": bench.evaluate(snapshot, split="calib").macro_ce,
-                         "eval_ce": bench.evaluate(snapshot, accuracy=False).macro_ce,
-                         "alignment_loss": statistics.mean(s["loss"] for s in steps if s["epoch"] == epoch)}
+        alignment = statistics.mean(s["loss"] for s in steps if s["epoch"] == epoch)
+        points[epoch] = {**bench.score(snapshot), "alignment_loss": alignment}
         shutil.rmtree(snapshot)
         print(f"  expert_merging after {epoch} epochs: {json.dumps(points[epoch])}", flush=True)
     selected = min(allowed, key=lambda e: points[e]["calib_ce"])
@@ -296,9 +300,7 @@ def select_gamma(bench: Bench, init: float, epochs: int, grid: list[float]) -> d
     for gamma in grid:
         folder, report = bench.merge_in_child(f"gamma-{gamma}", "expert_merging",
                                               {"init": init, "epochs": epochs, "gamma": gamma}, 0)
-        points[gamma] = {"calib_ce": bench.evaluate(folder, split="calib").macro_ce,
-                         "eval_ce": bench.evaluate(folder, accuracy=False).macro_ce,
-                         "calibration_seconds": report["seconds"]}
+        points[gamma] = {**bench.score(folder), "calibration_seconds": report["seconds"]}
         shutil.rmtree(folder)
         print(f"  expert_merging with γ={gamma}: {json.dumps(points[gamma])}", flush=True)
     selected = min(grid, key=lambda g: points[g]["calib_ce"])
