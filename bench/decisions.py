@@ -3,11 +3,10 @@
     mergeplan sweep --zoo ZOO --out SWEEP.parquet --design diverse --max-subsets 20 --seed 0 --workers 2
     python bench/decisions.py --sweep SWEEP.parquet --out bench/out/decisions/small
 
-At each arrival k the decision is merging.decision.decide on the prefix points, as on_new_expert takes it; the
-truth is the real gain of expert k + 1 in that order (merging/backtest.py). The old rule (point estimate, no
-band, no check of the law) is replayed on the same fits. The rule is scored on min_gain alone, then replayed
-with a target loss as well: per method, the level realising
-80 % of the mean k = 1 → M gain: mean L(1) − 0.8·(mean L(1) − L(M)). Writes OUT/decisions.json.
+At each arrival k the decision is merging.scaling_law.decision.decide on the prefix points, as on_new_expert takes
+it; the truth is the real gain of expert k + 1 in that order (merging/scaling_law/backtest.py). The old rule
+(point estimate, no band, no check of the law) is replayed on the same fits. The rule is scored on min_gain
+alone, then replayed with a target loss as well: per method, the level realising 80 % of the mean k = 1 → M gain: mean L(1) − 0.8·(mean L(1) − L(M)). Writes OUT/decisions.json.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from merging.backtest import ACTIONS, backtest, macro_by_subset
-from merging.decision import DecisionRule
-from merging.sweep import SUBSET_SEPARATOR, read_table
+from merging.scaling_law.backtest import ACTIONS, backtest, macro_by_subset
+from merging.scaling_law.decision import DecisionRule
+from merging.sweep.run import SUBSET_SEPARATOR, read_table
 
 
 def target_for(macro: dict[str, float]) -> float:

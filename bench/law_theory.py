@@ -1,6 +1,6 @@
 """Benchmark: the scaling law's theory against its fit, for the average merge of one zoo size.
 
-merging.theory measures L(θ0), gᵀμ, ½μᵀHμ and ½Tr(HΣ) on the eval examples a sweep used, which give the
+merging.scaling_law.theory measures L(θ0), gᵀμ, ½μᵀHμ and ½Tr(HΣ) on the eval examples a sweep used, which give the
 theory's floor L∞ and amplitude A; the sweep table gives the fitted ones (L(k) = L∞ + A/(k + b) on the macro
 CE of the average method) and the measured mean CE per k. Prints the two side by side, the quadratic's
 L(θ0 + μ) against the measured merge of all M, and the measured vs predicted mean per k; writes OUT.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from merging.backtest import macro_by_subset
-from merging.scaling_law import fit_curve
-from merging.sweep import SUBSET_SEPARATOR, read_table, zoo_families
-from merging.theory import check_theory
+from merging.scaling_law.backtest import macro_by_subset
+from merging.scaling_law.curve import fit_curve
+from merging.scaling_law.theory import check_theory
+from merging.sweep.run import SUBSET_SEPARATOR, read_table, zoo_families
 
 
 def main() -> None:

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from merging.checkpoint import CheckpointReader
+from merging.io.checkpoint import CheckpointReader
+from merging.io.synthetic import llama_config, write_random_base, write_random_expert, write_random_lora
 from merging.methods.sparsify import magnitude_trim_
-from merging.synthetic import llama_config, write_random_base, write_random_expert, write_random_lora
 
 REPO = Path(__file__).resolve().parent.parent
 OURS_CLI = REPO / ".venv" / "bin" / "mergeplan"
@@ -114,7 +114,7 @@ def ensure_adapters(models_dir: Path, base: Path, num_experts: int) -> tuple[lis
     """K random LoRA adapters on `base` and their merge_and_unload()-ed full checkpoints (peft's own merge)."""
     from peft import PeftModel
 
-    from merging.hf import load_causal_lm
+    from merging.io.hf_loading import load_causal_lm
 
     adapters, dense = [], []
     for seed in range(1, num_experts + 1):

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 from merge_speed import MERGEKIT_CLI, OURS_CLI, SIZES
 
-from merging.checkpoint import CheckpointReader
-from merging.synthetic import llama_config, write_random_base, write_random_expert
+from merging.io.checkpoint import CheckpointReader
+from merging.io.synthetic import llama_config, write_random_base, write_random_expert
 
 TOLERANCE = 1e-5
 EXPERTS = 3

@@ -30,7 +30,7 @@ from merging import merge
 from merging.config import MergeConfig
 from merging.evaluate import EvalResult, evaluate, write_matrix
 from merging.merger import apply_coefficients
-from merging.zoo import expert_folders
+from merging.zoo.build import expert_folders
 
 TUNING_GRID = {
     "task_arithmetic": [{"lambda": s} for s in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)],
@@ -355,10 +355,10 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path
     )
     from merging.calibration.params import DEFAULT_EXCLUDE
     from merging.calibration.samples import Sample
-    from merging.checkpoint import CheckpointReader
     from merging.data.loading import IGNORE_INDEX, collate, encode, load_split
     from merging.experts import open_expert
-    from merging.hf import load_causal_lm, load_tokenizer
+    from merging.io.checkpoint import CheckpointReader
+    from merging.io.hf_loading import load_causal_lm, load_tokenizer
 
     base = CheckpointReader(bench.zoo / "base")
     names = calibrated_tensors(base, set(base.names()), list(DEFAULT_EXCLUDE))

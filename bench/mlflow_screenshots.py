@@ -23,10 +23,10 @@ from flows.merge_pipeline import merge_pipeline
 from flows.pipeline_config import PipelineConfig
 from flows.runtime import configured, prefect_api
 from infra import stack
+from infra.registry import merged_model_name, register_expert
+from infra.s3 import expert_uri, upload_expert
 from infra.settings import S3_INTERNAL_PORTS, Settings
 from infra.stack import free_port_block
-from tasks.registry import merged_model_name, register_expert
-from tasks.storage import expert_uri, upload_expert
 
 BASE = "review-base"
 SERVICES = ["s3", "mlflow", "prefect"]

@@ -7,7 +7,7 @@
    MLflow logging and registration). Then expert K+1 is registered and on-new-expert adds it to that merge (the
    head; incremental), against merge-pipeline with all K+1 (downloads cached, no other cache): whole runs. Last, the
    scaling-sweep flow over the K+1 experts on the thread runner and on a 2-worker Dask LocalCluster.
-2. Incremental vs full. Random Llama checkpoints (merging.synthetic), K experts merged with their state kept; then
+2. Incremental vs full. Random Llama checkpoints (merging.io.synthetic), K experts merged with their state kept; then
    expert K+1 is added by the flows' incremental path (copy the state, add_experts) and, separately, all K+1 are
    merged at once. Both are the merge tasks' own functions, without Prefect. Target: incremental <= 1.5/(K+1) of
    full for task_arithmetic and ties.
@@ -60,13 +60,13 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from flows.runtime import configured, prefect_api
     from flows.scaling_sweep import scaling_sweep
     from infra import stack
+    from infra.registry import register_expert
+    from infra.s3 import base_uri, download_folder, expert_uri, upload_expert
     from merging import MergeConfig, merge
-    from merging.decision import DecisionRule
     from merging.evaluate import evaluate
-    from merging.zoo import expert_folders
-    from tasks.law import LawJob, decide_job
-    from tasks.registry import register_expert
-    from tasks.storage import base_uri, download_folder, expert_uri, upload_expert
+    from merging.scaling_law.decision import DecisionRule
+    from merging.zoo.build import expert_folders
+    from tasks.decide import LawJob, decide_job
 
     settings = bench_settings(workdir / "state")
     os.environ.update(settings.as_env())
@@ -155,7 +155,7 @@ def settle(cold: bool) -> None:
 def incremental_ratio(method: str, experts: int, hidden: int, layers: int, repeats: int, workdir: Path,
                       cold: bool) -> dict[str, float]:
     """Median seconds of the incremental add of expert K+1 and of the full merge of K+1, and their ratio."""
-    from merging.synthetic import llama_config, write_random_base, write_random_expert
+    from merging.io.synthetic import llama_config, write_random_base, write_random_expert
     from tasks.fetch import CheckpointRef, LocalCheckpoint
     from tasks.merge import MergeJob, merge_full, merge_incremental
 
@@ -218,7 +218,7 @@ def main() -> None:
                      f"{figures['ratio']:.3f} | {figures['target']:.3f} |")
         print(lines[-1], flush=True)
     if not args.skip_overhead:
-        from merging.zoo import build_zoo
+        from merging.zoo.build import build_zoo
 
         zoo = args.workdir / "zoo"
         build_zoo("tiny", zoo)

@@ -33,15 +33,15 @@ from flows.merge_pipeline import merge_pipeline
 from flows.pipeline_config import PipelineConfig
 from flows.runtime import configured, prefect_api
 from infra import stack
+from infra.registry import champion_version, head_version, register_expert
+from infra.s3 import download_folder, expert_uri, upload_expert
 from infra.settings import S3_INTERNAL_PORTS, Settings
 from infra.stack import free_port_block
 from merging import ExpertRef, MergeConfig, merge
-from merging.checkpoint import CheckpointReader
-from merging.synthetic import write_random_expert
-from merging.zoo import build_zoo
+from merging.io.checkpoint import CheckpointReader
+from merging.io.synthetic import write_random_expert
+from merging.zoo.build import build_zoo
 from tasks.fetch import merged_experts
-from tasks.registry import champion_version, head_version, register_expert
-from tasks.storage import download_folder, expert_uri, upload_expert
 from tasks.tracking import FLOW_TAG, NEW_EXPERT_TAG
 
 BASE = "burst-base"

@@ -1,7 +1,7 @@
 """Benchmark: the local S3 servers side by side, SeaweedFS (the default, on disk) and moto (in memory).
 
 For each, through infra.stack on free ports: start-up until healthy, upload and download of a checkpoint
-folder (one tensor of --megabytes, multipart, sha256-verified by tasks.storage), the server's RSS, and after a
+folder (one tensor of --megabytes, multipart, sha256-verified by infra.s3), the server's RSS, and after a
 SIGKILL and restart whether the expert is still there. Prints medians over --repeats and the ratios.
 
     .venv/bin/python bench/s3_store.py --megabytes 256 --repeats 3
@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from infra import stack
+from infra.s3 import download_folder, upload_folder
 from infra.settings import S3_INTERNAL_PORTS, Settings
 from merging.errors import StorageError
-from tasks.storage import download_folder, upload_folder
 
 
 def checkpoint(folder: Path, megabytes: int) -> Path:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from merging.law_report import MACRO, FitSettings, fit_sweep
-from merging.sweep import DEFAULT_METHODS, SweepReport, SweepSettings, parse_method_params, run_sweep
+from merging.scaling_law.fit_folder import MACRO, FitSettings, fit_sweep
+from merging.sweep.run import DEFAULT_METHODS, SweepReport, SweepSettings, parse_method_params, run_sweep
 
 
 def sweep_and_fit(name: str, zoo: Path, out: Path, settings: SweepSettings, resamples: int) -> tuple[dict, dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from merging import MergeConfig, merge
 from merging.evaluate import evaluate, evaluate_matrix
-from merging.zoo import build_zoo, expert_folders
+from merging.zoo.build import build_zoo, expert_folders
 
 
 def _share(value: float | None, digits: int = 2) -> str:

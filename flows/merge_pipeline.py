@@ -13,10 +13,11 @@ from prefect import flow
 
 from flows.outcome import Outcome, StageClock, conclude, eval_job, job_params, score_metrics
 from flows.pipeline_config import PipelineConfig
+from infra.registry import check_reachable
 from infra.settings import Settings
 from merging.calibration import CALIBRATED_METHODS
 from tasks.caching import content_hash, fresh
-from tasks.evaluation import evaluate_merged
+from tasks.evaluate import evaluate_merged
 from tasks.fetch import (
     CheckpointRef,
     LocalCheckpoint,
@@ -27,7 +28,6 @@ from tasks.fetch import (
     stored_experts,
 )
 from tasks.merge import MergeJob, merge_full
-from tasks.registry import check_reachable
 from tasks.tracking import (
     BASE_TAG,
     FLOW_TAG,

@@ -21,12 +21,12 @@ from prefect import flow
 from flows.merge_pipeline import fetch_data, fetch_many, merge_job, pipeline_base, recording_settings, run_tags
 from flows.outcome import Outcome, StageClock, conclude
 from flows.pipeline_config import PipelineConfig
+from infra.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version, latest_expert_versions
 from infra.settings import Settings
 from merging.errors import ExpertRefused
 from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, merged_experts, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
-from tasks.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version, latest_expert_versions
 from tasks.tracking import (
     DECISION_TAG,
     NEW_EXPERT_SHA_TAG,

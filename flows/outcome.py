@@ -14,15 +14,15 @@ from pydantic import BaseModel
 
 from flows.pipeline_config import PipelineConfig
 from flows.review import Comparison, decision_sentence, domain_table, lineage_tags, review_markdown
+from infra.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
 from infra.settings import Settings
-from merging.decision import DecisionRule
 from merging.merger import COEFFICIENTS_PLOT
+from merging.scaling_law.decision import DecisionRule
 from tasks.caching import content_hash, fresh, tree_hash
-from tasks.evaluation import EvalJob, Scores, evaluate_merged
+from tasks.decide import Decision, LawJob, fit_and_decide
+from tasks.evaluate import EvalJob, Scores, evaluate_merged
 from tasks.fetch import LocalCheckpoint, merged_experts
-from tasks.law import Decision, LawJob, fit_and_decide
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
-from tasks.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
 from tasks.stages import StageCost
 from tasks.tracking import (
     DECISION_TAG,

@@ -26,9 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.config import describe_validation_error, read_yaml
-from merging.decision import DecisionRule
 from merging.errors import ConfigError
-from merging.sweep import SweepSettings
+from merging.scaling_law.decision import DecisionRule
+from merging.sweep.run import SweepSettings
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # dots separate the parts of registry names and event resources
 ALL_REGISTERED = "all"
@@ -61,8 +61,8 @@ class EvalSettings(BaseModel):
 
 
 class LawSettings(DecisionRule):
-    """When to stop adding experts (merging.decision's rule: the band of the next expert's predicted gain below
-    min_gain, or the target loss met; `uncertain` and `law_fails` keep going), plus what the plan reports."""
+    """When to stop adding experts (merging.scaling_law.decision's rule: the band of the next expert's predicted
+    gain below min_gain, or the target loss met; `uncertain` and `law_fails` keep going), plus what the plan reports."""
 
     epsilon: float | None = Field(None, gt=0)
     # A full run also merges the first k experts for each k here (nested runs), so the law has points to fit.

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from flows.pipeline_config import PipelineConfig
-from tasks.law import Decision
+from infra.registry import expert_model_name, merged_model_name
+from tasks.decide import Decision
 from tasks.merge import MergeJob
-from tasks.registry import expert_model_name, merged_model_name
 from tasks.tracking import json_tag
 
 

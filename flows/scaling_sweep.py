@@ -20,11 +20,11 @@ from flows.outcome import StageClock
 from flows.pipeline_config import PipelineConfig, RunnerSettings, load_pipeline_config
 from flows.runtime import configured, prefect_api
 from infra.settings import Settings
-from merging.law_report import MACRO, PlanRequest, plan_from_fit
-from merging.sweep import read_table
+from merging.scaling_law.fit_folder import MACRO, PlanRequest, plan_from_fit
+from merging.sweep.run import read_table
 from tasks.caching import fresh
 from tasks.fetch import data_ref
-from tasks.sweeping import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
+from tasks.sweep import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
 from tasks.tracking import DECISION_TAG, REASON_TAG, NestedRun, json_tag, log_nested_runs, log_run, tracked_run
 
 FLOW_NAME = "scaling-sweep"

@@ -353,12 +353,12 @@ def up(settings: Settings, names: Iterable[str] | None = None) -> list[ServiceSt
 def _prepare(settings: Settings, names: set[str]) -> None:
     """What the running services need from each other: the bucket, and MLflow's webhook to the receiver."""
     if "s3" in names:
-        from tasks.storage import ensure_bucket, wait_until_serving
+        from infra.s3 import ensure_bucket, wait_until_serving
 
         ensure_bucket(settings)
         wait_until_serving(settings, settings.startup_timeout_s)
     if "webhook" in names:
-        from tasks.registry import ensure_webhook
+        from infra.registry import ensure_webhook
 
         ensure_webhook(settings.webhook_url, resolve_webhook_secret(settings), settings=settings)
 

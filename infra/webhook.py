@@ -114,7 +114,7 @@ async def _emit_confirmed(event: Event, api_url: str) -> None:
 
 def mlflow_tags_lookup(settings: Settings) -> TagsLookup:
     def lookup(model_name: str, version: str) -> Mapping[str, str]:
-        from tasks.registry import expert_version_tags
+        from infra.registry import expert_version_tags
 
         return expert_version_tags(model_name, version, settings=settings)
 

@@ -15,7 +15,7 @@ from merging.config import describe_validation_error
 from merging.errors import ConfigError, MergeplanError, StorageError
 
 if TYPE_CHECKING:
-    from tasks.storage import Manifest
+    from infra.s3 import Manifest
 
 MERGE_EXAMPLE = """\
 merge.yaml:
@@ -71,7 +71,7 @@ def _apply(args: argparse.Namespace) -> None:
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
-    from merging.zoo import build_zoo
+    from merging.zoo.build import build_zoo
 
     if args.base_gguf and args.base:
         raise ConfigError("zoo build: give --base-gguf FILE or --base FOLDER, not both")
@@ -81,7 +81,7 @@ def _zoo_build(args: argparse.Namespace) -> None:
 def _import_gguf(args: argparse.Namespace) -> None:
     import torch
 
-    from merging.gguf_import import import_gguf
+    from merging.io.gguf_import import import_gguf
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     print(import_gguf(args.gguf, args.out, dtype=dtype, overwrite=args.overwrite))
@@ -116,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     import torch
 
-    from merging.sweep import SweepSettings, parse_method_params, run_sweep
+    from merging.sweep.run import SweepSettings, parse_method_params, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,7 +134,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from merging.law_report import MACRO, FitSettings, fit_sweep
+    from merging.scaling_law.fit_folder import MACRO, FitSettings, fit_sweep
 
     settings = FitSettings(resamples=args.resamples, confidence=args.confidence, seed=args.seed,
                            domains=args.domains, intervals=args.intervals, plots=args.plots)
@@ -158,7 +158,7 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from merging.law_report import PlanRequest, plan_from_fit
+    from merging.scaling_law.fit_folder import PlanRequest, plan_from_fit
 
     request = PlanRequest(method=args.method, domain=args.domain, size=args.size, target_loss=args.target_loss,
                           epsilon=args.epsilon, min_gain=args.min_gain, expert_cost=args.expert_cost,
@@ -219,7 +219,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _expert_upload(args: argparse.Namespace) -> None:
-    from tasks.storage import upload_expert
+    from infra.s3 import upload_expert
 
     _print_upload(args.s3_uri, upload_expert(args.folder, args.s3_uri, settings=_settings()))
 
@@ -229,7 +229,7 @@ def _print_upload(uri: str, manifest: Manifest) -> None:
 
 
 def _data_upload(args: argparse.Namespace) -> None:
-    from tasks.storage import data_uri, upload_data
+    from infra.s3 import data_uri, upload_data
 
     settings = _settings()
     uri = args.s3_uri or data_uri(settings)
@@ -237,7 +237,7 @@ def _data_upload(args: argparse.Namespace) -> None:
 
 
 def _expert_register(args: argparse.Namespace) -> None:
-    from tasks.registry import register_expert
+    from infra.registry import register_expert
 
     expert = register_expert(args.s3_uri, args.domain, args.base, description=args.description,
                              settings=_settings())
@@ -245,13 +245,13 @@ def _expert_register(args: argparse.Namespace) -> None:
 
 
 def _expert_download(args: argparse.Namespace) -> None:
-    from tasks.storage import download_folder
+    from infra.s3 import download_folder
 
     print(download_folder(args.s3_uri, args.cache, settings=_settings()))
 
 
 def _expert_list(args: argparse.Namespace) -> None:
-    from tasks.storage import list_experts
+    from infra.s3 import list_experts
 
     for uri in list_experts(args.base, settings=_settings()):
         print(uri)
@@ -262,8 +262,8 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline_config import load_pipeline_config
     from flows.runtime import configured, prefect_api
     from flows.scaling_sweep import scaling_sweep
+    from infra.registry import check_reachable
     from infra.settings import redact_url
-    from tasks.registry import check_reachable
 
     settings = _settings()
     config = load_pipeline_config(args.config)
@@ -290,7 +290,7 @@ def _reconcile(args: argparse.Namespace) -> None:
     from flows.pipeline_config import load_pipeline_config
     from flows.reconcile import reconcile
     from flows.runtime import configured, prefect_api
-    from tasks.registry import check_reachable
+    from infra.registry import check_reachable
 
     settings = _settings()
     config = load_pipeline_config(args.config)
@@ -311,8 +311,8 @@ def _reconcile(args: argparse.Namespace) -> None:
 
 
 def _cache_gc(args: argparse.Namespace) -> None:
+    from infra.s3 import collect_garbage
     from tasks.caching import collect_work_garbage, work_root
-    from tasks.storage import collect_garbage
 
     for flag, value in (("--max-gb", args.max_gb), ("--work-max-gb", args.work_max_gb)):
         if value is not None and value <= 0:

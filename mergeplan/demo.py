@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from merging import MergeConfig, add_experts, merge
-from merging.checkpoint import CheckpointReader
 from merging.evaluate import evaluate
-from merging.zoo import build_zoo, expert_folders
+from merging.io.checkpoint import CheckpointReader
+from merging.zoo.build import build_zoo, expert_folders
 
 METHODS = {
     "average": {},

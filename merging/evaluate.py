@@ -18,8 +18,8 @@ from merging.data.example import Example
 from merging.data.loading import IGNORE_INDEX, collate, data_domains, encode, load_split
 from merging.errors import ConfigError
 from merging.experts import declared_base, is_adapter, load_expert_model
-from merging.hf import check_causal_lm, load_tokenizer
-from merging.zoo import expert_folders
+from merging.io.hf_loading import check_causal_lm, load_tokenizer
+from merging.zoo.build import expert_folders
 
 ANSWER_LINE = re.compile(r"Answer:\s*(.+?)\s*$", re.MULTILINE)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import STRUCTURAL_FIELDS, CheckpointReader, check_compatible, refuse_pickles
 from merging.errors import CheckpointError
-from merging.safetensors_file import TensorInfo, read_header, read_tensor
+from merging.io.checkpoint import STRUCTURAL_FIELDS, CheckpointReader, check_compatible, refuse_pickles
+from merging.io.safetensors_file import TensorInfo, read_header, read_tensor
 
 log = logging.getLogger("mergeplan")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -338,7 +338,7 @@ def declared_base(folder: str | Path) -> Path | None:
 def load_expert_model(folder: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """A causal LM with the expert's weights: a checkpoint as it is, an adapter applied to `base` (default: the
     local folder its base_model_name_or_path names)."""
-    from merging.hf import load_causal_lm
+    from merging.io.hf_loading import load_causal_lm
 
     folder = Path(folder)
     if not is_adapter(folder):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoint import CheckpointReader, CheckpointWriter
 from merging.errors import ConfigError
 from merging.experts import ADAPTER_CONFIG, PEFT_PREFIX
+from merging.io.checkpoint import CheckpointReader, CheckpointWriter
 
 log = logging.getLogger("mergeplan")
 EXPORT_REPORT = "lora_export.json"

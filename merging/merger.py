@@ -19,10 +19,10 @@ import yaml
 from pydantic import ValidationError
 
 from merging.calibration import CALIBRATED_METHODS, Coefficients, calibrate, calibrated_tensors, params_for
-from merging.checkpoint import CheckpointReader, CheckpointWriter, parse_size
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
+from merging.io.checkpoint import CheckpointReader, CheckpointWriter, parse_size
 from merging.methods import MergeMethod, build_method
 from merging.methods.learned import LearnedCoefficients
 from merging.model_card import CARD_FILE, render_card

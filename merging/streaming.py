@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from merging.checkpoint import CheckpointReader, CheckpointWriter
 from merging.experts import Expert, require_finite
+from merging.io.checkpoint import CheckpointReader, CheckpointWriter
 from merging.methods import MergeMethod
 from merging.progress_bar import progress_bar
 

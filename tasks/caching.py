@@ -24,8 +24,8 @@ from prefect import Task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 
+from infra.s3 import GarbageReport, exclusive_or_busy, hold_folder, unless_held
 from infra.settings import Settings
-from tasks.storage import GarbageReport, exclusive_or_busy, hold_folder, unless_held
 
 log = logging.getLogger("mergeplan")
 
@@ -46,7 +46,7 @@ def content_hash(value: Any) -> str:
 
 def tree_hash(path: Path) -> str:
     """One sha256 of a file, or of every file under a folder (by relative path)."""
-    from tasks.storage import sha256_file
+    from infra.s3 import sha256_file
 
     path = Path(path)
     if path.is_file():

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra.s3 import upload_expert
 from infra.settings import Settings
 from merging.calibration import CALIBRATED_METHODS
 from merging.config import ExpertRef, MergeConfig
@@ -23,7 +24,6 @@ from tasks.caching import RESULT_SERIALIZER, collect_work_garbage, content_cache
 from tasks.fetch import LocalCheckpoint
 from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
-from tasks.storage import upload_expert
 
 log = logging.getLogger("mergeplan")
 

@@ -22,9 +22,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFL
 from prefect import task
 from pydantic import BaseModel
 
+from infra.registry import mlflow_client, refused
 from infra.settings import AWS_ENV, Settings, without_userinfo
-from merging.plots import plot_methods
-from tasks.registry import mlflow_client, refused
+from merging.scaling_law.plots import plot_methods
 from tasks.retrying import IO_TASK_OPTIONS
 
 # MLflow prints the run's URL, tracking server included (user:password@ too), when a run ends: never to our output.

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mergeplan.cli import main
-from merging.synthetic import llama_config, write_random_base, write_random_expert
+from merging.io.synthetic import llama_config, write_random_base, write_random_expert
 
 TINY = llama_config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=64)
@@ -58,7 +58,7 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
     """The `tiny` preset, built once per test session (about 30 s on 2 cores)."""
-    from merging.zoo import build_zoo
+    from merging.zoo.build import build_zoo
 
     root = tmp_path_factory.mktemp("tiny_zoo")
     build_zoo("tiny", root)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import gguf
 
-from merging.hf import load_causal_lm
+from merging.io.hf_loading import load_causal_lm
 
 
 def _llama_cpp_permute(weights, heads: int):

@@ -27,10 +27,10 @@ from merging.calibration.expert_merging import (
 )
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample
-from merging.checkpoint import CheckpointReader
 from merging.errors import ConfigError
 from merging.experts import Expert
-from merging.hf import causal_lm_skeleton
+from merging.io.checkpoint import CheckpointReader
+from merging.io.hf_loading import causal_lm_skeleton
 
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
 

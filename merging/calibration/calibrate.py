@@ -27,11 +27,11 @@ from merging.calibration.expert_merging import (
 from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, load_samples
-from merging.checkpoint import CheckpointReader
 from merging.config import MergeConfig
 from merging.errors import ConfigError
 from merging.experts import Expert, load_expert_model
-from merging.hf import load_causal_lm, load_model_config, load_tokenizer
+from merging.io.checkpoint import CheckpointReader
+from merging.io.hf_loading import load_causal_lm, load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
 CALIBRATED_METHODS = ("expert_merging", "expert_merging_pp", "adamerging")

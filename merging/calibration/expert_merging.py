@@ -22,9 +22,9 @@ from torch.func import functional_call
 
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
-from merging.checkpoint import CheckpointReader
 from merging.errors import TrainingError
 from merging.experts import Expert
+from merging.io.checkpoint import CheckpointReader
 from merging.methods.learned import combine
 from merging.progress_bar import progress_bar
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlops.mlops_support import one_tensor_checkpoint, stack_settings
+from pipeline.mlops_support import one_tensor_checkpoint, stack_settings
 
 from infra import stack
+from infra.s3 import download_folder, read_manifest, s3_client, upload_expert, upload_folder
 from infra.settings import Settings
 from merging.errors import StorageError
-from tasks.storage import download_folder, read_manifest, s3_client, upload_expert, upload_folder
 
 
 @pytest.fixture()

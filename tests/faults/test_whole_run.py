@@ -25,8 +25,8 @@ import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
-from mlops.mlops_support import stack_settings
-from mlops.pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config, store_expert, store_zoo
+from pipeline.mlops_support import stack_settings
+from pipeline.pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config, store_expert, store_zoo
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort
@@ -34,10 +34,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.on_new_expert import untaken_experts
 from infra import stack
+from infra.registry import CHAMPION, HEAD, MERGE_KEY, head_version, merged_model_name
+from infra.s3 import MANIFEST, download_folder, s3_client
 from infra.settings import Settings
 from tasks.fetch import merged_experts
-from tasks.registry import CHAMPION, HEAD, MERGE_KEY, head_version, merged_model_name
-from tasks.storage import MANIFEST, download_folder, s3_client
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: safetensors files, Hugging Face folders, GGUF import, synthetic checkpoints for tests."""

