@@ -6,7 +6,8 @@
 At each arrival k the decision is merging.scaling_law.decision.decide on the prefix points, as on_new_expert takes
 it; the truth is the real gain of expert k + 1 in that order (merging/scaling_law/backtest.py). The old rule
 (point estimate, no band, no check of the law) is replayed on the same fits. The rule is scored on min_gain
-alone, then replayed with a target loss as well: per method, the level realising 80 % of the mean k = 1 → M gain: mean L(1) − 0.8·(mean L(1) − L(M)). Writes OUT/decisions.json.
+alone, then replayed with a target loss as well: per method, the level realising 80 % of the mean k = 1 → M
+gain: mean L(1) − 0.8·(mean L(1) − L(M)). Writes OUT/decisions.json.
 """
 
 from __future__ import annotations
