@@ -46,12 +46,12 @@ from merging.data.loading import data_domains
 from merging.errors import CheckpointError, StorageError
 from merging.experts import open_expert
 from merging.io.checkpoint import PICKLE_SUFFIXES
+from merging.io.hashing import sha256_file
 from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 
 MANIFEST = "manifest.json"
-_HASH_BLOCK = 8 * 2**20
 _MAX_BACKOFF_S = 30
 # Server-side failures that a later attempt may not meet; every other S3 error is final.
 _RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
@@ -219,14 +219,6 @@ def wait_until_serving(settings: Settings, timeout_s: float, client=None) -> Non
                                    f"s3://{settings.bucket}/{READY_PROBE_KEY} within {timeout_s:.0f} s "
                                    f"({_describe(exc)}); see its log") from exc
             time.sleep(0.1)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _transfer_config(settings: Settings) -> TransferConfig:

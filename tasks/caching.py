@@ -46,7 +46,7 @@ def content_hash(value: Any) -> str:
 
 def tree_hash(path: Path) -> str:
     """One sha256 of a file, or of every file under a folder (by relative path)."""
-    from infra.s3 import sha256_file
+    from merging.io.hashing import sha256_file
 
     path = Path(path)
     if path.is_file():

@@ -31,6 +31,7 @@ from merging.errors import ConfigError
 from merging.experts import ADAPTER_CONFIG
 from merging.io.checkpoint import COMPANION_FILES, CheckpointReader, staged_folder
 from merging.io.gguf_import import packaged_smollm2, write_gguf_as_hf
+from merging.io.hashing import sha256_file
 from merging.io.hf_loading import check_causal_lm, load_causal_lm, load_tokenizer
 from merging.io.synthetic import LORA_TARGETS
 from merging.zoo.training import TrainSettings, train
@@ -139,14 +140,6 @@ def get_preset(name: str) -> ZooPreset:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:

@@ -23,11 +23,11 @@ from infra.s3 import (
     list_experts,
     read_manifest,
     s3_client,
-    sha256_file,
     upload_expert,
 )
 from merging.errors import CheckpointError, StorageError
 from merging.io.checkpoint import CheckpointReader
+from merging.io.hashing import sha256_file
 
 
 def count_gets(client) -> list[str]:
