@@ -22,7 +22,7 @@ import numpy as np
 
 from merging.scaling_law.backtest import ACTIONS, backtest, macro_by_subset
 from merging.scaling_law.decision import DecisionRule
-from merging.sweep.run import SUBSET_SEPARATOR, read_table
+from merging.sweep.table import SUBSET_SEPARATOR, read_table
 
 
 def target_for(macro: dict[str, float]) -> float:

@@ -21,7 +21,8 @@ import numpy as np
 from merging.scaling_law.backtest import macro_by_subset
 from merging.scaling_law.curve import fit_curve
 from merging.scaling_law.theory import check_theory
-from merging.sweep.run import SUBSET_SEPARATOR, read_table, zoo_families
+from merging.sweep.table import SUBSET_SEPARATOR, read_table
+from merging.zoo.layout import zoo_families
 
 
 def main() -> None:

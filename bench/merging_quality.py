@@ -28,9 +28,10 @@ import numpy as np
 
 from merging import merge
 from merging.config import MergeConfig
-from merging.evaluate import EvalResult, evaluate, write_matrix
+from merging.evaluate import EvalResult, evaluate
 from merging.merger import apply_coefficients
-from merging.zoo.build import expert_folders
+from merging.zoo.layout import expert_folders
+from merging.zoo.matrix import write_matrix
 
 TUNING_GRID = {
     "task_arithmetic": [{"lambda": s} for s in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)],

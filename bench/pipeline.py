@@ -65,7 +65,7 @@ def pipeline_runs(zoo: Path, experts: int, repeats: int, workdir: Path) -> dict[
     from merging import MergeConfig, merge
     from merging.evaluate import evaluate
     from merging.scaling_law.decision import DecisionRule
-    from merging.zoo.build import expert_folders
+    from merging.zoo.layout import expert_folders
     from tasks.decide import LawJob, decide_job
 
     settings = bench_settings(workdir / "state")

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from infra import stack
+from infra.errors import StorageError
 from infra.s3 import download_folder, upload_folder
 from infra.settings import S3_INTERNAL_PORTS, Settings
-from merging.errors import StorageError
 
 
 def checkpoint(folder: Path, megabytes: int) -> Path:

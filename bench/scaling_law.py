@@ -25,15 +25,17 @@ from pathlib import Path
 
 import torch
 
-from merging.scaling_law.fit_folder import MACRO, FitSettings, fit_sweep
+from merging.scaling_law.fit_folder import FitSettings, fit_sweep
+from merging.scaling_law.sweep_curves import MACRO
 from merging.sweep.run import DEFAULT_METHODS, SweepReport, SweepSettings, parse_method_params, run_sweep
+from merging.zoo.layout import zoo_families
 
 
 def sweep_and_fit(name: str, zoo: Path, out: Path, settings: SweepSettings, resamples: int) -> tuple[dict, dict]:
     """Sweep one zoo, fit it, and return (timing, fit.json)."""
     print(f"\n## {name}: sweep of {zoo} ({', '.join(settings.methods)}; design {settings.design}, "
           f"max {settings.max_subsets} subsets per k, {settings.eval_examples} eval examples per domain)", flush=True)
-    report: SweepReport = run_sweep(zoo, out / f"{name}_sweep.parquet", settings)
+    report: SweepReport = run_sweep(zoo_families(zoo), zoo / "data", out / f"{name}_sweep.parquet", settings)
     timing = {"groups": report.groups, "computed": report.computed, "skipped": report.skipped,
               "seconds": round(report.seconds, 1), "models_per_minute": round(report.models_per_minute, 2)}
     print(f"sweep: {report.groups} merged models ({report.computed} measured now in {report.seconds:.0f} s = "

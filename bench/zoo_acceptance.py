@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from merging import MergeConfig, merge
-from merging.evaluate import evaluate, evaluate_matrix
-from merging.zoo.build import build_zoo, expert_folders
+from merging.evaluate import evaluate
+from merging.zoo.build import build_zoo
+from merging.zoo.layout import expert_folders
+from merging.zoo.matrix import evaluate_matrix
 
 
 def _share(value: float | None, digits: int = 2) -> str:

@@ -18,46 +18,23 @@ import logging
 
 from prefect import flow
 
-from flows.merge_pipeline import fetch_data, fetch_many, merge_job, pipeline_base, recording_settings, run_tags
-from flows.outcome import Outcome, StageClock, conclude
+from flows.conclusion import Outcome, conclude
+from flows.inputs import fetch_data, fetch_many, merge_job, pipeline_base, recording_settings, run_tags
 from flows.pipeline_config import PipelineConfig
-from infra.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version, latest_expert_versions
+from infra.errors import ExpertRefused
+from infra.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version
 from infra.settings import Settings
-from merging.errors import ExpertRefused
 from tasks.caching import fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, merged_experts, registered_experts
 from tasks.merge import MergedModel, merge_full, merge_incremental
-from tasks.tracking import (
-    DECISION_TAG,
-    NEW_EXPERT_SHA_TAG,
-    NEW_EXPERT_TAG,
-    REASON_TAG,
-    experts_taken,
-    log_run,
-    tracked_run,
-)
+from tasks.pipeline_state import taken_experts, untaken_experts
+from tasks.stages import StageClock
+from tasks.tracking import DECISION_TAG, NEW_EXPERT_SHA_TAG, NEW_EXPERT_TAG, REASON_TAG, log_run, tracked_run
 
 FLOW_NAME = "on-new-expert"
 
 
 log = logging.getLogger("mergeplan")
-
-
-def taken_experts(config: PipelineConfig, settings: Settings) -> set[tuple[str, str]]:
-    """(S3 folder, manifest sha256) of the expert versions taken: a finished (or refused) on-new-expert run names
-    it, or the head holds it."""
-    taken = experts_taken(config.experiment_name, settings)
-    head = head_version(config.base.name, settings=settings)
-    return taken | {(ref.uri, ref.sha256) for ref in merged_experts(head)} if head is not None else taken
-
-
-def untaken_experts(config: PipelineConfig, settings: Settings,
-                    taken: set[tuple[str, str]] | None = None) -> list[RegisteredExpert]:
-    """The newest version of each registered expert of the pipeline's base that no run took (TAKEN, when already
-    read), oldest first."""
-    taken = taken_experts(config, settings) if taken is None else taken
-    return [expert for expert, _ in latest_expert_versions(config.base.name, settings=settings)
-            if (expert.s3_uri, expert.sha256) not in taken]
 
 
 def refuse_other_base(base: str, s3_uri: str, config: PipelineConfig, settings: Settings) -> str | None:
@@ -145,11 +122,11 @@ def on_new_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str
     """The outcome of adding this expert, or None when an earlier run already took it. With DRAIN (as triggered),
     the other untaken experts are added too, each in a subflow of its own that does not drain."""
     settings = recording_settings()
-    taken = taken_experts(config, settings)
+    taken = taken_experts(config.experiment_name, config.base.name, settings)
     if (s3_uri, sha256) in taken:
         log.info("%s (sha256 %s) was already merged by an earlier run; nothing to do", s3_uri, sha256[:12])
         return None
-    untaken = untaken_experts(config, settings, taken) if drain else []
+    untaken = untaken_experts(config.experiment_name, config.base.name, settings, taken) if drain else []
     position = next((i for i, e in enumerate(untaken) if (e.s3_uri, e.sha256) == (s3_uri, sha256)), None)
     if position is None:  # not draining, or not a registered expert's newest version: just this one
         return add_expert(config, s3_uri, sha256, version, domain, base, settings)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.merge_pipeline import recording_settings
-from flows.on_new_expert import add_untaken, untaken_experts
-from flows.outcome import Outcome
+from flows.conclusion import Outcome
+from flows.inputs import recording_settings
+from flows.on_new_expert import add_untaken
 from flows.pipeline_config import PipelineConfig
+from tasks.pipeline_state import untaken_experts
 
 FLOW_NAME = "reconcile"
 
@@ -24,4 +25,4 @@ def reconcile(config: PipelineConfig) -> list[Outcome]:
     """The outcome of each untaken expert's on-new-expert run, oldest registration first; a refused expert
     (another base) is logged and skipped."""
     settings = recording_settings()
-    return add_untaken(config, untaken_experts(config, settings), settings)
+    return add_untaken(config, untaken_experts(config.experiment_name, config.base.name, settings), settings)

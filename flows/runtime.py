@@ -12,8 +12,8 @@ from prefect import Flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline_config import RunnerSettings
+from infra.errors import StackError
 from infra.settings import Settings, redact_url, without_userinfo
-from merging.errors import StackError
 from tasks.caching import RESULT_SERIALIZER, result_storage
 
 

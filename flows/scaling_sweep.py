@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.merge_pipeline import pipeline_base, recording_settings, resolve_experts, run_tags
-from flows.outcome import StageClock
+from flows.inputs import run_tags, start_flow
 from flows.pipeline_config import PipelineConfig, RunnerSettings, load_pipeline_config
 from flows.runtime import configured, prefect_api
 from infra.settings import Settings
-from merging.scaling_law.fit_folder import MACRO, PlanRequest, plan_from_fit
-from merging.sweep.run import read_table
+from merging.scaling_law.advice import PlanRequest, plan_from_fit
+from merging.scaling_law.sweep_curves import MACRO
+from merging.sweep.table import read_table
 from tasks.caching import fresh
 from tasks.fetch import data_ref
 from tasks.sweep import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
@@ -70,10 +70,7 @@ def plan_markdown(plan: dict[str, str], fit: SweepFit) -> str:
 
 @flow(name=FLOW_NAME)
 def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
-    settings = recording_settings()
-    clock = StageClock()
-    base = pipeline_base(config, settings)
-    experts = resolve_experts(config, settings)
+    settings, clock, base, experts = start_flow(config)
     sweep = config.sweep
     tags = run_tags(config, FLOW_NAME)
     with tracked_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags) as run_id:

@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from infra.errors import ExpertRefused, RegistryError, StorageError
 from infra.s3 import S3Location, base_uri, read_json_file, read_manifest, s3_client
 from infra.settings import Settings, redact_url, without_userinfo
-from merging.errors import ExpertRefused, RegistryError, StorageError
 from merging.experts import ADAPTER_CONFIG
 from merging.io.checkpoint import STRUCTURAL_FIELDS
 

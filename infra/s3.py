@@ -1,36 +1,20 @@
 """S3 store: checkpoint folders under s3://BUCKET/experts/BASE/NAME/ (and the bases under s3://BUCKET/bases/BASE/),
-evaluation data under s3://BUCKET/data/ (DOMAIN/{eval,calib}.jsonl), each folder with a manifest.json.
-
-The manifest maps every file of the folder to {sha256, size}; it is written last, so a folder whose manifest
-exists is complete. Downloads land in a content-addressed cache:
-
-    CACHE/blobs/SHA256          verified file contents, read-only, shared by every folder that has the file
-    CACHE/partial/SHA256.part*  downloads in progress; never read, deleted by the next download of that blob
-    CACHE/folders/MANIFEST_SHA  one folder per stored version: hard links to the blobs + manifest.json
-    CACHE/folders/.hold-SHA     a flock file that a process using the folder keeps share-locked until it exits
-    CACHE/locks/                flock files, so that processes sharing a cache fetch each blob once
-
-A folder appears by an atomic rename once every blob is verified, so a folder in folders/ is always complete,
-and a second download of the same manifest fetches nothing but the manifest. The cache has a size limit
-(Settings.cache_max_gb): collect_garbage removes least recently used folders (mtime, set on each use) and the
-blobs only they linked, never a held folder and never while a download runs.
+evaluation data under s3://BUCKET/data/ (DOMAIN/{eval,calib}.jsonl), each folder with a manifest.json
+(infra/manifest.py), written last. Requests are retried while the endpoint is unreachable or overloaded; downloads
+land, verified, in the content-addressed cache of infra/cache.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import boto3
@@ -38,20 +22,19 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from s3transfer.exceptions import RetriesExceededError
 
+from infra.cache import FolderCache, collect_garbage, hold_folder
+from infra.errors import StorageError
+from infra.manifest import MANIFEST, Manifest, ManifestEntry, folder_files, manifest_of, parse_manifest
 from infra.settings import Settings
 from merging.data.loading import data_domains
-from merging.errors import CheckpointError, StorageError
 from merging.experts import open_expert
-from merging.io.checkpoint import PICKLE_SUFFIXES
 from merging.io.hashing import sha256_file
 from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 
-MANIFEST = "manifest.json"
 _MAX_BACKOFF_S = 30
 # Server-side failures that a later attempt may not meet; every other S3 error is final.
 _RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
@@ -59,25 +42,6 @@ _RETRYABLE_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavail
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 _DENIED_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 T = TypeVar("T")
-
-
-class ManifestEntry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
-
-
-_MANIFEST_FILES = TypeAdapter(dict[str, ManifestEntry])
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A stored folder's file list; sha256 is the hash of the manifest's own bytes, which identifies the version."""
-
-    files: dict[str, ManifestEntry]
-    sha256: str
-    raw: bytes = field(repr=False)
 
 
 def is_s3_uri(where: str | Path) -> bool:
@@ -227,21 +191,6 @@ def _transfer_config(settings: Settings) -> TransferConfig:
                           max_concurrency=settings.transfer_threads)
 
 
-def _folder_files(folder: Path) -> dict[str, Path]:
-    """The folder's files by their relative POSIX name; refuses pickles."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        # Dot files are tool state (.cache/huggingface, .DS_Store), not part of the checkpoint.
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
-            continue
-        if path.suffix in PICKLE_SUFFIXES:
-            raise CheckpointError(f"{path}: pickle file; mergeplan never stores or loads pickles (they can run "
-                                  "code); remove it or convert to safetensors")
-        files[relative.as_posix()] = path
-    return files
-
-
 def upload_expert(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
     """Upload a checkpoint or LoRA adapter folder (a base or an expert; checked to be one) to S3_URI."""
     open_expert(folder)
@@ -259,8 +208,8 @@ def upload_folder(folder: str | Path, s3_uri: str, *, settings: Settings | None 
     settings = settings or Settings.from_env()
     client = client or s3_client(settings)
     location, folder = S3Location.parse(s3_uri), Path(folder)
-    files = _folder_files(folder)
-    entries = {name: ManifestEntry(sha256=sha256_file(path), size=path.stat().st_size) for name, path in files.items()}
+    files = folder_files(folder)
+    manifest = manifest_of(files)
     transfer = _transfer_config(settings)
 
     def upload(name: str) -> None:
@@ -270,12 +219,11 @@ def upload_folder(folder: str | Path, s3_uri: str, *, settings: Settings | None 
     started = time.perf_counter()
     with ThreadPoolExecutor(settings.transfer_threads) as pool:
         list(pool.map(upload, files))
-    raw = json.dumps({name: entry.model_dump() for name, entry in entries.items()}, indent=1).encode()
-    with_retries(lambda: client.put_object(Bucket=location.bucket, Key=location.key(MANIFEST), Body=raw,
+    with_retries(lambda: client.put_object(Bucket=location.bucket, Key=location.key(MANIFEST), Body=manifest.raw,
                                            ContentType="application/json"), location.uri(MANIFEST), settings)
-    log.info("uploaded %d files (%.1f MB) to %s in %.1f s", len(files), sum(e.size for e in entries.values()) / 1e6,
-             location.uri(), time.perf_counter() - started)
-    return Manifest(entries, hashlib.sha256(raw).hexdigest(), raw)
+    log.info("uploaded %d files (%.1f MB) to %s in %.1f s", len(files),
+             sum(e.size for e in manifest.files.values()) / 1e6, location.uri(), time.perf_counter() - started)
+    return manifest
 
 
 def _get_bytes(client, location: S3Location, name: str, settings: Settings) -> bytes:
@@ -290,19 +238,7 @@ def read_manifest(s3_uri: str, *, settings: Settings | None = None, client=None)
     settings = settings or Settings.from_env()
     client = client or s3_client(settings)
     location = S3Location.parse(s3_uri)
-    raw = _get_bytes(client, location, MANIFEST, settings)
-    try:
-        files = _MANIFEST_FILES.validate_json(raw)
-    except ValidationError as exc:
-        raise StorageError(f"{location.uri(MANIFEST)}: not a manifest ({exc.errors()[0]['msg']}); re-upload "
-                           "the folder") from exc
-    for name in files:
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or "\\" in name or not name or name == MANIFEST:
-            raise StorageError(f"{location.uri(MANIFEST)}: unsafe file name {name!r}; re-upload it")
-        if path.suffix in PICKLE_SUFFIXES:
-            raise StorageError(f"{location.uri(MANIFEST)}: lists pickle file {name}; mergeplan never loads pickles")
-    return Manifest(files, hashlib.sha256(raw).hexdigest(), raw)
+    return parse_manifest(_get_bytes(client, location, MANIFEST, settings), location.uri(MANIFEST))
 
 
 def read_json_file(s3_uri: str, name: str, manifest: Manifest, *, settings: Settings | None = None,
@@ -320,97 +256,6 @@ def read_json_file(s3_uri: str, name: str, manifest: Manifest, *, settings: Sett
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StorageError(f"{location.uri(name)}: not JSON ({exc})") from exc
-
-
-GC_LOCK = "gc"
-HOLD_PREFIX = ".hold-"
-_HELD: dict[Path, object] = {}  # hold files this process keeps locked, by path
-
-
-def cached_folder(cache_dir: Path, manifest_sha256: str) -> Path:
-    """Where the cache under CACHE_DIR keeps (or will keep) the stored folder with this manifest."""
-    return Path(cache_dir) / "folders" / manifest_sha256
-
-
-def hold_folder(folder: Path) -> None:
-    """Keep FOLDER (which may not exist yet) from garbage collection for as long as this process lives (a flow run
-    uses what it downloaded or merged until it ends): a shared lock on the sibling file .hold-NAME that the kernel
-    drops at exit. Marks the folder used now, for the LRU order."""
-    lock = folder.parent / f"{HOLD_PREFIX}{folder.name}"
-    if lock not in _HELD:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a")  # noqa: SIM115 - kept open on purpose: the lock lives with the process
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        _HELD[lock] = handle
-    with contextlib.suppress(FileNotFoundError):
-        os.utime(folder)
-
-
-@contextmanager
-def exclusive_or_busy(lock: Path) -> Iterator[bool]:
-    """True, with LOCK held exclusively until the block ends, when no other holder has it; False (at once) when
-    one does."""
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def unless_held(folder: Path) -> contextlib.AbstractContextManager[bool]:
-    """True, with FOLDER locked against new holders until the block ends (so it can be removed), when no live
-    process holds it; False when one does."""
-    return exclusive_or_busy(folder.parent / f"{HOLD_PREFIX}{folder.name}")
-
-
-class FolderCache:
-    """The content-addressed download cache (layout in the module docstring)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        for folder in ("blobs", "partial", "folders", "locks"):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
-
-    def blob(self, sha256: str) -> Path:
-        return self.root / "blobs" / sha256
-
-    def has_blob(self, entry: ManifestEntry) -> bool:
-        path = self.blob(entry.sha256)
-        return path.is_file() and path.stat().st_size == entry.size
-
-    def folder(self, manifest_sha256: str) -> Path:
-        return cached_folder(self.root, manifest_sha256)
-
-    def partial(self, sha256: str) -> Path:
-        return self.root / "partial" / f"{sha256}.part"
-
-    def remove_partials(self, sha256: str) -> None:
-        """Delete this blob's unfinished downloads (boto3 adds a random suffix to its own temporary file)."""
-        for path in (self.root / "partial").glob(f"{sha256}.part*"):
-            path.unlink(missing_ok=True)
-
-    @contextmanager
-    def _flocked(self, name: str, mode: int) -> Iterator[None]:
-        """Across threads and processes; released by the kernel if the holder is killed."""
-        with open(self.root / "locks" / name, "a") as handle:
-            fcntl.flock(handle, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Exclusive: one process at a time fetches a blob or assembles a folder."""
-        return self._flocked(name, fcntl.LOCK_EX)
-
-    def downloading(self) -> contextlib.AbstractContextManager[None]:
-        """Shared with every other download, exclusive with garbage collection: no blob vanishes mid-download."""
-        return self._flocked(GC_LOCK, fcntl.LOCK_SH)
 
 
 def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, cache: FolderCache,
@@ -433,26 +278,6 @@ def _fetch_blob(client, location: S3Location, name: str, entry: ManifestEntry, c
         finally:  # ours, and any a killed download left: a partial file is never used, only deleted
             cache.remove_partials(entry.sha256)
     return entry.size
-
-
-def _assemble(cache: FolderCache, manifest: Manifest) -> Path:
-    """The folder of hard links to verified blobs, published by one rename."""
-    final = cache.folder(manifest.sha256)
-    with cache.lock(f"folder-{manifest.sha256}"):
-        if final.is_dir():
-            return final
-        staging = final.with_name(f".{manifest.sha256}.staging")
-        shutil.rmtree(staging, ignore_errors=True)  # a killed assembly's leftovers; we hold the lock
-        for name, entry in manifest.files.items():
-            target = staging / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(cache.blob(entry.sha256), target)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(cache.blob(entry.sha256), target)
-        (staging / MANIFEST).write_bytes(manifest.raw)
-        os.rename(staging, final)
-    return final
 
 
 def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, settings: Settings | None = None,
@@ -481,69 +306,11 @@ def download_folder(s3_uri: str, cache_dir: str | Path | None = None, *, setting
         if wanted:
             log.info("downloaded %d files (%.1f MB) of %s in %.1f s", len(wanted), fetched / 1e6, location.uri(),
                      time.perf_counter() - started)
-        folder = _assemble(cache, manifest)
+        folder = cache.assemble(manifest)
         hold_folder(cache.folder(manifest.sha256))
     if wanted:  # the limit is checked only when the cache grew
         collect_garbage(cache.root, int(settings.cache_max_gb * 1e9))
     return folder
-
-
-@dataclass(frozen=True)
-class GarbageReport:
-    before_bytes: int
-    after_bytes: int
-    removed: list[str]  # the folders removed (manifest sha256, or KIND/KEY under work/), least recently used first
-    held: list[str]  # folders over the limit that a live process holds, kept
-    busy: bool = False  # a download was in progress: nothing was removed
-
-    @property
-    def freed_bytes(self) -> int:
-        return self.before_bytes - self.after_bytes
-
-
-def cache_bytes(root: Path) -> int:
-    """The cache's size on disk: its blobs and partial downloads (folders are hard links to the blobs)."""
-    total = 0
-    for folder in ("blobs", "partial"):
-        for path in (Path(root) / folder).iterdir() if (Path(root) / folder).is_dir() else []:
-            with contextlib.suppress(FileNotFoundError):
-                total += path.stat().st_size
-    return total
-
-
-def collect_garbage(root: Path, max_bytes: int) -> GarbageReport:
-    """Remove the least recently used folders (and the blobs no other folder links) until the cache is at most
-    MAX_BYTES; never a folder a live process holds (FolderCache.hold), never while a download runs."""
-    cache = FolderCache(root)
-    before = cache_bytes(root)
-    if before <= max_bytes:
-        return GarbageReport(before, before, [], [])
-    with exclusive_or_busy(cache.root / "locks" / GC_LOCK) as collecting:
-        if not collecting:
-            return GarbageReport(before, before, [], [], busy=True)
-        size, removed, held = before, [], []
-        folders = sorted((p for p in (cache.root / "folders").iterdir() if not p.name.startswith(".")),
-                         key=lambda p: p.stat().st_mtime)
-        for folder in folders:
-            if size <= max_bytes:
-                break
-            with unless_held(folder) as removable:
-                if not removable:
-                    held.append(folder.name)
-                    continue
-                blobs = {entry.sha256
-                         for entry in _MANIFEST_FILES.validate_json((folder / MANIFEST).read_bytes()).values()}
-                shutil.rmtree(folder)
-            for sha256 in blobs:
-                blob = cache.blob(sha256)
-                # no other folder has this file when its only link left is the one in blobs/
-                if blob.is_file() and blob.stat().st_nlink == 1:
-                    size -= blob.stat().st_size
-                    blob.unlink()
-            removed.append(folder.name)
-    log.info("cache %s: %.1f MB -> %.1f MB, %d folders removed, %d held by running processes kept", root,
-             before / 1e6, size / 1e6, len(removed), len(held))
-    return GarbageReport(before, size, removed, held)
 
 
 def list_experts(base: str, *, settings: Settings | None = None, client=None) -> list[str]:

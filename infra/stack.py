@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from infra.errors import StackError
 from infra.settings import (
     AWS_ENV,
     LOOPBACK,
@@ -44,7 +45,6 @@ from infra.settings import (
     resolve_webhook_secret,
     without_userinfo,
 )
-from merging.errors import StackError
 
 log = logging.getLogger("mergeplan")
 

@@ -32,8 +32,9 @@ from urllib.parse import urlsplit
 
 from prefect.events import Event
 
+from infra.errors import StackError
 from infra.settings import LOOPBACK, WEBHOOK_PATH, Settings, redact_url, resolve_webhook_secret
-from merging.errors import MergeplanError, StackError
+from merging.errors import MergeplanError
 
 log = logging.getLogger("mergeplan.webhook")
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from merging import MergeConfig, add_experts, merge
 from merging.evaluate import evaluate
 from merging.io.checkpoint import CheckpointReader
-from merging.zoo.build import build_zoo, expert_folders
+from merging.methods.registry import is_calibrated
+from merging.zoo.build import build_zoo
+from merging.zoo.layout import expert_folders
 
 METHODS = {
     "average": {},
@@ -45,7 +47,7 @@ def run_demo(workdir: Path) -> None:
     print(f"{'model':<18}{'merge s':>9}{'macro CE':>11}{'micro CE':>11}   (held-out, nats/token, lower is better)")
     row("base", "", zoo / "base")
     for method, params in METHODS.items():
-        calibration = {e.name: zoo / "data" / e.name / "calib.jsonl" for e in experts} if "expert" in method else {}
+        calibration = {e.name: zoo / "data" / e.name / "calib.jsonl" for e in experts} if is_calibrated(method) else {}
         config = MergeConfig(base=zoo / "base", experts=experts, method=method, params=params, calibration=calibration)
         merge_started = time.perf_counter()
         out = merge(config, workdir / f"merged-{method}", overwrite=True)

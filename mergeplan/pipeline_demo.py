@@ -22,11 +22,12 @@ from flows.merge_pipeline import merge_pipeline
 from flows.pipeline_config import PipelineConfig
 from flows.runtime import configured, prefect_api
 from infra import stack
+from infra.errors import StackError
 from infra.registry import expert_model_name, mlflow_client, register_expert
 from infra.s3 import base_uri, data_uri, expert_uri, upload_data, upload_expert
 from infra.settings import Settings, redact_url
-from merging.errors import StackError
-from merging.zoo.build import build_zoo, expert_folders
+from merging.zoo.build import build_zoo
+from merging.zoo.layout import expert_folders
 
 BASE = "tiny-base"
 FIRST_EXPERTS = 6

@@ -18,13 +18,14 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from merging.calibration import CALIBRATED_METHODS, Coefficients, calibrate, calibrated_tensors, params_for
+from merging.calibration import Coefficients, calibrate, calibrated_tensors, params_for
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
 from merging.io.checkpoint import CheckpointReader, CheckpointWriter, parse_size
 from merging.methods import MergeMethod, build_method
 from merging.methods.learned import LearnedCoefficients
+from merging.methods.registry import is_calibrated, methods_of_kind
 from merging.model_card import CARD_FILE, render_card
 from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
 
@@ -198,14 +199,14 @@ def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, ov
     out = out if out is not None else config.out
     if out is None:
         raise ConfigError(f"{source}: out: no output folder; give one (mergeplan merge CONFIG OUT) or set out:")
-    if config.method in CALIBRATED_METHODS:
+    if is_calibrated(config.method):
         if save_state:
             raise ConfigError(f"{source}: method: {config.method} has no incremental state (its coefficients are "
                               "learned for the whole set of experts); merge again with the new expert")
         return _calibrated_merge(config, Path(out), overwrite, source)
     if config.calibration:
         log.warning("%s: calibration data is used only by %s; %s ignores it", source,
-                    " and ".join(CALIBRATED_METHODS), config.method)
+                    " and ".join(methods_of_kind("calibrated")), config.method)
     plan = prepare(config, source)
     return _run(plan, Path(out), overwrite, None, Path(save_state) if save_state else None)
 

@@ -6,17 +6,14 @@ say where (`.output`); call such tasks through `fresh`, which refreshes the cach
 cleaned cache), so that a cached result never names a missing folder.
 
 That makes STATE/work (merged models with their accumulators, sweep tables, fits, law reports: each job's
-folder work/KIND/KEY) a cache too, with a size limit (Settings.work_max_gb): `collect_work_garbage` removes
-least recently used job folders, never one a live process holds. `fresh` holds the job's folder for the
-process's life and marks it used, so a running flow keeps what it made or reuses.
+folder work/KIND/KEY) a cache too, with a size limit (infra.cache.collect_work_garbage). `fresh` holds the job's
+folder for the process's life and marks it used, so a running flow keeps what it made or reuses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import shutil
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -24,10 +21,8 @@ from prefect import Task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 
-from infra.s3 import GarbageReport, exclusive_or_busy, hold_folder, unless_held
+from infra.cache import hold_folder, job_folder, work_folder
 from infra.settings import Settings
-
-log = logging.getLogger("mergeplan")
 
 RESULT_SERIALIZER = "json"
 P = ParamSpec("P")
@@ -65,56 +60,14 @@ def content_cache() -> CachePolicy:
     return CacheKeyFnPolicy(cache_key_fn=_key)
 
 
-def work_root(settings: Settings) -> Path:
-    return (settings.state_dir / "work").resolve()
-
-
-def job_folder(output: Path, work: Path) -> Path:
-    """What garbage collection keeps or removes whole: work/KIND/KEY for an output under WORK, else the output."""
-    if output.is_relative_to(work) and len(output.relative_to(work).parts) >= 2:
-        return work.joinpath(*output.relative_to(work).parts[:2])
-    return output
-
-
 def fresh(task: Task[P, R], job: ContentKeyed) -> Task[P, R]:
     """TASK, told to recompute and overwrite its cached result when JOB's output folder does not exist; that folder
     is held (kept from garbage collection) for as long as this process lives."""
     output = getattr(job, "output", None)
     if output is None:
         return task
-    hold_folder(job_folder(Path(output), work_root(Settings.from_env())))
+    hold_folder(job_folder(Path(output), work_folder(Settings.from_env())))
     return task if Path(output).exists() else task.with_options(refresh_cache=True)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
-def collect_work_garbage(work: Path, max_bytes: int) -> GarbageReport:
-    """Remove the least recently used job folders (work/KIND/KEY) until WORK holds at most MAX_BYTES; never one a
-    live process holds; nothing when another collection runs."""
-    folders = sorted((folder for kind in (work.iterdir() if work.is_dir() else []) if kind.is_dir()
-                      for folder in kind.iterdir() if folder.is_dir() and not folder.name.startswith(".")),
-                     key=lambda folder: folder.stat().st_mtime)
-    sizes = {folder: folder_bytes(folder) for folder in folders}
-    before = size = sum(sizes.values())
-    if before <= max_bytes:
-        return GarbageReport(before, before, [], [])
-    with exclusive_or_busy(work / ".gc") as collecting:
-        if not collecting:
-            return GarbageReport(before, before, [], [], busy=True)
-        removed, held = [], []
-        for folder in folders:
-            if size <= max_bytes:
-                break
-            with unless_held(folder) as removable:
-                if removable:
-                    shutil.rmtree(folder)
-                    size -= sizes[folder]
-            (removed if removable else held).append(str(folder.relative_to(work)))
-    log.info("work %s: %.1f MB -> %.1f MB, %d job folders removed, %d held by running processes kept", work,
-             before / 1e6, size / 1e6, len(removed), len(held))
-    return GarbageReport(before, size, removed, held)
 
 
 def result_storage(settings: Settings) -> Path:

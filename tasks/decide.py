@@ -11,9 +11,10 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra.cache import work_folder
 from infra.settings import Settings
-from merging.scaling_law.curve import plan
 from merging.scaling_law.decision import Action, DecisionRule, Verdict, decide
+from merging.scaling_law.planning import plan
 from merging.scaling_law.plots import plot_loss_vs_experts
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash
 
@@ -33,7 +34,7 @@ class LawJob(BaseModel):
 
     @property
     def output(self) -> Path:
-        return (Settings.from_env().state_dir / "work" / "laws" / self.cache_key).resolve()
+        return work_folder(Settings.from_env(), "laws", self.cache_key)
 
 
 class Decision(BaseModel):

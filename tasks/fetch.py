@@ -1,7 +1,7 @@
 """Which experts a pipeline merges, and verified local copies of them, of the base and of the evaluation data.
 
 `registered_experts` and `stored_experts` read only registry tags and manifests (no weights); `fetch_checkpoint`
-downloads through the content-addressed cache of infra/s3.py and is cached by Prefect on the manifest's
+downloads through the content-addressed cache of infra/cache.py and is cached by Prefect on the manifest's
 sha256, so a second run neither downloads nor re-reads anything but the registry.
 """
 
@@ -14,10 +14,11 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra.cache import cached_folder
+from infra.errors import RegistryError
 from infra.registry import latest_expert_versions
-from infra.s3 import S3Location, base_uri, cached_folder, download_folder, is_s3_uri, read_manifest
+from infra.s3 import S3Location, base_uri, download_folder, is_s3_uri, read_manifest
 from infra.settings import Settings
-from merging.errors import RegistryError
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.retrying import IO_TASK_OPTIONS
 

@@ -15,12 +15,13 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra.cache import collect_work_garbage, work_folder
 from infra.s3 import upload_expert
 from infra.settings import Settings
-from merging.calibration import CALIBRATED_METHODS
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
-from tasks.caching import RESULT_SERIALIZER, collect_work_garbage, content_cache, content_hash, tree_hash, work_root
+from merging.methods.registry import is_calibrated
+from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.fetch import LocalCheckpoint
 from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
@@ -47,7 +48,7 @@ class MergeJob(BaseModel):
 
     @property
     def folder(self) -> Path:
-        return (Settings.from_env().state_dir / "work" / "merges" / self.cache_key).resolve()
+        return work_folder(Settings.from_env(), "merges", self.cache_key)
 
     @property
     def output(self) -> Path:
@@ -55,7 +56,7 @@ class MergeJob(BaseModel):
 
     @property
     def keeps_state(self) -> bool:
-        return self.method not in CALIBRATED_METHODS
+        return not is_calibrated(self.method)
 
     def config(self) -> MergeConfig:
         return MergeConfig(base=self.base.path, method=self.method, params=self.params, seed=self.seed,
@@ -83,7 +84,7 @@ class MergedModel(BaseModel):
 def _merged(job: MergeJob, cost: StageCost, incremental: bool = False) -> MergedModel:
     """The result of a merge, once STATE/work is back within its limit (the new merge is held: it stays)."""
     settings = Settings.from_env()
-    collect_work_garbage(work_root(settings), int(settings.work_max_gb * 1e9))
+    collect_work_garbage(work_folder(settings), int(settings.work_max_gb * 1e9))
     state = job.folder / "state" if job.keeps_state else None
     return MergedModel(key=job.cache_key, path=job.output, state=state, incremental=incremental, cost=cost,
                        experts=[e.ref.name for e in job.experts])

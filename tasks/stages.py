@@ -1,4 +1,5 @@
-"""Wall time and peak memory of one stage of a flow, for MLflow metrics and the benchmark."""
+"""Wall time and peak memory of one stage of a flow (measured inside its task), and each stage's wall time as the
+flow sees it; for MLflow metrics and the benchmark."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def measured() -> Iterator[StageCost]:
         done.set()
         sampler.join()
         cost.peak_rss_mb = max(peak[0], process.memory_info().rss) / 2**20
+
+
+class StageClock:
+    """Wall time per stage as the flow sees it (compute plus orchestration)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self._mark = self.started
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._mark
+        self._mark = now
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.started

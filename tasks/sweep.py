@@ -9,25 +9,23 @@ when it is in the store, so that it runs on any Dask worker (a local data folder
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from infra.cache import work_folder
 from infra.settings import Settings
 from merging.scaling_law.fit_folder import FitSettings, fit_sweep
-from merging.sweep.run import SweepSettings, read_table, run_sweep, write_table
+from merging.sweep.run import SweepSettings, run_sweep
+from merging.sweep.table import read_table, write_table
+from merging.zoo.layout import SizeFamily
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash
 from tasks.fetch import CheckpointRef, local_copy
 from tasks.stages import StageCost, measured
 
 TABLE = "sweep.parquet"
-
-
-def _work(kind: str, key: str) -> Path:
-    return (Settings.from_env().state_dir / "work" / kind / key).resolve()
 
 
 class SweepPart(BaseModel):
@@ -47,7 +45,7 @@ class SweepPart(BaseModel):
 
     @property
     def output(self) -> Path:
-        return _work("sweeps", self.cache_key) / TABLE
+        return work_folder(Settings.from_env(), "sweeps", self.cache_key) / TABLE
 
 
 class SweepTable(BaseModel):
@@ -56,24 +54,19 @@ class SweepTable(BaseModel):
     cost: StageCost
 
 
-def _zoo_layout(part: SweepPart, folder: Path) -> Path:
-    """A one-size zoo (base/, experts/NAME/, data/) of links to the local copies, named after the base."""
-    zoo = folder / part.base.name
-    (zoo / "experts").mkdir(parents=True, exist_ok=True)
-    links = {zoo / "base": local_copy(part.base).path, zoo / "data": local_copy(part.data).path.resolve()}
-    links |= {zoo / "experts" / e.name: local_copy(e).path for e in part.experts}
-    for link, target in links.items():
-        if not link.is_symlink():
-            os.symlink(target, link, target_is_directory=True)
-    return zoo
+def _size_family(part: SweepPart) -> SizeFamily:
+    """The local copies of the part's base and experts as one size, named after the base. The experts go in name
+    order, as a zoo's experts/ folder lists them: that order writes the subset labels and seeds DARE's masks."""
+    experts = sorted(part.experts, key=lambda e: e.name)
+    return SizeFamily(part.base.name, local_copy(part.base).path, tuple((e.name, local_copy(e).path) for e in experts))
 
 
 @task(name="sweep-method", cache_policy=content_cache(), persist_result=True, result_serializer=RESULT_SERIALIZER,
       task_run_name="sweep {part.method}")
 def sweep_method(part: SweepPart) -> SweepTable:
     with measured() as cost:
-        zoo = _zoo_layout(part, part.output.parent)
-        report = run_sweep(zoo, part.output, SweepSettings(**part.settings | {"methods": (part.method,)}))
+        report = run_sweep([_size_family(part)], local_copy(part.data).path, part.output,
+                           SweepSettings(**part.settings | {"methods": (part.method,)}))
     return SweepTable(path=part.output, merges=report.groups, cost=cost)
 
 
@@ -88,7 +81,7 @@ class FitJob(BaseModel):
 
     @property
     def output(self) -> Path:
-        return _work("fits", self.cache_key)
+        return work_folder(Settings.from_env(), "fits", self.cache_key)
 
 
 class SweepFit(BaseModel):

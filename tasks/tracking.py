@@ -24,7 +24,6 @@ from pydantic import BaseModel
 
 from infra.registry import mlflow_client, refused
 from infra.settings import AWS_ENV, Settings, without_userinfo
-from merging.scaling_law.plots import plot_methods
 from tasks.retrying import IO_TASK_OPTIONS
 
 # MLflow prints the run's URL, tracking server included (user:password@ too), when a run ends: never to our output.
@@ -150,73 +149,6 @@ def read_run(run_id: str) -> RunFacts:
 def run_link(run_id: str, experiment_id: str, settings: Settings) -> str:
     """The run's page in the MLflow UI (the server's address without credentials)."""
     return f"{without_userinfo(settings.mlflow_tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-class MethodRuns(BaseModel):
-    """The merged models an experiment's finished runs measured with one method identity (method, params, seed):
-    (experts, macro CE) by merge key, nested runs included."""
-
-    method: str
-    points: dict[str, tuple[int, float]] = {}
-
-
-@task(name="read-experiment-points", **IO_TASK_OPTIONS)
-def experiment_points(experiment: str) -> dict[str, MethodRuns]:
-    """Every finished run's point in EXPERIMENT, by params key (tag mergeplan.params_key).
-
-    One point per merged model: a cached re-run logs the same model again, and must not weigh twice."""
-    settings = Settings.from_env()
-    client = mlflow_client(settings)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return {}
-    try:
-        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{PARAMS_KEY_TAG}` LIKE '%' and "
-                                  "attributes.status = 'FINISHED'", max_results=5000)
-    except MlflowException as exc:
-        raise refused(exc, f"searching runs of {experiment}", settings) from exc
-    methods: dict[str, MethodRuns] = {}
-    for run in runs:
-        metrics, tags = run.data.metrics, run.data.tags
-        if EXPERTS_METRIC in metrics and MACRO_METRIC in metrics:
-            entry = methods.setdefault(tags[PARAMS_KEY_TAG], MethodRuns(method=tags.get(METHOD_TAG, "")))
-            entry.method = entry.method or tags.get(METHOD_TAG, "")  # nested runs may not carry the method
-            entry.points[tags.get(MERGE_KEY_TAG, run.info.run_id)] = (int(metrics[EXPERTS_METRIC]),
-                                                                      float(metrics[MACRO_METRIC]))
-    return methods
-
-
-def method_curves(methods: dict[str, MethodRuns]) -> dict[str, list[tuple[int, float]]]:
-    """(k, macro CE) points by label: the method's name, with its params key when two identities share it."""
-    names = [entry.method or "unnamed" for entry in methods.values()]
-    return {(name if names.count(name) == 1 else f"{name} #{key[:6]}"): sorted(entry.points.values())
-            for (key, entry), name in zip(methods.items(), names, strict=True)}
-
-
-def method_comparison(methods: dict[str, MethodRuns], champion: tuple[int, float] | None,
-                      folder: Path) -> tuple[Path, dict[str, list]]:
-    """The experiment's methods side by side: FOLDER/methods.png (loss vs k per method, the champion starred) and
-    the columns of the table methods.json (method, k, macro_ce), which MLflow's UI compares across runs."""
-    curves = method_curves(methods)
-    rows = [(label, k, loss) for label, points in curves.items() for k, loss in points]
-    chart = plot_methods(curves, folder / "methods.png", champion=champion)
-    return chart, {"method": [r[0] for r in rows], "k": [r[1] for r in rows], "macro_ce": [r[2] for r in rows]}
-
-
-def experts_taken(experiment: str, settings: Settings) -> set[tuple[str, str]]:
-    """(S3 folder, manifest sha256) of every expert version an on-new-expert run of EXPERIMENT finished with, or
-    refused (another base: running it again would refuse it again)."""
-    client = mlflow_client(settings)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return set()
-    try:
-        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{NEW_EXPERT_SHA_TAG}` LIKE '%'",
-                                  max_results=50000)
-    except MlflowException as exc:
-        raise refused(exc, f"searching runs of {experiment}", settings) from exc
-    return {(run.data.tags[NEW_EXPERT_TAG], run.data.tags[NEW_EXPERT_SHA_TAG]) for run in runs
-            if run.info.status == "FINISHED" or run.data.tags.get(DECISION_TAG) == "refused"}
 
 
 def json_tag(value: object) -> str:

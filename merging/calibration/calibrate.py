@@ -34,7 +34,6 @@ from merging.io.checkpoint import CheckpointReader
 from merging.io.hf_loading import load_causal_lm, load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
-CALIBRATED_METHODS = ("expert_merging", "expert_merging_pp", "adamerging")
 
 
 @dataclass

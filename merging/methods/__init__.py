@@ -1,4 +1,5 @@
-"""Merge methods by name; each module holds one method behind the MergeMethod interface."""
+"""The fold methods by name, each module holding one behind the MergeMethod interface; registry.py lists every
+method, fold or calibrated, with its kind."""
 
 from pydantic import ValidationError
 

@@ -24,7 +24,8 @@ import numpy as np
 from merging.errors import ConfigError
 from merging.scaling_law.curve import fit_curve
 from merging.scaling_law.decision import DecisionRule, decide
-from merging.sweep.run import SUBSET_SEPARATOR, diverse_permutations
+from merging.sweep.designs import diverse_permutations
+from merging.sweep.table import SUBSET_SEPARATOR
 
 ACTIONS = ("continue", "uncertain", "law_fails", "stop")
 

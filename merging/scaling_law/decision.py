@@ -25,7 +25,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.errors import ConfigError
-from merging.scaling_law.curve import CurveBootstrap, CurveFit, bootstrap_curve, fit_curve, marginal_gain, refit_means
+from merging.scaling_law.curve import CurveBootstrap, CurveFit, bootstrap_curve, fit_curve, refit_means
+from merging.scaling_law.planning import marginal_gain
 
 Action = Literal["continue", "stop", "uncertain", "law_fails"]
 LAW_PARAMETERS = 3

@@ -1,4 +1,4 @@
-"""Fit the merging scaling law to a sweep table, write the fit folder, and plan from it.
+"""Fit the merging scaling law to a sweep table, write the fit folder, and read it back (`load_fit`).
 
 `fit_sweep` reads a table written by merging.sweep.run (or any table with its columns) and fits, for every size,
 method and curve, L(k) = L∞ + A/(k + b), the variance law and the three-point forecast, with bootstrap CIs
@@ -17,8 +17,6 @@ The fit folder, written atomically (a hidden sibling folder renamed into place):
     joint.csv       one line per method/domain with a joint fit (two or more sizes)
     bootstrap.npz   the bootstrap refits (floor, amplitude, offset), for the ± of a plan
     plots/SIZE/DOMAIN_{loss_vs_k,residuals,spread}.png, plots/DOMAIN_floor_vs_size_METHOD.png
-
-`plan_from_fit` answers "how many experts" in one sentence per method from a fit folder.
 """
 
 from __future__ import annotations
@@ -43,35 +41,23 @@ from merging.scaling_law.curve import (
     CurveBootstrap,
     CurveFit,
     CurveParams,
-    JointFit,
-    JointParams,
-    VarianceLaw,
     bootstrap_curve,
-    experts_for_target,
     fit_curve,
-    fit_joint,
-    fit_variance_law,
-    fitted_realisation,
     forecast_from_three_points,
-    plan,
-    realisation,
-    size_or_experts,
-    subset_variance,
 )
-from merging.scaling_law.decision import DecisionRule
+from merging.scaling_law.joint import JointFit, JointParams, fit_joint
+from merging.scaling_law.planning import fitted_realisation, realisation
 from merging.scaling_law.plots import plot_floor_vs_size, plot_loss_vs_experts, plot_residuals, plot_spread_vs_experts
-from merging.sweep.run import read_table
+from merging.scaling_law.sweep_curves import MACRO, Curve, SweepData, load_sweep
+from merging.scaling_law.variance import VarianceLaw, fit_variance_law, subset_variance
 
 log = logging.getLogger("mergeplan")
 
-MACRO = "macro"
-RECOMMENDATION = "recommended"  # the PlanLine that compares the methods
 FIT_FORMAT = 1
 FIT_FILE = "fit.json"
 SUMMARY_FILE = "summary.csv"
 JOINT_FILE = "joint.csv"
 BOOTSTRAP_FILE = "bootstrap.npz"
-FIT_COLUMNS = ("size", "n_params_b", "method", "k", "subset", "domain", "ce")
 PARAMETER_NAMES = ("floor", "amplitude", "offset")
 JOINT_NAMES = ("floor_limit", "floor_scale", "floor_exponent", "amplitude_scale", "amplitude_exponent", "offset")
 
@@ -89,107 +75,10 @@ class FitSettings(BaseModel):
 
 
 @dataclass(frozen=True)
-class SizeInfo:
-    name: str
-    n_params_b: float
-    pool_size: int
-
-
-@dataclass(frozen=True)
-class Curve:
-    """The subset losses of one size, method and domain: one (k, loss) per subset."""
-
-    size: SizeInfo
-    method: str
-    domain: str
-    k: np.ndarray
-    loss: np.ndarray
-
-
-@dataclass
-class SweepData:
-    sizes: list[SizeInfo]  # by parameter count
-    methods: list[str]  # in table order
-    domains: list[str]  # evaluated domains, sorted; the curves are MACRO then these
-    curves: dict[tuple[str, str, str], Curve]  # (size, method, domain)
-
-
-@dataclass(frozen=True)
 class FitReport:
     folder: Path
     summary: list[dict[str, Any]]  # the rows of summary.csv
     joint: list[dict[str, Any]]  # the rows of joint.csv
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading a sweep
-
-
-def load_sweep(path: str | Path) -> SweepData:
-    """The curves of a sweep table; NaN losses are dropped (one warning with their count)."""
-    path = Path(path)
-    columns = read_table(path, FIT_COLUMNS)
-    rows = list(zip(*(columns[name] for name in FIT_COLUMNS), strict=True))
-    if not rows:
-        raise ConfigError(f"{path}: the table has no rows; run (or finish) the sweep first")
-    finite = [row for row in rows if row[6] is not None and math.isfinite(row[6])]
-    if len(finite) < len(rows):
-        log.warning("%s: dropped %d of %d rows with a NaN or infinite ce", path, len(rows) - len(finite), len(rows))
-    if any(row[i] is None for row in finite for i in range(6)):
-        raise ConfigError(f"{path}: empty cells in the columns {', '.join(FIT_COLUMNS[:6])}; fill or drop those rows")
-    pool_sizes = _pool_sizes(columns, rows)
-    losses: dict[tuple[str, str, str], dict[str, float]] = {}  # (size, method, subset) -> domain -> ce
-    subset_k: dict[tuple[str, str, str], int] = {}
-    n_params: dict[str, float] = {}
-    for size, n_params_b, method, k, subset, domain, ce in finite:
-        key = (size, method, subset)
-        if domain in losses.setdefault(key, {}):
-            raise ConfigError(f"{path}: two rows for size {size}, method {method}, subset {subset}, domain {domain}; "
-                              "remove the duplicate")
-        losses[key][domain] = ce
-        subset_k[key] = k
-        n_params[size] = n_params_b
-    sizes = sorted((SizeInfo(size, n_params[size], pool_sizes[size]) for size in n_params),
-                   key=lambda info: info.n_params_b)
-    methods = list(dict.fromkeys(method for _, method, _ in losses))
-    domains = sorted({domain for by_domain in losses.values() for domain in by_domain})
-    if MACRO in domains:
-        raise ConfigError(f"{path}: a domain is named {MACRO!r}, the name of the mean over domains; rename it")
-    curves = _curves(path, sizes, methods, domains, losses, subset_k)
-    return SweepData(sizes, methods, domains, curves)
-
-
-def _pool_sizes(columns: dict[str, list], rows: list[tuple]) -> dict[str, int]:
-    """M per size: the pool_size column where the table has it, otherwise the largest k measured."""
-    largest_k: dict[str, int] = {}
-    recorded: dict[str, int] = {}
-    for row, pool in zip(rows, columns.get("pool_size", [None] * len(rows)), strict=True):
-        largest_k[row[0]] = max(largest_k.get(row[0], 0), row[3])
-        if pool is not None:
-            recorded[row[0]] = max(recorded.get(row[0], 0), pool)
-    return largest_k | recorded
-
-
-def _curves(path: Path, sizes: list[SizeInfo], methods: list[str], domains: list[str],
-            losses: dict[tuple[str, str, str], dict[str, float]],
-            subset_k: dict[tuple[str, str, str], int]) -> dict[tuple[str, str, str], Curve]:
-    by_name = {info.name: info for info in sizes}
-    points: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-    incomplete = 0
-    for (size, method, subset), by_domain in losses.items():
-        k = subset_k[(size, method, subset)]
-        for domain, ce in by_domain.items():
-            points.setdefault((size, method, domain), []).append((k, ce))
-        if len(by_domain) == len(domains):
-            points.setdefault((size, method, MACRO), []).append((k, float(np.mean(list(by_domain.values())))))
-        else:
-            incomplete += 1
-    if incomplete:
-        log.warning("%s: %d subsets lack some domains' CE (NaN or missing rows): left out of the macro curves",
-                    path, incomplete)
-    return {key: Curve(by_name[key[0]], key[1], key[2], np.array([k for k, _ in values]),
-                       np.array([loss for _, loss in values]))
-            for key, values in points.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,29 +312,7 @@ def _draw(folder: Path, data: SweepData, results: dict[tuple[str, str, str], _Cu
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Planning
-
-
-class PlanRequest(BaseModel):
-    """A question for a fit folder; at least one of target_loss, epsilon, min_gain, or the two costs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    method: str | None = None  # default: every method of the fit, one sentence each
-    domain: str = MACRO
-    size: str | None = None  # default: the largest base measured
-    target_loss: float | None = None
-    epsilon: float | None = Field(None, gt=0)
-    min_gain: float | None = Field(None, gt=0)
-    expert_cost: float | None = Field(None, gt=0)  # cost of one more expert (e.g. GPU-hours to fine-tune it)
-    next_size_cost: float | None = Field(None, gt=0)  # cost of moving to the next base size, same unit
-    next_size: str | None = None  # default: the next bigger size measured
-    experts: int | None = Field(None, ge=1)  # experts at which to compare (default: the plan's answer, else M)
-
-
-@dataclass(frozen=True)
-class PlanLine:
-    method: str
-    sentence: str
+# Reading a fit folder
 
 
 @dataclass
@@ -501,94 +368,3 @@ def load_fit(folder: str | Path) -> FitFolder:
         with np.load(bootstrap_path) as archive:
             bootstraps = {key: archive[key] for key in archive.files}
     return FitFolder(folder, document, bootstraps)
-
-
-def plan_from_fit(folder: str | Path, request: PlanRequest) -> list[PlanLine]:
-    """One sentence per method (or for `request.method`) answering the request from a fit folder."""
-    fit = load_fit(folder)
-    if request.target_loss is None and request.epsilon is None and request.min_gain is None and (
-            request.expert_cost is None or request.next_size_cost is None):
-        raise ConfigError("plan needs a question: --target-loss, --epsilon, --min-gain, or --expert-cost with "
-                          "--next-size-cost")
-    size = request.size or max(fit.sizes, key=lambda name: fit.sizes[name]["n_params_b"])
-    if size not in fit.sizes:
-        raise ConfigError(f"{fit.folder / FIT_FILE}: no size {size!r}; sizes are {', '.join(fit.sizes)}")
-    methods = [request.method] if request.method else fit.document["methods"]
-    where = f"at size {size} ({fit.sizes[size]['n_params_b']:.3g}B)" if len(fit.sizes) > 1 else ""
-    lines = [PlanLine(method, _plan_sentence(fit, size, method, request, where)) for method in methods]
-    if len(methods) > 1:
-        lines.append(PlanLine(RECOMMENDATION, _recommend(fit, size, methods, request)))
-    return lines
-
-
-def _recommend(fit: FitFolder, size: str, methods: list[str], request: PlanRequest) -> str:
-    """The method to merge with: among those whose points follow the law (R² ≥ the decision rule's), the one
-    that reaches the target with the fewest experts, or without a target (or when none reaches it) the one
-    with the lowest floor."""
-    min_r_squared = DecisionRule().min_r_squared
-    curves = {method: fit.curve(size, method, request.domain) for method in methods}
-    following = {method: record for method, record in curves.items() if record["r_squared"] >= min_r_squared}
-    failing = [f"{method} (R² {curves[method]['r_squared']:.2f})" for method in methods if method not in following]
-    excluded = f"; {', '.join(failing)} left out: the law does not hold for them" if failing else ""
-    if not following:
-        return f"no method follows the law (R² ≥ {min_r_squared:g}){excluded}: compare measured losses instead"
-    params = {method: CurveParams(**record["params"]) for method, record in following.items()}
-    if request.target_loss is not None:
-        reach = {method: experts_for_target(law, request.target_loss) for method, law in params.items()}
-        reachable = {method: answer.experts for method, answer in reach.items() if answer.reachable}
-        if reachable:
-            best = min(reachable, key=lambda method: (reachable[method], params[method].floor))
-            others = ", ".join(f"{method} {experts}" for method, experts in sorted(reachable.items(),
-                                                                                  key=lambda item: item[1])
-                               if method != best)
-            return (f"{best}: reaches {request.target_loss:g} with {reachable[best]} experts (predicted "
-                    f"{float(params[best].loss(reachable[best])):.4g})" + (f"; {others}" if others else "")
-                    + excluded)
-    best = min(params, key=lambda method: params[method].floor)
-    floors = ", ".join(f"{method} {law.floor:.4g}" for method, law in sorted(params.items(),
-                                                                             key=lambda item: item[1].floor))
-    unreached = "" if request.target_loss is None else f"no method reaches {request.target_loss:g}; "
-    return f"{best}: {unreached}the lowest floor (L∞ {floors}){excluded}"
-
-
-def _plan_sentence(fit: FitFolder, size: str, method: str, request: PlanRequest, where: str) -> str:
-    record = fit.curve(size, method, request.domain)
-    params = CurveParams(**record["params"])
-    pool = fit.sizes[size]["pool_size"]
-    joint = fit.joint(method, request.domain)
-    clauses = [where] if where else []
-    experts = request.experts
-    if request.target_loss is not None or request.epsilon is not None or request.min_gain is not None:
-        answer = plan(params, target=request.target_loss, epsilon=request.epsilon, tau=request.min_gain,
-                      bootstrap=fit.bootstrap(size, method, request.domain), joint=joint)
-        clauses.append(answer.sentence)
-        needed = [n for n in (answer.target.experts if answer.target else None, answer.experts_within_epsilon)
-                  if n is not None]
-        if needed and max(needed) > pool:
-            clauses.append(f"{max(needed)} experts is beyond the {pool} measured: an extrapolation of the law")
-        if answer.target is not None and not answer.target.reachable and joint is None:
-            clauses.append(f"sweep several base sizes (a joint fit) to tell which size would reach "
-                           f"{request.target_loss:g}")
-        experts = experts or answer.stop_at or (answer.target.experts if answer.target else None)
-    if request.expert_cost is not None and request.next_size_cost is not None:
-        clauses.append(_size_advice(fit, size, method, request, joint, experts or pool))
-    return "; ".join(clauses)
-
-
-def _size_advice(fit: FitFolder, size: str, method: str, request: PlanRequest, joint: JointParams | None,
-                 experts: int) -> str:
-    if joint is None:
-        raise ConfigError(f"size vs experts needs a joint fit over 2 or more base sizes, and {fit.folder} has none "
-                          f"for {method}, {request.domain}; sweep a zoo with several sizes")
-    bigger = sorted((info["n_params_b"], name) for name, info in fit.sizes.items()
-                    if info["n_params_b"] > fit.sizes[size]["n_params_b"])
-    next_size = request.next_size or (bigger[0][1] if bigger else None)
-    if next_size is None:
-        raise ConfigError(f"{size} is the largest size of the fit, so there is no bigger base to compare with; "
-                          "pass --size with a smaller one")
-    if next_size not in fit.sizes:
-        raise ConfigError(f"--next-size: no size {next_size!r} in the fit; sizes are {', '.join(fit.sizes)}")
-    advice = size_or_experts(joint, size=fit.sizes[size]["n_params_b"], experts=experts,
-                             next_size=fit.sizes[next_size]["n_params_b"], expert_cost=request.expert_cost,
-                             next_size_cost=request.next_size_cost)
-    return advice.recommendation

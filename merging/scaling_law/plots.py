@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from merging.errors import ConfigError
-from merging.scaling_law.curve import CurveBootstrap, CurveFit, JointFit, VarianceLaw, subset_variance
+from merging.scaling_law.curve import CurveBootstrap, CurveFit
+from merging.scaling_law.joint import JointFit
+from merging.scaling_law.variance import VarianceLaw, subset_variance
 
 _GRID_POINTS = 200
 

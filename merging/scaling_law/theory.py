@@ -28,7 +28,8 @@ import torch
 from merging.data.loading import data_domains, load_split
 from merging.errors import ConfigError
 from merging.evaluate import cross_entropy, load_for_evaluation
-from merging.sweep.run import SizeFamily, TaskVectors, model_targets
+from merging.sweep.task_vectors import TaskVectors, model_targets
+from merging.zoo.layout import SizeFamily
 
 STEP = 1e-2  # of the central differences, as a fraction of each direction
 

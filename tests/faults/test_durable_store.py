@@ -17,9 +17,9 @@ import pytest
 from pipeline.mlops_support import one_tensor_checkpoint, stack_settings
 
 from infra import stack
+from infra.errors import StorageError
 from infra.s3 import download_folder, read_manifest, s3_client, upload_expert, upload_folder
 from infra.settings import Settings
-from merging.errors import StorageError
 
 
 @pytest.fixture()

@@ -32,12 +32,13 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFi
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.on_new_expert import untaken_experts
 from infra import stack
+from infra.manifest import MANIFEST
 from infra.registry import CHAMPION, HEAD, MERGE_KEY, head_version, merged_model_name
-from infra.s3 import MANIFEST, download_folder, s3_client
+from infra.s3 import download_folder, s3_client
 from infra.settings import Settings
 from tasks.fetch import merged_experts
+from tasks.pipeline_state import untaken_experts
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +177,7 @@ def test_an_on_new_expert_run_killed_midway_is_finished_by_reconcile(services, t
         assert stages and set(stages.values()) == {"Cached"}, stages
     else:  # killed after it registered the merge (S3 failed only the artifacts): the head already holds it
         assert "nothing to reconcile" in out and domain in held, out
-    assert not untaken_experts(config, services)  # the registration was not lost
+    assert not untaken_experts(config.experiment_name, config.base.name, services)  # the registration was not lost
     assert_nothing_lost(services, tmp_path)
     status, out, _ = finished(cli(services, "reconcile", path))
     assert status == 0 and "nothing to reconcile" in out

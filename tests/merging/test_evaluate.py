@@ -1,6 +1,5 @@
-"""Evaluation: response-only token-weighted CE checked by hand, accuracy parsing, the matrix, bad input."""
+"""Evaluation: response-only token-weighted CE checked by hand, accuracy parsing, bad input."""
 
-import csv
 import json
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from merging.data.example import Example, write_jsonl
 from merging.data.loading import encode, load_examples
 from merging.errors import ConfigError
-from merging.evaluate import EvalResult, cross_entropy, evaluate, evaluate_matrix, extract_answer
+from merging.evaluate import EvalResult, cross_entropy, evaluate, extract_answer
 from merging.io.hf_loading import load_causal_lm, load_tokenizer
 
 
@@ -54,26 +53,6 @@ def test_bfloat16_evaluation_is_close_to_float32(tiny_zoo):
     full = evaluate(tiny_zoo / "base", tiny_zoo / "data", **options)
     half = evaluate(tiny_zoo / "base", tiny_zoo / "data", dtype="bfloat16", **options)
     assert half.ce("physics") == pytest.approx(full.ce("physics"), rel=0.03)
-
-
-def test_cli_matrix_writes_csv_and_heatmap(tiny_zoo, tmp_path, run_cli):
-    status, out, err = run_cli("evaluate", "--matrix", tiny_zoo, "--out", tmp_path, "--max-examples", "8",
-                               "--accuracy-samples", "0")
-    assert status == 0, err
-    rows = list(csv.reader((tmp_path / "ce_matrix.csv").read_text().splitlines()))
-    assert rows[0][0] == "model" and rows[0][-2:] == ["macro", "micro"] and len(rows[0]) == 1 + 9 + 2
-    assert [r[0] for r in rows[1:]] == ["base", *(f"expert:{d}" for d in sorted(
-        p.name for p in (tiny_zoo / "experts").iterdir())), "mixture"]
-    assert (tmp_path / "ce_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "accuracy_matrix.csv").exists()  # --accuracy-samples 0
-
-
-def test_matrix_with_accuracy_writes_an_accuracy_table(tiny_zoo, tmp_path):
-    results = evaluate_matrix(tiny_zoo, tmp_path, max_examples=4, accuracy_samples=1)
-    rows = list(csv.reader((tmp_path / "accuracy_matrix.csv").read_text().splitlines()))
-    assert len(rows) == 1 + len(results) and len(rows[1]) == 1 + 9
-    assert all(0 <= float(value) <= 1 for row in rows[1:] for value in row[1:])
-    assert float(rows[1][1]) == results["base"].domains[0].accuracy
 
 
 def test_cli_single_model_json(tiny_zoo, tmp_path, run_cli):

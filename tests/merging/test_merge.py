@@ -11,6 +11,7 @@ import yaml
 
 from merging import CheckpointError, ExpertRef, MergeConfig, add_experts, merge
 from merging.io.checkpoint import CheckpointReader
+from merging.methods.registry import REGISTRY
 
 METHOD_PARAMS = {
     "average": {},
@@ -214,7 +215,8 @@ def test_console_script_version_and_help():
     assert version.stdout.strip() == "mergeplan 0.1.0"
     helptext = subprocess.run([sys.executable, "-m", "mergeplan.cli", "merge", "--help"], capture_output=True,
                               text=True, check=True).stdout
-    assert "dare_ties" in helptext and "--save-state" in helptext
+    assert "--save-state" in helptext
+    assert all(f"  {method.name:<19}{method.summary}" in helptext for method in REGISTRY)
 
 
 def test_output_folder_from_the_config(zoo, tmp_path, write_config, run_cli):

@@ -20,11 +20,11 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.merge_pipeline import merge_pipeline
 from flows.on_new_expert import on_new_expert
 from flows.runtime import configured
+from infra.errors import RegistryError
 from infra.registry import CHAMPION, merged_model_name
 from infra.s3 import s3_client
 from merging import MergeConfig, merge
 from merging.config import ExpertRef
-from merging.errors import RegistryError
 from merging.io.checkpoint import CheckpointReader
 from tasks.caching import content_hash
 

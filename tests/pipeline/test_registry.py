@@ -9,9 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port
 
+from infra.errors import RegistryError
 from infra.registry import WEBHOOK_NAME, check_reachable, ensure_webhook, register_expert
 from infra.s3 import expert_uri, s3_client, upload_expert
-from merging.errors import CheckpointError, RegistryError
+from merging.errors import CheckpointError
 from merging.io.synthetic import llama_config, write_random_base
 
 

@@ -14,9 +14,9 @@ import pytest
 from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, free_s3_port, read_events, stack_settings
 
 from infra import stack
+from infra.errors import RegistryError, StackError
 from infra.registry import latest_expert_versions
 from infra.settings import Settings, resolve_webhook_secret
-from merging.errors import RegistryError, StackError
 
 SECRETS = (ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET)
 

@@ -14,18 +14,11 @@ import pytest
 from botocore.exceptions import ConnectionClosedError
 from mlops_support import ACCESS_KEY, SECRET_KEY, free_port, one_tensor_checkpoint
 
-from infra.s3 import (
-    MANIFEST,
-    cache_bytes,
-    collect_garbage,
-    download_folder,
-    expert_uri,
-    list_experts,
-    read_manifest,
-    s3_client,
-    upload_expert,
-)
-from merging.errors import CheckpointError, StorageError
+from infra.cache import cache_bytes, collect_garbage
+from infra.errors import StorageError
+from infra.manifest import MANIFEST
+from infra.s3 import download_folder, expert_uri, list_experts, read_manifest, s3_client, upload_expert
+from merging.errors import CheckpointError
 from merging.io.checkpoint import CheckpointReader
 from merging.io.hashing import sha256_file
 

@@ -20,11 +20,11 @@ from test_webhook import running
 
 from flows.merge_pipeline import merge_pipeline
 from flows.runtime import configured
+from infra.errors import StackError
 from infra.registry import WEBHOOK_NAME, ensure_webhook, mlflow_client
 from infra.settings import local_url
 from infra.webhook import WebhookServer, prefect_emitter
 from mergeplan.pipeline_demo import wait_until
-from merging.errors import StackError
 
 
 def served_deployment(api_url: str, name: str):

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.caching import collect_work_garbage, folder_bytes, fresh, job_folder
+from infra.cache import collect_work_garbage, folder_bytes, job_folder
+from tasks.caching import fresh
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from infra.s3 import hold_folder
+from infra.cache import hold_folder
 
 hold_folder(Path(sys.argv[1]))
 print("holding", flush=True)

@@ -9,7 +9,7 @@ from merging.data import corpora
 from merging.data.example import Example, write_jsonl
 from merging.data.sources import domain_splits
 from merging.errors import ConfigError
-from merging.zoo.build import PRESETS, Phase, get_preset
+from merging.zoo.presets import PRESETS, Phase, get_preset
 
 SIZES = {"train": 12, "calib": 2, "eval": 4}
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from merging.scaling_law.backtest import backtest, macro_by_subset
-from merging.scaling_law.curve import CurveParams, marginal_gain
+from merging.scaling_law.curve import CurveParams
 from merging.scaling_law.decision import DecisionRule, decide
-from merging.sweep.run import SUBSET_SEPARATOR
+from merging.scaling_law.planning import marginal_gain
+from merging.sweep.table import SUBSET_SEPARATOR
 
 LAW = CurveParams(floor=0.5, amplitude=0.1, offset=0.2)
 RULE = DecisionRule(min_gain=0.002, resamples=50)

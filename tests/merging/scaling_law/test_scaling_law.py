@@ -9,24 +9,24 @@ import pytest
 from merging.errors import ConfigError
 from merging.scaling_law.curve import (
     CurveParams,
-    JointParams,
     bootstrap_curve,
+    fit_curve,
+    forecast_from_three_points,
+    summarise_by_k,
+)
+from merging.scaling_law.joint import JointParams, fit_joint
+from merging.scaling_law.planning import (
     experts_for_epsilon,
     experts_for_target,
-    fit_curve,
-    fit_joint,
-    fit_variance_law,
     fitted_realisation,
-    forecast_from_three_points,
     marginal_gain,
     plan,
     realisation,
     size_or_experts,
     stop_at,
-    subset_variance,
-    summarise_by_k,
 )
 from merging.scaling_law.plots import plot_floor_vs_size, plot_loss_vs_experts, plot_residuals, plot_spread_vs_experts
+from merging.scaling_law.variance import fit_variance_law, subset_variance
 
 POOL = 9
 PAPER_STYLE = CurveParams(floor=0.74, amplitude=0.08, offset=0.25)

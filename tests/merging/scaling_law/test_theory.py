@@ -8,7 +8,9 @@ import torch
 
 from merging.errors import ConfigError
 from merging.scaling_law.theory import QuadraticTerms, check_theory, quadratic_terms
-from merging.sweep.run import SweepSettings, read_table, run_sweep, zoo_families
+from merging.sweep.run import SweepSettings, run_sweep
+from merging.sweep.table import read_table
+from merging.zoo.layout import zoo_families
 
 POOL, DIM = 5, 7
 
@@ -63,7 +65,7 @@ def test_floor_and_amplitude_from_terms():
 def test_check_theory_measures_what_the_sweep_measures(tiny_zoo, tmp_path):
     """L(θ0) is the base's macro CE and L(θ0 + μ) the sweep's average of all nine, on the same examples."""
     settings = SweepSettings(methods=("average",), design="all", ks=(9,), eval_examples=2)
-    run_sweep(tiny_zoo, tmp_path / "full.parquet", settings)
+    run_sweep(zoo_families(tiny_zoo), tiny_zoo / "data", tmp_path / "full.parquet", settings)
     table = read_table(tmp_path / "full.parquet")
     family = zoo_families(tiny_zoo)[0]
     check = check_theory(family, tiny_zoo / "data", eval_examples=2)

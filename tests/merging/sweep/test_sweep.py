@@ -17,31 +17,26 @@ from merging.data.loading import load_split
 from merging.errors import ConfigError
 from merging.evaluate import cross_entropy, load_for_evaluation
 from merging.methods import build_method
-from merging.sweep.run import (
-    COLUMNS,
-    SweepSettings,
-    TaskVectors,
-    all_subsets,
-    balanced_subsets,
-    design_subsets,
-    diverse_permutations,
-    model_targets,
-    prefix_subsets,
-    read_table,
-    run_sweep,
-    write_table,
-    zoo_families,
-)
+from merging.sweep.designs import all_subsets, balanced_subsets, design_subsets, diverse_permutations, prefix_subsets
+from merging.sweep.run import SweepSettings, run_sweep
+from merging.sweep.table import COLUMNS, read_table, write_table
+from merging.sweep.task_vectors import TaskVectors, model_targets
+from merging.zoo.layout import SizeFamily, zoo_families
 
 POOL = 9
 # two methods, the identity and reversed permutations' prefixes: 17 subsets per method, 2 eval examples per domain
 SMALL_SWEEP = SweepSettings(methods=("average", "ties"), design="diverse", max_subsets=2, eval_examples=2)
 
 
+def sweep_zoo(zoo, out, settings, progress=None):
+    """A sweep of a zoo folder's sizes on its data, as mergeplan sweep runs it."""
+    return run_sweep(zoo_families(zoo), zoo / "data", out, settings, progress)
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tiny_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sweep.parquet"
-    report = run_sweep(tiny_zoo, out, SMALL_SWEEP)
+    report = sweep_zoo(tiny_zoo, out, SMALL_SWEEP)
     return out, report
 
 
@@ -115,7 +110,7 @@ def test_in_memory_subset_merge_equals_merge_on_disk(tiny_zoo, tmp_path, method,
     sparsified = vectors.sparsified(merger)
     vectors.merge_into(targets, merger, sparsified, tuple(range(POOL)))  # another subset first: weights are swapped
     vectors.merge_into(targets, merger, sparsified, subset)
-    config = MergeConfig(base=family.base, experts=[{"path": family.experts[i]} for i in subset], method=method,
+    config = MergeConfig(base=family.base, experts=[{"path": family.expert_folders[i]} for i in subset], method=method,
                          params=params, seed=3)
     on_disk, _ = load_for_evaluation(merge(config, tmp_path / "merged"))
     in_memory = model.state_dict()
@@ -146,6 +141,17 @@ def test_sweep_rows(tiny_zoo, tiny_sweep):
     assert all(np.isfinite(table["ce"])) and min(table["tokens"]) > 0
 
 
+def test_a_family_names_its_size_and_experts(tiny_zoo, tmp_path):
+    [zoo] = zoo_families(tiny_zoo)
+    experts = tuple((f"expert-{name}", folder) for name, folder in zoo.experts[:2])
+    settings = SweepSettings(methods=("average",), design="diverse", max_subsets=1, eval_examples=1, ks=(2,))
+    report = run_sweep([SizeFamily("base-v1", zoo.base, experts)], tiny_zoo / "data", tmp_path / "sweep.csv", settings)
+    table = read_table(report.path)
+    assert set(table["size"]) == {"base-v1"} and set(table["pool_size"]) == {2}
+    assert set(table["subset"]) == {"+".join(name for name, _ in experts)}
+    assert not any(table["in_domain"])  # a row is in-domain when an expert of the subset has its domain's name
+
+
 def test_interrupted_sweep_resumes_to_the_same_table(tiny_zoo, tiny_sweep, tmp_path):
     whole, whole_report = tiny_sweep
 
@@ -158,16 +164,16 @@ def test_interrupted_sweep_resumes_to_the_same_table(tiny_zoo, tiny_sweep, tmp_p
 
     part = tmp_path / "sweep.parquet"
     with pytest.raises(Interrupted):
-        run_sweep(tiny_zoo, part, SMALL_SWEEP, progress=stop_after_five)
+        sweep_zoo(tiny_zoo, part, SMALL_SWEEP, stop_after_five)
     assert len(groups_of(read_table(part))) == 5
-    resumed = run_sweep(tiny_zoo, part, SMALL_SWEEP)
+    resumed = sweep_zoo(tiny_zoo, part, SMALL_SWEEP)
     assert (resumed.skipped, resumed.computed) == (5, whole_report.groups - 5)
     assert read_table(part) == read_table(whole)  # and the same rows again: the sweep is reproducible
 
 
 def test_worker_processes_measure_the_same_rows(tiny_zoo, tiny_sweep, tmp_path):
     whole, _ = tiny_sweep
-    report = run_sweep(tiny_zoo, tmp_path / "sweep.parquet", SMALL_SWEEP.model_copy(update={"workers": 2}))
+    report = sweep_zoo(tiny_zoo, tmp_path / "sweep.parquet", SMALL_SWEEP.model_copy(update={"workers": 2}))
     assert report.computed == report.groups == 2 * 17
     parallel, serial = read_table(tmp_path / "sweep.parquet"), read_table(whole)
     # one thread per worker: CE sums may differ from this process's threads in the last bits
@@ -181,7 +187,7 @@ def test_parts_by_k_join_to_the_whole_sweep(tiny_zoo, tiny_sweep, tmp_path):
     rows = []
     for ks in [(1, 2), (3,), tuple(range(4, POOL + 1))]:
         part = tmp_path / f"part-{ks[0]}.parquet"
-        run_sweep(tiny_zoo, part, SMALL_SWEEP.model_copy(update={"methods": ("ties",), "ks": ks}))
+        sweep_zoo(tiny_zoo, part, SMALL_SWEEP.model_copy(update={"methods": ("ties",), "ks": ks}))
         table = read_table(part)
         assert set(table["k"]) == set(ks)
         rows += list(zip(*table.values(), strict=True))
@@ -195,7 +201,7 @@ def test_a_group_missing_a_domain_is_measured_again(tiny_zoo, tiny_sweep, tmp_pa
     rows = [dict(zip(table, values, strict=True)) for values in zip(*table.values(), strict=True)]
     cut = tmp_path / "sweep.csv"
     write_table(rows[:-1], cut)  # the last subset lost its last domain
-    report = run_sweep(tiny_zoo, cut, SMALL_SWEEP)
+    report = sweep_zoo(tiny_zoo, cut, SMALL_SWEEP)
     assert (report.skipped, report.computed) == (report.groups - 1, 1)
     assert read_table(cut) == table
 
@@ -203,22 +209,20 @@ def test_a_group_missing_a_domain_is_measured_again(tiny_zoo, tiny_sweep, tmp_pa
 def test_resuming_with_other_settings_is_refused(tiny_zoo, tiny_sweep, tmp_path):
     whole, _ = tiny_sweep
     with pytest.raises(ConfigError, match="eval_examples 2, this run has 3"):
-        run_sweep(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"eval_examples": 3}))
+        sweep_zoo(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"eval_examples": 3}))
     with pytest.raises(ConfigError, match="ties was measured with params"):
-        run_sweep(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"params": {"ties": {"lambda": 0.5}}}))
+        sweep_zoo(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"params": {"ties": {"lambda": 0.5}}}))
     with pytest.raises(ConfigError, match="which this design does not measure"):
-        run_sweep(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"max_subsets": 1}))
+        sweep_zoo(tiny_zoo, whole, SMALL_SWEEP.model_copy(update={"max_subsets": 1}))
 
 
 def test_sweep_bad_input(tiny_zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"\.parquet or \.csv"):
-        run_sweep(tiny_zoo, tmp_path / "sweep.json", SMALL_SWEEP)
-    with pytest.raises(ConfigError, match="not a zoo folder"):
-        run_sweep(tmp_path, tmp_path / "sweep.csv", SMALL_SWEEP)
+        sweep_zoo(tiny_zoo, tmp_path / "sweep.json", SMALL_SWEEP)
     with pytest.raises(ConfigError, match="unknown method 'sum'"):
-        run_sweep(tiny_zoo, tmp_path / "sweep.csv", SweepSettings(methods=("sum",)))
+        sweep_zoo(tiny_zoo, tmp_path / "sweep.csv", SweepSettings(methods=("sum",)))
     with pytest.raises(ConfigError, match=r"sweep.ties: params.density"):
-        run_sweep(tiny_zoo, tmp_path / "sweep.csv", SweepSettings(methods=("ties",), params={"ties": {"density": 0}}))
+        sweep_zoo(tiny_zoo, tmp_path / "sweep.csv", SweepSettings(methods=("ties",), params={"ties": {"density": 0}}))
     pq.write_table(pa.table({"size": ["s"], "k": [1]}), tmp_path / "bad.parquet")
     with pytest.raises(ConfigError, match="column 'n_params_b' is missing"):
         read_table(tmp_path / "bad.parquet")

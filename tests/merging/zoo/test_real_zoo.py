@@ -12,7 +12,8 @@ from merging.errors import ConfigError
 from merging.evaluate import evaluate
 from merging.experts import is_adapter
 from merging.io.hf_loading import load_causal_lm, load_tokenizer
-from merging.zoo.build import Phase, build_zoo, get_preset
+from merging.zoo.build import build_zoo
+from merging.zoo.presets import Phase, get_preset
 
 pytest.importorskip("gguf")
 pytest.importorskip("peft")

@@ -9,7 +9,9 @@ from merging.data.domains import DOMAINS
 from merging.errors import ConfigError
 from merging.evaluate import evaluate
 from merging.io.hf_loading import load_causal_lm, load_tokenizer
-from merging.zoo.build import PRESETS, Phase, build_zoo, folder_hashes, get_preset
+from merging.zoo.build import build_zoo
+from merging.zoo.layout import folder_hashes, zoo_families
+from merging.zoo.presets import PRESETS, Phase, get_preset
 
 
 def test_manifest_records_every_model_with_its_hashes(tiny_zoo):
@@ -63,6 +65,14 @@ def test_each_expert_beats_the_base_on_its_own_domain(tiny_zoo):
     for domain in DOMAINS:
         expert = evaluate(tiny_zoo / "experts" / domain, tiny_zoo / "data", domains=[domain])
         assert expert.ce(domain) < 0.95 * base.ce(domain), domain
+
+
+def test_zoo_families_name_the_experts_after_their_folders(tiny_zoo, tmp_path):
+    [family] = zoo_families(tiny_zoo)
+    assert family.name == "tiny" and family.base == tiny_zoo / "base"
+    assert family.experts == tuple((domain, tiny_zoo / "experts" / domain) for domain in sorted(DOMAINS))
+    with pytest.raises(ConfigError, match="not a zoo folder"):
+        zoo_families(tmp_path)
 
 
 def test_unknown_preset():

@@ -6,9 +6,9 @@ Called from inside a flow."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path, PurePosixPath
 
+from mlflow.entities.model_registry import ModelVersion
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
@@ -23,7 +23,8 @@ from tasks.decide import Decision, LawJob, fit_and_decide
 from tasks.evaluate import EvalJob, Scores, evaluate_merged
 from tasks.fetch import LocalCheckpoint, merged_experts
 from tasks.merge import MergedModel, MergeJob, Upload, upload_merged
-from tasks.stages import StageCost
+from tasks.pipeline_state import MethodRuns, experiment_points, method_comparison
+from tasks.stages import StageClock, StageCost
 from tasks.tracking import (
     DECISION_TAG,
     EXPERTS_METRIC,
@@ -32,11 +33,8 @@ from tasks.tracking import (
     PREVIOUS_CHAMPION_TAG,
     REASON_TAG,
     RUN_NOTE_TAG,
-    MethodRuns,
-    experiment_points,
     json_tag,
     log_run,
-    method_comparison,
     read_run,
     run_link,
 )
@@ -54,24 +52,6 @@ class Outcome(BaseModel):
     champion: bool
     incremental: bool
     stages: dict[str, StageCost]
-
-
-class StageClock:
-    """Wall time per stage as the flow sees it (compute plus orchestration)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-        self._mark = self.started
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._mark
-        self._mark = now
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.started
 
 
 def eval_job(model: MergedModel, data: LocalCheckpoint, config: PipelineConfig) -> EvalJob:
@@ -121,43 +101,70 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "base"
 
 
-def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpoint, config: PipelineConfig,
-             clock: StageClock, settings: Settings) -> Outcome:
+def evaluate_with_base(job: MergeJob, merged: MergedModel, data: LocalCheckpoint, config: PipelineConfig
+                       ) -> tuple[Scores, Scores]:
+    """The merge's scores and the base's, on the same data."""
     scores = evaluate_merged(eval_job(merged, data, config))
     base_scores = evaluate_merged(eval_job(base_as_model(job), data, config))  # cached after the first run
-    clock.lap("evaluate")
-    uri = upload_merged(Upload(model=merged, s3_uri=f"s3://{settings.bucket}/merged/{config.base.name}/{run_id}"))
-    clock.lap("upload")
-    k = len(job.experts)
+    return scores, base_scores
+
+
+def store_merged(merged: MergedModel, run_id: str, config: PipelineConfig, settings: Settings) -> str:
+    """The merged model's S3 URI (the first upload's, when this merge was uploaded before)."""
+    return upload_merged(Upload(model=merged, s3_uri=f"s3://{settings.bucket}/merged/{config.base.name}/{run_id}"))
+
+
+def refit_and_decide(config: PipelineConfig, merge_key: str, k: int, macro_ce: float
+                     ) -> tuple[dict[str, MethodRuns], Decision]:
+    """Every point the experiment logged, by method, with this merge's added to its method's; and the decision of
+    the law refitted on that method's points."""
     methods = experiment_points(config.experiment_name)
     mine = methods.setdefault(content_hash(config.method_identity()), MethodRuns(method=config.method))
-    mine.points[merged.key] = (k, scores.macro_ce)
+    mine.points[merge_key] = (k, macro_ce)
     law = config.law
     points = sorted(mine.points.values())
-    law_job = LawJob(method=config.method, points=points, experts=k, loss=scores.macro_ce,
+    law_job = LawJob(method=config.method, points=points, experts=k, loss=macro_ce,
                      rule=DecisionRule(**law.model_dump(include=set(DecisionRule.model_fields))), epsilon=law.epsilon)
-    decision = fresh(fit_and_decide, law_job)(law_job)
-    clock.lap("fit")
-    champion = champion_version(config.base.name, settings=settings)
-    beats = champion is None or (champion.tags.get(MERGE_KEY) != merged.key
-                                 and scores.macro_ce < float(champion.tags.get(MACRO_METRIC, "inf")))
-    comparison = compare(scores, base_scores, champion)
+    return methods, fresh(fit_and_decide, law_job)(law_job)
+
+
+def beats_champion(champion: ModelVersion | None, merge_key: str, macro_ce: float) -> bool:
+    """Whether this merge becomes the champion: there is none yet, or it is another merge with a lower macro CE."""
+    return champion is None or (champion.tags.get(MERGE_KEY) != merge_key
+                                and macro_ce < float(champion.tags.get(MACRO_METRIC, "inf")))
+
+
+def register_version(config: PipelineConfig, job: MergeJob, merged: MergedModel, uri: str, run_id: str,
+                     macro_ce: float, champion: ModelVersion | None, beats: bool, settings: Settings) -> str:
+    """The merge as a version of `merged.BASE` with its lineage, aliased `head`, and `champion` when it BEATS the
+    current one."""
     version = register_merged(config.base.name, uri, run_id, merged.key, settings=settings, tags={
-        MACRO_METRIC: f"{scores.macro_ce:.6f}", "method": config.method,
+        MACRO_METRIC: f"{macro_ce:.6f}", "method": config.method,
         "experts": json_tag([e.ref.model_dump() for e in job.experts]),
         PREVIOUS_CHAMPION_TAG: champion.version if champion is not None else "none",
         **lineage_tags(job, config.base.name)})
     set_alias(config.base.name, HEAD, version, settings=settings)
     if beats:
         set_alias(config.base.name, CHAMPION, version, settings=settings)
+    return version
+
+
+def publish_review(run_id: str, config: PipelineConfig, job: MergeJob, comparison: Comparison, decision: Decision,
+                   version: str, beats: bool, settings: Settings) -> str:
+    """The review, as the version's description and the flow run's markdown artifact."""
     review = review_markdown(config, job, comparison, decision, version, beats,
                              run_link(run_id, read_run(run_id).experiment_id, settings),
                              {name: tree_hash(path) for name, path in job.calibration.items()})
     describe_version(config.base.name, version, review, settings=settings)
     create_markdown_artifact(review, key=f"merge-{slug(config.base.name)}",
                              description=decision_sentence(config, job, comparison, decision, version, beats))
-    clock.lap("register")
-    stages = {"merge": merged.cost, "evaluate": scores.cost}
+    return review
+
+
+def run_metrics(scores: Scores, base_scores: Scores, comparison: Comparison, decision: Decision, k: int,
+                stages: dict[str, StageCost], clock: StageClock) -> dict[str, float]:
+    """The run's metrics: scores, the cost of each stage, the law and its prediction, and the gaps to the base and
+    to the champion."""
     metrics = score_metrics(scores, k)
     metrics |= {f"stage.{stage}.seconds": seconds for stage, seconds in clock.seconds.items()}
     metrics |= {f"stage.{stage}.compute_seconds": cost.seconds for stage, cost in stages.items()}
@@ -165,17 +172,44 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     metrics |= {f"law.{name}": value for name, value in (decision.law or {}).items()}
     metrics |= {"predicted_gain": decision.predicted_gain, "predicted_gain_low": decision.gain_low,
                 "predicted_gain_high": decision.gain_high, "flow.seconds": clock.total}
+    metrics |= {"base_macro_ce": base_scores.macro_ce, "vs_base.macro_ce": scores.macro_ce - base_scores.macro_ce}
+    if comparison.champion_macro_ce is not None:
+        metrics["vs_champion.macro_ce"] = scores.macro_ce - comparison.champion_macro_ce
+    return metrics
+
+
+def run_files(merged: MergedModel, decision: Decision, log_model: bool) -> list[tuple[str, Path]]:
+    """(artifact folder, file) of the run: the merge's config and plots, the law's plot, the model when LOG_MODEL."""
     files: list[tuple[str, Path]] = [("", merged.path / "merge_config.yaml")]
     if (merged.path / COEFFICIENTS_PLOT).is_file():
         files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))
     if decision.plot is not None:
         files.append(("law", decision.plot))
-    if config.log_model:
+    if log_model:
         files += [(PurePosixPath("model", path.parent.relative_to(merged.path).as_posix()).as_posix(), path)
                   for path in sorted(merged.path.rglob("*")) if path.is_file()]
-    metrics |= {"base_macro_ce": base_scores.macro_ce, "vs_base.macro_ce": scores.macro_ce - base_scores.macro_ce}
-    if comparison.champion_macro_ce is not None:
-        metrics["vs_champion.macro_ce"] = scores.macro_ce - comparison.champion_macro_ce
+    return files
+
+
+def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpoint, config: PipelineConfig,
+             clock: StageClock, settings: Settings) -> Outcome:
+    """Evaluate, upload, refit and decide, compare with the champion, register, review, and log it all to RUN_ID."""
+    scores, base_scores = evaluate_with_base(job, merged, data, config)
+    clock.lap("evaluate")
+    uri = store_merged(merged, run_id, config, settings)
+    clock.lap("upload")
+    k = len(job.experts)
+    methods, decision = refit_and_decide(config, merged.key, k, scores.macro_ce)
+    clock.lap("fit")
+    champion = champion_version(config.base.name, settings=settings)
+    beats = beats_champion(champion, merged.key, scores.macro_ce)
+    comparison = compare(scores, base_scores, champion)
+    version = register_version(config, job, merged, uri, run_id, scores.macro_ce, champion, beats, settings)
+    review = publish_review(run_id, config, job, comparison, decision, version, beats, settings)
+    clock.lap("register")
+    stages = {"merge": merged.cost, "evaluate": scores.cost}
+    metrics = run_metrics(scores, base_scores, comparison, decision, k, stages, clock)
+    files = run_files(merged, decision, config.log_model)
     crowned = (k, scores.macro_ce) if beats else (len(merged_experts(champion)), float(champion.tags[MACRO_METRIC]))
     chart, methods_table = method_comparison(methods, crowned, merged.path.parent)
     files.append(("methods", chart))

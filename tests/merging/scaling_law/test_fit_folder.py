@@ -11,17 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from merging.errors import ConfigError
-from merging.scaling_law.curve import (
-    CurveParams,
-    JointParams,
-    experts_for_target,
-    fitted_realisation,
-    plan,
-    size_or_experts,
-    stop_at,
-)
-from merging.scaling_law.fit_folder import FitSettings, PlanRequest, fit_sweep, load_fit, plan_from_fit
-from merging.sweep.run import write_table
+from merging.scaling_law.advice import PlanRequest, plan_from_fit
+from merging.scaling_law.curve import CurveParams
+from merging.scaling_law.fit_folder import FitSettings, fit_sweep, load_fit
+from merging.scaling_law.joint import JointParams
+from merging.scaling_law.planning import experts_for_target, fitted_realisation, plan, size_or_experts, stop_at
+from merging.sweep.table import write_table
 
 POOL = 5
 EXPERTS = ("alpha", "beta", "gamma", "delta", "epsilon")
