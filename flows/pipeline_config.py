@@ -23,10 +23,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merging.config import describe_validation_error, read_yaml
-from merging.errors import ConfigError
+from merging.config import read_yaml, validated
 from merging.scaling_law.decision import DecisionRule
 from merging.sweep.run import SweepSettings
 
@@ -145,16 +144,8 @@ class PipelineConfig(BaseModel):
         return json.loads(self.model_dump_json())
 
 
-def parse_pipeline_config(data: Any, source: str = "pipeline") -> PipelineConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with base, method, data")
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, source)) from exc
-
-
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a pipeline YAML file; relative paths in it are relative to the file's folder."""
     path = Path(path)
-    return parse_pipeline_config(read_yaml(path, "pipeline config"), str(path)).resolved_against(path.parent.resolve())
+    config = validated(PipelineConfig, read_yaml(path, "pipeline config"), str(path), "base, method, data")
+    return config.resolved_against(path.parent.resolve())

@@ -16,6 +16,10 @@ from mergeplan.pipeline_commands import add_pipeline_commands
 from merging.config import describe_validation_error
 from merging.errors import MergeplanError
 
+# The `pipeline` extra's packages: a command that needs one of them says how to install it, in one line.
+PIPELINE_PACKAGES = frozenset({"prefect", "prefect_dask", "mlflow", "boto3", "botocore", "moto", "dask", "distributed",
+                               "psutil"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeplan", description="Merge fine-tuned LLM experts.")
@@ -53,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in PIPELINE_PACKAGES:
+            raise
+        print(f"error: mergeplan {args.command} needs the pipeline extra ({exc.name} is not installed): "
+              "pip install 'mergeplan[pipeline]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)

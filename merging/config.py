@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from merging.errors import ConfigError
 from merging.mergekit_config import from_mergekit, is_mergekit
+
+Model = TypeVar("Model", bound=BaseModel)
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -81,13 +83,19 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: {field}: {message}{more}"
 
 
-def parse_config(data: Any, source: str = "config") -> MergeConfig:
+def validated(model: type[Model], data: Any, source: str, fields: str) -> Model:
+    """DATA as MODEL; anything else is one ConfigError line naming SOURCE and the first bad field (FIELDS: the
+    main ones, for the message when DATA is not a mapping at all)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with base, experts, method")
+        raise ConfigError(f"{source}: expected a mapping with {fields}")
     try:
-        return MergeConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source)) from exc
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    return validated(MergeConfig, data, source, "base, experts, method")
 
 
 def read_yaml(path: Path, what: str) -> Any:
