@@ -23,6 +23,7 @@ from prefect.context import TaskRunContext
 
 from infra.cache import hold_folder, job_folder, work_folder
 from infra.settings import Settings
+from merging.io.hashing import sha256_file
 
 RESULT_SERIALIZER = "json"
 P = ParamSpec("P")
@@ -41,8 +42,6 @@ def content_hash(value: Any) -> str:
 
 def tree_hash(path: Path) -> str:
     """One sha256 of a file, or of every file under a folder (by relative path)."""
-    from merging.io.hashing import sha256_file
-
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
