@@ -105,7 +105,7 @@ class FullModelRunner:
         return {"task_vectors_mb": _megabytes(self.task_vectors.values()), "teacher_cache_mb": _megabytes(cached)}
 
 
-def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[str], numel: dict[str, int],
+def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[str], rows: dict[str, int],
           experts: int, params: CalibrationParams, device: torch.device,
           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[StageReport]]:
     """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)
@@ -117,7 +117,7 @@ def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[st
                        last if method != "expert_merging_pp" else frozenset())
     if method != "expert_merging_pp":
         return first.alpha, dict.fromkeys(names, 1), first.reports
-    chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), numel, params.budget, params.kappa)
+    chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), rows, params.budget, params.kappa)
     warm = params.stage2_init == "stage1"
     raw = {n: (first.raw[n] if warm else start).expand(-1, m).contiguous() for n, m in chunks.items() if m > 0}
     fixed = {n: first.alpha[n] if warm else torch.full_like(first.alpha[n], params.init)
@@ -153,8 +153,8 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
     else:
         runner = FullModelRunner(config, base, experts, names, samples, layers, task_weights, params, seed, device,
                                  dtype)
-    numel = {name: base.tensors[name].numel for name in names}
-    alpha, chunks, stages = learn(runner, config.method, names, numel, len(experts), params, device)
+    rows = {name: (base.tensors[name].shape or (1,))[0] for name in names}
+    alpha, chunks, stages = learn(runner, config.method, names, rows, len(experts), params, device)
     trained = {n: chunks[n] > 0 for n in names}
     coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained)
     kept = {epoch: Coefficients(config, expert_names, {n: a.float().cpu() for n, a in earlier.items()}, trained)

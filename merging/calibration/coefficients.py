@@ -12,7 +12,8 @@ import torch
 from merging.config import MergeConfig, parse_config
 from merging.errors import ConfigError
 
-COEFFICIENTS_FORMAT = 1
+COEFFICIENTS_FORMAT = 2  # 2: chunks are blocks of whole rows; 1 cut the flattened tensor anywhere
+LAYER_WISE_FORMATS = {1}  # older formats read as long as every tensor has one chunk (the same merge)
 
 
 @dataclass
@@ -41,8 +42,14 @@ class Coefficients:
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> Coefficients:
-        if not isinstance(data, dict) or data.get("format") != COEFFICIENTS_FORMAT or "tensors" not in data:
+        known = {COEFFICIENTS_FORMAT} | LAYER_WISE_FORMATS
+        if not isinstance(data, dict) or data.get("format") not in known or "tensors" not in data:
             raise ConfigError(f"{source}: not a mergeplan coefficients.json (format {COEFFICIENTS_FORMAT})")
+        if data["format"] in LAYER_WISE_FORMATS:
+            chunked = [t for t, entry in data["tensors"].items() if entry.get("chunks", 1) != 1]
+            if chunked:
+                raise ConfigError(f"{source}: format {data['format']} cut {chunked[0]} into chunks anywhere in the "
+                                  "flattened tensor; chunks are now blocks of whole rows: calibrate again")
         config = parse_config(data.get("config"), f"{source}: config")
         names = data["experts"]
         alpha, trained = {}, {}

@@ -25,7 +25,7 @@ from merging.calibration.samples import Sample, balanced_order
 from merging.errors import TrainingError
 from merging.experts import Expert
 from merging.io.checkpoint import CheckpointReader
-from merging.methods.learned import combine
+from merging.methods.learned import combine, row_length
 from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
@@ -72,7 +72,7 @@ def load_task_vectors(base: CheckpointReader, experts: list[Expert], names: list
 def merged_weights(base: dict[str, torch.Tensor], task_vectors: dict[str, torch.Tensor],
                    alpha: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """θ0 + combine(τ, α) for every tensor that has task vectors."""
-    return {name: base[name] + combine(vectors, alpha[name]).view_as(base[name])
+    return {name: base[name] + combine(vectors, alpha[name], row_length(base[name].shape)).view_as(base[name])
             for name, vectors in task_vectors.items()}
 
 

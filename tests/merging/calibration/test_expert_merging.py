@@ -14,39 +14,48 @@ from merging.data.example import Example, write_jsonl
 from merging.experts import open_expert
 from merging.io.checkpoint import CheckpointReader
 from merging.io.safetensors_file import read_header
-from merging.methods.learned import LearnedCoefficients, chunk_sizes, combine
+from merging.methods.learned import LearnedCoefficients, chunk_sizes, combine, row_coefficients, row_length
 
 DOMAINS = ["algebra", "code", "biology"]
 FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2}
 
 
-def naive_combine(task_vectors: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def naive_combine(task_vectors: torch.Tensor, alpha: torch.Tensor, row: int) -> torch.Tensor:
     pieces, start = [], 0
-    for s, size in enumerate(chunk_sizes(task_vectors.shape[1], alpha.shape[1])):
-        pieces.append(sum(alpha[k, s] * task_vectors[k, start : start + size] for k in range(len(alpha))))
-        start += size
+    for s, size in enumerate(chunk_sizes(task_vectors.shape[1] // row, alpha.shape[1])):
+        end = start + size * row
+        pieces.append(sum(alpha[k, s] * task_vectors[k, start:end] for k in range(len(alpha))))
+        start = end
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize(("numel", "chunks"), [(10, 1), (10, 4), (6, 4), (7, 7), (12, 3), (1000, 7)])
-def test_chunks_never_drop_a_coefficient_and_combine_matches_the_definition(numel, chunks):
-    sizes = chunk_sizes(numel, chunks)
-    assert len(sizes) == chunks and sum(sizes) == numel and max(sizes) - min(sizes) <= 1
-    generator = torch.Generator().manual_seed(numel + chunks)
-    task_vectors = torch.randn(3, numel, generator=generator, dtype=torch.float64)
+@pytest.mark.parametrize(("shape", "chunks"), [((10,), 1), ((10,), 4), ((6,), 4), ((7, 3), 7), ((12, 5), 3),
+                                               ((100, 10), 7), ((6, 2, 3), 4)])
+def test_chunks_are_whole_row_blocks_never_dropped_and_combine_matches_the_definition(shape, chunks):
+    rows, row = shape[0], row_length(shape)
+    sizes = chunk_sizes(rows, chunks)
+    assert len(sizes) == chunks and sum(sizes) == rows and max(sizes) - min(sizes) <= 1
+    generator = torch.Generator().manual_seed(rows + chunks)
+    task_vectors = torch.randn(3, rows * row, generator=generator, dtype=torch.float64)
     alpha = torch.rand(3, chunks, generator=generator, dtype=torch.float64)
-    expected = naive_combine(task_vectors, alpha)
-    assert torch.allclose(combine(task_vectors, alpha), expected)
+    expected = naive_combine(task_vectors, alpha, row)
+    assert torch.allclose(combine(task_vectors, alpha, row), expected)
+    per_row = row_coefficients(alpha, rows)  # (K, rows): what scales the rows of a LoRA expert's B
+    by_rows = (per_row[:, :, None] * task_vectors.view(3, rows, row)).sum(dim=0).reshape(-1)
+    assert torch.allclose(by_rows, expected)
     method = LearnedCoefficients({"w": alpha})
-    state = {"sum": torch.zeros(numel, dtype=torch.float64)}
+    state = {"sum": torch.zeros(shape, dtype=torch.float64)}
     for k in range(3):
-        method.add(state, method.sparsify(task_vectors[k].clone(), "w", k), weight=7.0)  # weights do not rescale
-    assert torch.allclose(method.delta(state, 21.0, torch.zeros_like(expected)), expected)
+        vector = task_vectors[k].clone().view(shape)
+        method.add(state, method.sparsify(vector, "w", k), weight=7.0)  # weights do not rescale
+    assert torch.allclose(method.delta(state, 21.0, torch.zeros(shape)).reshape(-1), expected)
 
 
-def test_torch_chunk_would_drop_one():
+def test_torch_chunk_would_drop_one_and_a_block_is_never_less_than_a_row():
     assert len(torch.arange(6).chunk(4)) == 3  # why chunk_sizes exists
     assert chunk_sizes(6, 4) == [2, 2, 1, 1]
+    with pytest.raises(ValueError, match="cannot cut 3 rows into 4 blocks"):
+        chunk_sizes(3, 4)
 
 
 def test_importance_and_allocation_by_hand():
@@ -56,7 +65,7 @@ def test_importance_and_allocation_by_hand():
     assert scores == pytest.approx({"a": 4 / 4.8, "b": 0.4 / 4.8, "c": 0.4 / 4.8})
     # B·L = 3: floor(3·0.833) = 2, floor(3·0.083) = 0
     assert allocate_chunks(scores, {"a": 100, "b": 100, "c": 100}, budget=1.0, kappa=1.0) == {"a": 2, "b": 0, "c": 0}
-    # kappa 0 spreads evenly; the count is capped by the entries a tensor has
+    # kappa 0 spreads evenly; the count is capped by the rows a tensor has (chunks are whole row blocks)
     assert allocate_chunks(scores, {"a": 100, "b": 100, "c": 1}, budget=2.0, kappa=0.0) == {"a": 2, "b": 2, "c": 1}
     # kappa 2 concentrates on the most important tensor
     assert allocate_chunks(scores, {"a": 100, "b": 100, "c": 100}, budget=2.0, kappa=2.0) == {"a": 5, "b": 0, "c": 0}
@@ -119,7 +128,7 @@ def test_em_pp_writes_checkpoint_coefficients_plot_and_report(em_config, tiny_zo
         theta0 = base.read(name).float()
         alpha = torch.tensor([tensors[name]["alpha"][d] for d in DOMAINS])
         task_vectors = torch.stack([(e.read(name).float() - theta0).view(-1) for e in experts])
-        expected = theta0 + naive_combine(task_vectors, alpha).view_as(theta0)
+        expected = theta0 + naive_combine(task_vectors, alpha, row_length(theta0.shape)).view_as(theta0)
         assert torch.allclose(result.read(name), expected, atol=1e-6), name
 
 
