@@ -350,12 +350,11 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path
         Student,
         TrainableCoefficients,
         inverse_activation,
-        load_task_vectors,
-        merged_weights,
         train_stage,
     )
     from merging.calibration.params import DEFAULT_EXCLUDE
     from merging.calibration.samples import Sample
+    from merging.calibration.sources import load_sources
     from merging.data.loading import IGNORE_INDEX, collate, encode, load_split
     from merging.experts import open_expert
     from merging.io.checkpoint import CheckpointReader
@@ -363,9 +362,10 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path
 
     base = CheckpointReader(bench.zoo / "base")
     names = calibrated_tensors(base, set(base.names()), list(DEFAULT_EXCLUDE))
-    vectors = load_task_vectors(base, [open_expert(p) for p in bench.experts], names, torch.device("cpu"),
-                                torch.float32)
-    model = MergedModel(load_causal_lm(bench.zoo / "base").eval().requires_grad_(False), vectors)
+    network = load_causal_lm(bench.zoo / "base").eval().requires_grad_(False)
+    layout = load_sources(base, [open_expert(p) for p in bench.experts], names, network, factored=True,
+                          streamed=False, device=torch.device("cpu"), dtype=torch.float32)
+    model = MergedModel(network, layout.sources, len(bench.experts))
     tokenizer = load_tokenizer(bench.zoo / "base")
     samples, labels = [], {}
     for index, domain in enumerate(bench.domains):
@@ -379,7 +379,7 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path
         ce = torch.nn.functional.cross_entropy(logits, labels[id(sample)], ignore_index=IGNORE_INDEX)
         return ce, torch.zeros(())
 
-    student = Student(lambda alpha: merged_weights(model.base, vectors, alpha), losses)
+    student = Student(model.merged, losses)
     start = inverse_activation("sigmoid", init)
     coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), start) for n in names}, {})
     params = CalibrationParams(init=init, gamma=0.0, lr=0.05, weight_decay=0.0, epochs=epochs, grad_clip=None,

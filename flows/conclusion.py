@@ -16,7 +16,7 @@ from flows.pipeline_config import PipelineConfig
 from flows.review import Comparison, decision_sentence, domain_table, lineage_tags, review_markdown
 from infra.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
 from infra.settings import Settings
-from merging.merger import COEFFICIENTS_PLOT
+from merging.calibration.coefficients import COEFFICIENTS_PLOT
 from merging.scaling_law.decision import DecisionRule
 from tasks.caching import content_hash, fresh, tree_hash
 from tasks.decide import Decision, LawJob, fit_and_decide

@@ -26,6 +26,17 @@ def _is_embedding(name: str) -> bool:
     return name.endswith("embed_tokens.weight")
 
 
+def adapter_config(ranks: dict[str, int], saved: list[str], base: Path) -> dict:
+    """adapter_config.json of an adapter mergeplan writes: rank per module, lora_alpha = rank so every scale is 1;
+    `saved`: modules written whole (peft's modules_to_save)."""
+    rank = max(ranks.values(), default=1)
+    pattern = {module: r for module, r in ranks.items() if r != rank}
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "rank_pattern": pattern, "alpha_pattern": pattern,
+            "target_modules": sorted(ranks), "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+            "bias": "none", "lora_dropout": 0.0, "modules_to_save": saved or None, "task_type": "CAUSAL_LM",
+            "init_lora_weights": True, "base_model_name_or_path": str(base.resolve())}
+
+
 def export_lora(base: str | Path, merged: str | Path, out: str | Path, rank: int, *, overwrite: bool = False) -> dict:
     """Write `out` (adapter_config.json, adapter_model.safetensors, lora_export.json); returns the report with
     the relative Frobenius error ‖τ − B@A‖ / ‖τ‖ over every changed tensor, and the worst tensor's."""
@@ -68,12 +79,8 @@ def export_lora(base: str | Path, merged: str | Path, out: str | Path, rank: int
     with CheckpointWriter(out, layout, overwrite=overwrite, prefix="adapter_model") as writer:
         for key, tensor in factors.items():
             writer.write(key, tensor)
-        writer.write_json(ADAPTER_CONFIG, {
-            "peft_type": "LORA", "r": rank, "lora_alpha": rank, "rank_pattern": rank_pattern,
-            "alpha_pattern": {m: k for m, k in rank_pattern.items()}, "target_modules": modules,
-            "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
-            "lora_dropout": 0.0, "modules_to_save": None, "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(Path(base).resolve())})
+        writer.write_json(ADAPTER_CONFIG, adapter_config({m: rank_pattern.get(m, rank) for m in modules}, [],
+                                                         Path(base)))
         writer.write_json(EXPORT_REPORT, report)
     if dropped:
         log.warning("LoRA export: %d changed tensors are not matrices and are left out (e.g. %s)", len(dropped),

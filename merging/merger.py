@@ -19,6 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from merging.calibration import Coefficients, calibrate, calibrated_tensors, params_for
+from merging.calibration.adapter_output import check_lora_experts, write_adapter
+from merging.calibration.coefficients import write_calibration_artifacts
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
@@ -34,9 +36,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STATE_FILE = "state.json"
 STATE_PREFIX = "accumulators"
 STATE_FORMAT = 1
-COEFFICIENTS_FILE = "coefficients.json"
-COEFFICIENTS_PLOT = "coefficients.png"
-CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -253,7 +252,13 @@ def _calibrated_merge(config: MergeConfig, out: Path, overwrite: bool, source: s
     names = calibrated_tensors(plan.base, plan.merged_names, params.exclude)
     if not names:
         raise ConfigError(f"{source}: params.exclude: every merged tensor is excluded; nothing to calibrate")
-    result = calibrate(config, params, plan.base, [e.expert for e in plan.experts], names, source)
+    experts = [e.expert for e in plan.experts]
+    # lora_out: refuse what one adapter cannot hold before the minutes of calibration, not after them
+    adapters = check_lora_experts(experts, names, plan.base, source) if params.lora_out else []
+    result = calibrate(config, params, plan.base, experts, names, source)
+    if params.lora_out:
+        return write_adapter(result.coefficients, adapters, plan.base, out, overwrite=overwrite,
+                             report=result.report, kept=result.kept)
     return apply_coefficients(result.coefficients, out, overwrite=overwrite, report=result.report,
                               kept=result.kept)
 
@@ -274,11 +279,6 @@ def apply_coefficients(coefficients: Coefficients | str | Path, out: str | Path,
     plan.merged_names = set(coefficients.alpha)
 
     def artifacts(writer: CheckpointWriter) -> None:
-        writer.write_json(COEFFICIENTS_FILE, coefficients.to_json())
-        coefficients.plot(writer.staged(COEFFICIENTS_PLOT))
-        if report is not None:
-            writer.write_json(CALIBRATION_FILE, report)
-        for epoch, earlier in (kept or {}).items():
-            writer.write_json(f"epochs/coefficients-epoch-{epoch}.json", earlier.to_json())
+        write_calibration_artifacts(writer, coefficients, report, kept)
 
     return _run(plan, Path(out), overwrite, artifacts=artifacts)

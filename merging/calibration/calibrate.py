@@ -1,4 +1,5 @@
-"""Calibration end to end: samples, cached teachers, task vectors on the device, stage 1 (and EM++ stage 2)."""
+"""Calibration end to end: samples, the runner (whole model or block by block), stage 1 (and EM++ stage 2),
+warm starts from an earlier calibration, the report."""
 
 from __future__ import annotations
 
@@ -12,26 +13,16 @@ import torch
 
 from merging.calibration.blockwise import BlockwiseRunner
 from merging.calibration.coefficients import Coefficients
-from merging.calibration.expert_merging import (
-    MergedModel,
-    StageReport,
-    StageResult,
-    TeacherOutput,
-    TrainableCoefficients,
-    full_model_student,
-    inverse_activation,
-    load_task_vectors,
-    teacher_outputs,
-    train_stage,
-)
+from merging.calibration.expert_merging import StageReport, inverse_activation, raw_of
+from merging.calibration.full_model import FullModelRunner
 from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.params import CalibrationParams
-from merging.calibration.samples import Sample, load_samples
+from merging.calibration.samples import load_samples
 from merging.config import MergeConfig
 from merging.errors import ConfigError
-from merging.experts import Expert, load_expert_model
+from merging.experts import Expert
 from merging.io.checkpoint import CheckpointReader
-from merging.io.hf_loading import load_causal_lm, load_model_config, load_tokenizer
+from merging.io.hf_loading import load_model_config, load_tokenizer
 
 log = logging.getLogger("mergeplan")
 
@@ -50,77 +41,37 @@ def calibrated_tensors(base: CheckpointReader, merged_names: set[str], exclude: 
             and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)]
 
 
-def _teachers(config: MergeConfig, samples, layers: list[int], temperature: float, device: torch.device,
-              dtype: torch.dtype) -> list[TeacherOutput]:
-    """Each expert's outputs on its own samples, one expert model in memory at a time."""
-    outputs: dict[int, TeacherOutput] = {}
-    for k, ref in enumerate(config.experts):
-        own = [i for i, sample in enumerate(samples) if sample.expert == k]
-        if not own:
-            continue
-        teacher = load_expert_model(ref.path, config.base, dtype).to(device).eval()
-        chosen = [samples[i] for i in own]
-        for i, output in zip(own, teacher_outputs(teacher, chosen, layers, temperature), strict=True):
-            outputs[i] = output
-        del teacher
-    return [outputs[i] for i in range(len(samples))]
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
 
 
-def _megabytes(tensors) -> float:
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-class FullModelRunner:
-    """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against cached teachers
-    (Expert Merging), or the entropy of the merged model's own predictions (AdaMerging: no teachers)."""
-
-    def __init__(self, config: MergeConfig, base: CheckpointReader, experts: list[Expert], names: list[str],
-                 samples: list[Sample], layers: list[int], task_weights: list[float], params: CalibrationParams,
-                 seed: int, device: torch.device, dtype: torch.dtype):
-        model = load_causal_lm(config.base, dtype).to(device).eval().requires_grad_(False)
-        self.teachers = None if config.method == "adamerging" else _teachers(
-            config, samples, layers, params.temperature, device, dtype)
-        self.task_vectors = load_task_vectors(base, experts, names, device, dtype)
-        self.task_vector_l1 = {n: tv.abs().sum(dim=1, dtype=torch.float32) for n, tv in self.task_vectors.items()}
-        self.student = full_model_student(MergedModel(model, self.task_vectors), samples, self.teachers, layers,
-                                          params.temperature)
-        self.samples, self.task_weights, self.params, self.seed = samples, task_weights, params, seed
-
-    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-            keep_epochs: frozenset[int] = frozenset()) -> StageResult:
-        coefficients = TrainableCoefficients(raw, fixed, self.params.activation)
-        report = train_stage(name, coefficients, self.samples, self.student, self.task_weights, self.params,
-                             self.seed, keep_epochs)
-        return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},
-                           {n: coefficients.raw_value(n) for n in coefficients.trained}, [report])
-
-    def memory(self) -> dict[str, float]:
-        cached = [t.log_probs for t in self.teachers or []] + [h for t in self.teachers or [] for h in t.hidden]
-        return {"task_vectors_mb": _megabytes(self.task_vectors.values()), "teacher_cache_mb": _megabytes(cached)}
-
-
 def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[str], rows: dict[str, int],
-          experts: int, params: CalibrationParams, device: torch.device,
+          experts: int, params: CalibrationParams, device: torch.device, warm: Coefficients | None = None,
           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[StageReport]]:
     """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)
 
+    With `warm` (an earlier calibration's coefficients, rows in this merge's expert order, new experts at init):
+    stage 1 starts from them; for EM++ whose warm coefficients have chunks, only stage 2 runs, on those chunks.
     The last stage keeps α after each epoch of params.keep_epochs (in its report)."""
     last = frozenset(params.keep_epochs)
     start = torch.full((experts, 1), inverse_activation(params.activation, params.init), device=device)
-    first = runner.run(method if method == "adamerging" else "expert_merging", dict.fromkeys(names, start), {},
+    if warm is not None and method == "expert_merging_pp" and any(a.shape[1] > 1 for a in warm.alpha.values()):
+        chunks = {n: warm.alpha[n].shape[1] if warm.trained.get(n, True) else 0 for n in names}
+        raw = {n: raw_of(params.activation, warm.alpha[n].to(device)) for n in names if chunks[n]}
+        fixed = {n: warm.alpha[n].to(device) for n in names if not chunks[n]}
+        second = runner.run("expert_merging_pp", raw, fixed, last)
+        return second.alpha, chunks, second.reports
+    starts = {n: raw_of(params.activation, warm.alpha[n].to(device)) if warm else start for n in names}
+    first = runner.run(method if method == "adamerging" else "expert_merging", starts, {},
                        last if method != "expert_merging_pp" else frozenset())
     if method != "expert_merging_pp":
         return first.alpha, dict.fromkeys(names, 1), first.reports
     chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), rows, params.budget, params.kappa)
-    warm = params.stage2_init == "stage1"
-    raw = {n: (first.raw[n] if warm else start).expand(-1, m).contiguous() for n, m in chunks.items() if m > 0}
-    fixed = {n: first.alpha[n] if warm else torch.full_like(first.alpha[n], params.init)
+    from_stage1 = params.stage2_init == "stage1"
+    raw = {n: (first.raw[n] if from_stage1 else start).expand(-1, m).contiguous() for n, m in chunks.items() if m > 0}
+    fixed = {n: first.alpha[n] if from_stage1 else torch.full_like(first.alpha[n], params.init)
              for n, m in chunks.items() if m == 0}
     if not raw:
         log.warning("expert_merging_pp: the budget %.2f gives no tensor a chunk; keeping stage 1's coefficients",
@@ -151,34 +102,43 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
     if params.mode == "blockwise":
         runner = BlockwiseRunner(base, experts, names, samples, task_weights, params, seed, device, dtype, source)
     else:
-        runner = FullModelRunner(config, base, experts, names, samples, layers, task_weights, params, seed, device,
-                                 dtype)
+        runner = FullModelRunner(config.method, config.base, base, experts, names, samples, layers, task_weights,
+                                 params, seed, device, dtype, source)
     rows = {name: (base.tensors[name].shape or (1,))[0] for name in names}
-    alpha, chunks, stages = learn(runner, config.method, names, rows, len(experts), params, device)
+    warm, new_experts = None, []
+    if params.warm_start is not None:
+        earlier = Coefficients.load(params.warm_start)
+        warm = earlier.warm_start(expert_names, names, params.init, source)
+        new_experts = [name for name in expert_names if name not in earlier.expert_names]
+    alpha, chunks, stages = learn(runner, config.method, names, rows, len(experts), params, device, warm)
     trained = {n: chunks[n] > 0 for n in names}
     coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained)
     kept = {epoch: Coefficients(config, expert_names, {n: a.float().cpu() for n, a in earlier.items()}, trained)
             for epoch, earlier in _kept_alpha(stages, alpha, names).items()}
     if isinstance(runner, BlockwiseRunner):
-        memory = {"task_vectors_mb": runner.peak_task_vectors_mb, "hidden_cache_mb": runner.hidden_cache_mb}
+        memory = {"task_vectors_mb": round(runner.peak_task_vectors_mb, 2),
+                  "hidden_cache_mb": round(runner.hidden_cache_mb, 2)}
     else:
-        memory = runner.memory()
+        memory = runner.report()
     report = {
         "method": config.method,
         "mode": params.mode,
+        "warm_start": None if warm is None else {"from": str(params.warm_start),
+                                                   "new_experts": new_experts},
         "params": params.model_dump(mode="json"),
         "seed": seed,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "samples": {name: sum(s.expert == k for s in samples) for k, name in enumerate(expert_names)},
         "sample_tokens": sum(s.input_ids.numel() for s in samples),
+        "max_sample_tokens": max(s.input_ids.numel() for s in samples),
         "hidden_layers": layers if params.mode == "full" else "every block",
         "tensors": len(names),
         "chunks": chunks,
         "stages": [{"name": s.name, "trained_per_expert": s.trained_per_expert, "seconds": round(s.seconds, 3),
                     "steps": s.steps} for s in stages],
         "seconds": round(time.perf_counter() - started, 3),
-        **{key: round(value, 2) for key, value in memory.items()},
+        **memory,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }

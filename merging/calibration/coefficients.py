@@ -13,7 +13,10 @@ from merging.config import MergeConfig, parse_config
 from merging.errors import ConfigError
 
 COEFFICIENTS_FORMAT = 2  # 2: chunks are blocks of whole rows; 1 cut the flattened tensor anywhere
-LAYER_WISE_FORMATS = {1}  # older formats read as long as every tensor has one chunk (the same merge)
+LAYER_WISE_FORMATS = {1}
+COEFFICIENTS_FILE = "coefficients.json"
+COEFFICIENTS_PLOT = "coefficients.png"
+CALIBRATION_FILE = "calibration.json"  # older formats read as long as every tensor has one chunk (the same merge)
 
 
 @dataclass
@@ -76,6 +79,24 @@ class Coefficients:
             raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         return cls.from_json(data, str(path))
 
+    def warm_start(self, expert_names: list[str], names: list[str], init: float, source: str) -> Coefficients:
+        """These coefficients as the start of a calibration over `expert_names` and tensors `names`: rows matched
+        by expert name, experts they lack at `init`, tensors they lack layer-wise at `init`."""
+        unknown = [name for name in self.expert_names if name not in expert_names]
+        if unknown:
+            raise ConfigError(f"{source}: params.warm_start: expert {unknown[0]!r} of the earlier calibration is not "
+                              "among this merge's experts; a warm start adds experts to an earlier merge: start "
+                              "cold (remove warm_start) to drop one")
+        alpha, trained = {}, {}
+        for name in names:
+            earlier = self.alpha.get(name)
+            chunks = 1 if earlier is None else earlier.shape[1]
+            rows = [earlier[self.expert_names.index(e)] if earlier is not None and e in self.expert_names
+                    else torch.full((chunks,), init) for e in expert_names]
+            alpha[name] = torch.stack(rows).float()
+            trained[name] = self.trained.get(name, True)
+        return Coefficients(self.config, expert_names, alpha, trained)
+
     def layerwise_means(self) -> torch.Tensor:
         """(tensors, K): each tensor's coefficient per expert, averaged over its chunks."""
         return torch.stack([alpha.mean(dim=1) for alpha in self.alpha.values()])
@@ -102,3 +123,15 @@ class Coefficients:
 
 def _short(name: str) -> str:
     return name.removeprefix("model.").removesuffix(".weight").replace("layers.", "L")
+
+
+def write_calibration_artifacts(writer, coefficients: Coefficients, report: dict | None,
+                                kept: dict[int, Coefficients] | None) -> None:
+    """What every calibrated output folder holds beside the weights (into a CheckpointWriter's staging folder):
+    coefficients.json and its heatmap, calibration.json, and the coefficients after each kept epoch."""
+    writer.write_json(COEFFICIENTS_FILE, coefficients.to_json())
+    coefficients.plot(writer.staged(COEFFICIENTS_PLOT))
+    if report is not None:
+        writer.write_json(CALIBRATION_FILE, report)
+    for epoch, earlier in (kept or {}).items():
+        writer.write_json(f"epochs/coefficients-epoch-{epoch}.json", earlier.to_json())

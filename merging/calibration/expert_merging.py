@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from merging.calibration.factored import MergedLinear
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
+from merging.calibration.sources import TensorSources
+from merging.calibration.teachers import TeacherOutput
 from merging.errors import TrainingError
 from merging.experts import Expert
 from merging.io.checkpoint import CheckpointReader
@@ -30,12 +33,8 @@ from merging.progress_bar import progress_bar
 
 log = logging.getLogger("mergeplan")
 PROGRESS_SECONDS = 30
-
-
-@dataclass
-class TeacherOutput:
-    log_probs: torch.Tensor  # (length, vocab): log softmax(z / T) of the expert
-    hidden: list[torch.Tensor]  # (length, hidden) at each aligned layer
+Weights = dict[str, torch.Tensor]
+ALPHA = "alpha:"  # prefix of the entries of a Weights dict that carry a layer's coefficients, not a weight
 
 
 @dataclass
@@ -77,27 +76,48 @@ def merged_weights(base: dict[str, torch.Tensor], task_vectors: dict[str, torch.
 
 
 class MergedModel:
-    """The base model run with some of its tensors replaced: the student (weights = θ0 + combine(τ, α))."""
+    """The base model run as the student, θ0 + combine(τ, α) per calibrated tensor: a tensor's dense task vectors
+    through a merged weight given to functional_call, its factors or streamed vectors by a MergedLinear layer
+    that reads α (passed in the same dict under ALPHA + name)."""
 
-    def __init__(self, model: torch.nn.Module, task_vectors: dict[str, torch.Tensor]):
-        self.model = model
-        self.task_vectors = task_vectors  # name -> (K, numel)
+    def __init__(self, model: torch.nn.Module, sources: dict[str, TensorSources], experts: int):
+        self.model, self.sources, self.experts = model, sources, experts
         self.base = dict(model.named_parameters())
+        self.layers: dict[str, MergedLinear] = {}
+        for name, source in sources.items():
+            if source.via_module:
+                module = name.rpartition(".")[0]
+                self.layers[name] = MergedLinear(model.get_submodule(module), source)
+                model.set_submodule(module, self.layers[name])
 
-    def __call__(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor, hidden: bool):
-        return functional_call(self.model, weights, args=(),
-                               kwargs={"input_ids": input_ids, "output_hidden_states": hidden, "use_cache": False})
+    def merged(self, alpha: dict[str, torch.Tensor]) -> Weights:
+        weights = {}
+        for name, source in self.sources.items():
+            if source.dense is not None:
+                chosen = source.dense.experts
+                own = alpha[name] if chosen == list(range(self.experts)) else alpha[name][chosen]
+                weights[name] = self.base[name] + combine(source.dense.vectors, own, row_length(source.shape)
+                                                          ).view(source.shape)
+            if source.via_module:
+                weights[ALPHA + name] = alpha[name]
+        return weights
 
+    def one_hot(self, expert: int) -> Weights:
+        """The merged weights of expert `expert` alone: α = 1 for it, 0 for the others."""
+        alpha = torch.zeros(self.experts, 1, device=next(iter(self.base.values())).device)
+        alpha[expert] = 1.0
+        return self.merged(dict.fromkeys(self.sources, alpha))
 
-@torch.no_grad()
-def teacher_outputs(model: torch.nn.Module, samples: list[Sample], layers: list[int],
-                    temperature: float) -> list[TeacherOutput]:
-    outputs = []
-    for sample in samples:
-        out = model(input_ids=sample.input_ids.to(model.device), output_hidden_states=bool(layers), use_cache=False)
-        log_probs = F.log_softmax(out.logits[0].float() / temperature, dim=-1).to(out.logits.dtype)
-        outputs.append(TeacherOutput(log_probs, [out.hidden_states[i][0] for i in layers]))
-    return outputs
+    def __call__(self, weights: Weights, input_ids: torch.Tensor, hidden: bool):
+        for name, layer in self.layers.items():
+            layer.alpha = weights[ALPHA + name]
+        try:
+            return functional_call(self.model, {n: w for n, w in weights.items() if not n.startswith(ALPHA)},
+                                   args=(), kwargs={"input_ids": input_ids, "output_hidden_states": hidden,
+                                                    "use_cache": False})
+        finally:
+            for layer in self.layers.values():
+                layer.alpha = None
 
 
 def alignment_losses(out, teacher: TeacherOutput, layers: list[int], temperature: float) -> tuple[torch.Tensor, ...]:
@@ -149,11 +169,14 @@ def inverse_activation(activation: str, alpha: float) -> float:
     return math.log(alpha / (1 - alpha)) if activation == "sigmoid" else alpha
 
 
+def raw_of(activation: str, alpha: torch.Tensor) -> torch.Tensor:
+    """The raw r whose α is `alpha` (a tensor): the inverse of the activation, kept finite."""
+    return torch.logit(alpha.float().clamp(1e-6, 1 - 1e-6)) if activation == "sigmoid" else alpha.float().clone()
+
+
 def _key(name: str) -> str:
     return name.replace(".", "/")  # ParameterDict keys may not contain dots
 
-
-Weights = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -165,20 +188,20 @@ class Student:
     losses: Callable[[Weights, Sample], tuple[torch.Tensor, torch.Tensor]]
 
 
-def full_model_student(model: MergedModel, samples: list[Sample], teachers: list[TeacherOutput] | None,
-                       layers: list[int], temperature: float) -> Student:
+def full_model_student(model: MergedModel, teacher: Callable[[Sample], TeacherOutput] | None, layers: list[int],
+                       temperature: float) -> Student:
     """The whole merged model. With teachers: (T²·KL to the sample's teacher, hidden MSE) — Expert Merging.
     Without: (mean entropy of the next-token distributions, 0) — AdaMerging's unsupervised objective."""
-    teacher_of = {id(sample): teacher for sample, teacher in zip(samples, teachers or [], strict=False)}
     device = next(iter(model.base.values())).device
 
     def losses(weights: Weights, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        target = None if teacher is None else teacher(sample)  # first: a recomputed teacher resets the layers' α
         out = model(weights, sample.input_ids.to(device), hidden=bool(layers))
-        if teachers is None:
+        if target is None:
             return prediction_entropy(out.logits[0]), torch.zeros((), device=device)
-        return alignment_losses(out, teacher_of[id(sample)], layers, temperature)
+        return alignment_losses(out, target, layers, temperature)
 
-    return Student(lambda alpha: merged_weights(model.base, model.task_vectors, alpha), losses)
+    return Student(model.merged, losses)
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:

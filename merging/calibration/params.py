@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -44,6 +45,22 @@ class CalibrationParams(MethodParams):
                                description="tensor-name patterns kept at the base's value")
     mode: Literal["full", "blockwise"] = Field(
         "full", description="blockwise: one transformer block at a time (hidden states only), for big models")
+    task_vectors: Literal["auto", "resident", "streamed"] = Field(
+        "auto", description="how the experts' updates are held (full mode): auto = LoRA adapters factored, full "
+        "checkpoints' task vectors resident if they fit memory_budget_mb, else streamed; resident = every task "
+        "vector dense on the device (adapters too); streamed = full checkpoints read per tensor as layers run")
+    memory_budget_mb: float | None = Field(None, gt=0, description="memory calibration may use (device memory "
+                                           "on a GPU, RAM on the CPU); default: what the device has available")
+    teachers: Literal["auto", "cached", "recomputed"] = Field(
+        "auto", description="cached: each expert's outputs computed once and kept on the host in the compute "
+        "dtype; recomputed: one more forward with that expert switched on, per sample; auto = recomputed when "
+        "every expert is an adapter and (one epoch, or the cache would pass teacher_cache_mb), else cached")
+    teacher_cache_mb: float = Field(1024, gt=0, description="auto chooses recomputed teachers above this cache size")
+    lora_out: bool = Field(False, description="every expert a LoRA adapter: write the merge as one PEFT adapter "
+                           "of rank Σ r_k (each B_k's rows scaled by their coefficients), exact, not a checkpoint")
+    warm_start: Path | None = Field(None, description="coefficients.json of an earlier calibration over some of "
+                                    "these experts: start from its α (experts matched by name; new ones at init) "
+                                    "and, for EM++, keep its chunks and train stage 2 only")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype: auto = float32 on CPU, bfloat16 on GPU")

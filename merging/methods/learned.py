@@ -63,6 +63,22 @@ def combine(task_vectors: torch.Tensor, alpha: torch.Tensor, row: int = 1) -> to
     return torch.cat([part.reshape(-1) for part in parts])
 
 
+def combine_transpose(task_vectors: torch.Tensor, gradient: torch.Tensor, chunks: int, row: int = 1) -> torch.Tensor:
+    """The adjoint of combine: (K, m) with entry [k, s] = ⟨gradient[block s], task_vectors[k, block s]⟩, the
+    gradient of a loss with respect to alpha given its gradient (numel,) with respect to the combined tensor."""
+    experts, numel = task_vectors.shape
+    q, r = chunk_split(numel // row, chunks)
+    head = r * (q + 1) * row
+    parts = []
+    if r:
+        parts.append(torch.einsum("kmc,mc->km", task_vectors[:, :head].view(experts, r, (q + 1) * row),
+                                  gradient[:head].view(r, (q + 1) * row)))
+    if chunks > r:
+        parts.append(torch.einsum("kmc,mc->km", task_vectors[:, head:].view(experts, chunks - r, q * row),
+                                  gradient[head:].view(chunks - r, q * row)))
+    return torch.cat(parts, dim=1)
+
+
 class LearnedCoefficients(WeightedSum):
     """Applies coefficients alpha[tensor] of shape (K, chunks) in the streaming merge."""
 
@@ -87,3 +103,4 @@ class LearnedCoefficients(WeightedSum):
 
     def delta(self, state: State, total_weight: float, base: torch.Tensor) -> torch.Tensor:
         return state["sum"]
+

@@ -1,0 +1,135 @@
+"""Calibration on the whole merged model: choose how the experts' updates are held, build the teachers, train.
+
+Layouts (params.task_vectors): `resident` holds every expert's task vector dense on the device (adapters too:
+the reference path); `factored` keeps adapters as factors and full checkpoints' task vectors resident; `streamed`
+keeps adapters as factors and reads full checkpoints per tensor as the layers run. `auto` takes factored when
+its memory account fits params.memory_budget_mb (default: the device's free memory), else streamed, and says
+what the smallest layout needs when even that does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from merging.calibration.expert_merging import (
+    MergedModel,
+    StageResult,
+    TrainableCoefficients,
+    full_model_student,
+    train_stage,
+)
+from merging.calibration.memory import ModelShape, account, available_mb
+from merging.calibration.params import CalibrationParams
+from merging.calibration.samples import Sample
+from merging.calibration.sources import factorable, load_sources
+from merging.calibration.teachers import Teachers
+from merging.errors import ConfigError
+from merging.experts import Expert, FullCheckpoint, LoraAdapter
+from merging.io.checkpoint import CheckpointReader
+from merging.io.hf_loading import load_causal_lm
+
+log = logging.getLogger("mergeplan")
+
+
+def _teacher_uses(method: str, params: CalibrationParams) -> int:
+    """How many times each sample's teacher is asked for: once per epoch of each stage."""
+    return params.epochs * (2 if method == "expert_merging_pp" and params.warm_start is None else 1)
+
+
+def _recompute_teachers(method: str, params: CalibrationParams, experts: list[Expert], cache_mb: float) -> bool:
+    if params.teachers != "auto":
+        return params.teachers == "recomputed"
+    adapters_only = all(isinstance(e, LoraAdapter) for e in experts)
+    return adapters_only and (_teacher_uses(method, params) == 1 or cache_mb > params.teacher_cache_mb)
+
+
+def memory_accounts(model: torch.nn.Module, base: CheckpointReader, experts: list[Expert], names: list[str],
+                    samples: list[Sample], hidden_layers: int, dtype: torch.dtype, device: torch.device,
+                    ) -> dict[str, dict[str, float]]:
+    """The memory account (MB per part) of each layout, from shapes; the teacher cache counted where it lives."""
+    linear = [n for n in names if factorable(model, n)]
+    shapes = [base.tensors[n].shape for n in linear]
+    full = sum(isinstance(e, FullCheckpoint) for e in experts)
+    ranks = [max(e.ranks, default=0) for e in experts if isinstance(e, LoraAdapter)]
+    tokens = [s.input_ids.numel() for s in samples]
+    shape = ModelShape.of(model.config, sum(p.numel() for p in model.parameters()))
+    size = torch.finfo(dtype).bits // 8
+    common = {"dtype_bytes": size, "tokens": max(tokens), "linear_numel": sum(a * b for a, b in shapes),
+              "linear_rows_and_columns": sum(a + b for a, b in shapes),
+              "largest_linear": max((a * b for a, b in shapes), default=0),
+              "teacher_cache_tokens": sum(tokens) if device.type == "cpu" else 0, "hidden_layers": hidden_layers,
+              "eager_attention": model.config._attn_implementation == "eager"}
+    return {
+        "resident": account(shape, adapter_ranks=[], dense_experts=len(experts), streamed_experts=0, **common),
+        "factored": account(shape, adapter_ranks=ranks, dense_experts=full, streamed_experts=0, **common),
+        "streamed": account(shape, adapter_ranks=ranks, dense_experts=0, streamed_experts=full, **common),
+    }
+
+
+def choose_layout(params: CalibrationParams, accounts: dict[str, dict[str, float]], budget_mb: float,
+                  source: str) -> str:
+    if params.task_vectors == "resident":
+        return "resident"
+    need = {layout: sum(parts.values()) for layout, parts in accounts.items()}
+    if params.task_vectors == "auto" and need["factored"] <= budget_mb:
+        return "factored"
+    if need["streamed"] > budget_mb:
+        parts = ", ".join(f"{part.removesuffix('_mb')} {mb:.0f}" for part, mb in accounts["streamed"].items() if mb)
+        raise ConfigError(f"{source}: params.memory_budget_mb: {budget_mb:.0f} MB is too small: the smallest "
+                          f"full-model layout (adapters factored, full experts streamed) needs about "
+                          f"{need['streamed']:.0f} MB ({parts}); raise the budget, shorten the calibration "
+                          "samples, or set params.mode: blockwise (one transformer block at a time)")
+    return "streamed"
+
+
+class FullModelRunner:
+    """Runs a calibration stage on the whole merged model: logit KL + hidden MSE against the teachers (Expert
+    Merging), or the entropy of the merged model's own predictions (AdaMerging: no teachers)."""
+
+    def __init__(self, method: str, base_folder, base: CheckpointReader, experts: list[Expert], names: list[str],
+                 samples: list[Sample], layers: list[int], task_weights: list[float], params: CalibrationParams,
+                 seed: int, device: torch.device, dtype: torch.dtype, source: str):
+        budget = params.memory_budget_mb or available_mb(device)
+        model = load_causal_lm(base_folder, dtype).to(device).eval().requires_grad_(False)
+        self.accounts = memory_accounts(model, base, experts, names, samples, len(layers), dtype, device)
+        recompute = method != "adamerging" and _recompute_teachers(
+            method, params, experts, self.accounts["factored"]["teacher_cache_mb"])
+        for parts in self.accounts.values():
+            if recompute or method == "adamerging":
+                parts["teacher_cache_mb"] = 0.0
+        self.layout = choose_layout(params, self.accounts, budget, source)
+        sources = load_sources(base, experts, names, model, factored=self.layout != "resident",
+                               streamed=self.layout == "streamed", device=device, dtype=dtype)
+        self.megabytes = {"base_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                          **sources.megabytes, "teacher_cache_mb": 0.0}
+        self.model = MergedModel(model, sources.sources, len(experts))
+        self.task_vector_l1 = {n: s.l1.to(device) for n, s in sources.sources.items()}
+        self.teachers = None
+        if method != "adamerging":
+            self.teachers = Teachers(self.model, self.model.one_hot, experts, base, names, samples, layers,
+                                     params.temperature, recompute, device, dtype)
+            self.megabytes |= self.teachers.megabytes()
+        self.student = full_model_student(self.model, self.teachers, layers, params.temperature)
+        self.samples, self.task_weights, self.params, self.seed = samples, task_weights, params, seed
+        log.info("calibration layout: %s (%s)%s", self.layout,
+                 ", ".join(f"{part.removesuffix('_mb')} {mb:.0f} MB" for part, mb in self.megabytes.items() if mb),
+                 "" if self.teachers is None else
+                 f"; teachers {'recomputed' if self.teachers.recompute else 'cached on the host'}")
+
+    def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+            keep_epochs: frozenset[int] = frozenset()) -> StageResult:
+        coefficients = TrainableCoefficients(raw, fixed, self.params.activation)
+        report = train_stage(name, coefficients, self.samples, self.student, self.task_weights, self.params,
+                             self.seed, keep_epochs)
+        return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},
+                           {n: coefficients.raw_value(n) for n in coefficients.trained}, [report])
+
+    def report(self) -> dict:
+        return {"layout": self.layout,
+                "teachers": None if self.teachers is None else
+                ("recomputed" if self.teachers.recompute else "cached"),
+                **{part: round(mb, 2) for part, mb in self.megabytes.items()},
+                "predicted_mb": {layout: {p: round(mb, 1) for p, mb in parts.items()}
+                                 for layout, parts in self.accounts.items()}}

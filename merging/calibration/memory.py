@@ -1,0 +1,73 @@
+"""The memory account of full-model calibration: what each part holds, predicted from shapes before loading.
+
+Parts: the base (every parameter in the compute dtype), the adapters' factors, the dense resident task vectors,
+one streamed layer (its experts' float32 task vectors and a float32 base copy, twice over in the backward pass),
+the teacher cache, and the activations of one sample (what autograd keeps for the backward pass, plus the
+logits and their float32 log-softmax). The activation constants were measured on random Llamas (bench/
+calibration_scale.py --sections account) and are checked there against measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MB = 2**20
+# bytes kept per token and per layer for the backward pass, in units of the compute dtype's size: the inputs of
+# the four attention and three MLP products, the norms, the attention output and softmax statistics, the SiLU
+# and gate products (measured: bench/calibration_scale.py --sections account)
+HIDDEN_ACTIVATIONS = 12
+INTERMEDIATE_ACTIVATIONS = 4
+LOGIT_COPIES = 5  # logits (compute dtype), student log-softmax, its gradient, the teacher's log-probs (float32)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    parameters: int  # every parameter of the base
+
+    @classmethod
+    def of(cls, config, parameters: int) -> ModelShape:
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                   config.num_attention_heads, config.vocab_size, parameters)
+
+
+def activations_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, eager_attention: bool) -> int:
+    """What one sample of `tokens` tokens keeps between its forward and backward pass."""
+    per_token = shape.layers * (HIDDEN_ACTIVATIONS * shape.hidden + INTERMEDIATE_ACTIVATIONS * shape.intermediate)
+    scores = shape.layers * shape.heads * tokens * 2 if eager_attention else 0  # probabilities and their dropout
+    return tokens * (per_token + scores) * dtype_bytes + tokens * shape.vocab * (dtype_bytes + 4 * (LOGIT_COPIES - 1))
+
+
+def account(shape: ModelShape, *, dtype_bytes: int, tokens: int, adapter_ranks: list[int], linear_numel: int,
+            linear_rows_and_columns: int, largest_linear: int, dense_experts: int, streamed_experts: int,
+            teacher_cache_tokens: int, hidden_layers: int, eager_attention: bool) -> dict[str, float]:
+    """MB per part. adapter_ranks: each adapter's rank (on every calibrated linear); linear_numel: the calibrated
+    linear weights' entries; linear_rows_and_columns: Σ (out + in) over them; teacher_cache_tokens: tokens cached."""
+    factors = sum(adapter_ranks) * linear_rows_and_columns * dtype_bytes
+    parts = {
+        "base_mb": shape.parameters * dtype_bytes,
+        "factors_mb": factors,
+        "task_vectors_mb": dense_experts * linear_numel * dtype_bytes,
+        "streamed_tensor_mb": 2 * 4 * (streamed_experts + 1) * largest_linear if streamed_experts else 0,
+        "teacher_cache_mb": teacher_cache_tokens * (shape.vocab + hidden_layers * shape.hidden) * dtype_bytes,
+        "activations_mb": activations_bytes(shape, tokens, dtype_bytes, eager_attention),
+    }
+    return {part: size / MB for part, size in parts.items()}
+
+
+def available_mb(device: torch.device) -> float:
+    """Free memory on the device now: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / MB
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return math.inf
