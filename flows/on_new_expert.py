@@ -10,12 +10,21 @@ Incremental means: the head's accumulators (kept under STATE_DIR/work/merges/KEY
 it) plus the new expert, read alone; the result equals a full merge of all of them. A full merge is run instead
 when there is no head yet, the expert replaces one of the head's domains, the method or its params changed, or
 the accumulators are not on this machine. An expert of another base is refused with the reason.
+
+Calibrated methods keep no accumulators: the new expert joins a calibrated head warm when it is a new domain and
+the head was calibrated with the same method, params and seed (its training budget aside): calibration starts
+from the head's coefficients (its work folder here, else its coefficients.json in the store), the new expert at
+params.init, for `warm_start.epochs`. Otherwise, or with `warm_start: false`, it calibrates every expert cold. The
+run's tags say which and why (CALIBRATION_START_TAG, CALIBRATION_REASON_TAG).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
+from mlflow.entities.model_registry import ModelVersion
 from prefect import flow
 
 from flows.conclusion import Outcome, conclude
@@ -24,14 +33,19 @@ from flows.pipeline_config import PipelineConfig
 from infra.errors import ExpertRefused
 from infra.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version
 from infra.settings import Settings
-from tasks.caching import fresh
+from merging.calibration import params_for
+from merging.methods.registry import is_calibrated
+from tasks.caching import content_hash, fresh
 from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, merged_experts, registered_experts
-from tasks.merge import MergedModel, merge_full, merge_incremental
+from tasks.merge import MergedModel, MergeJob, WarmStart, merge_full, merge_incremental, merged_coefficients
 from tasks.pipeline_state import taken_experts, untaken_experts
 from tasks.stages import StageClock
 from tasks.tracking import DECISION_TAG, NEW_EXPERT_SHA_TAG, NEW_EXPERT_TAG, REASON_TAG, log_run, tracked_run
 
 FLOW_NAME = "on-new-expert"
+# calibrated methods: "warm" (from the head's coefficients) or "cold" (every expert from scratch), and why
+CALIBRATION_START_TAG, CALIBRATION_REASON_TAG = "mergeplan.calibration_start", "mergeplan.calibration_start_reason"
+BUDGET_PARAMS = ("epochs", "keep_epochs", "warm_start")  # how long and from where: not what a coefficient means
 
 
 log = logging.getLogger("mergeplan")
@@ -60,6 +74,58 @@ def previous_merge(champion, config: PipelineConfig, job_of_champion) -> MergedM
                        experts=[e.ref.name for e in job_of_champion.experts])
 
 
+def _recipe(method: str, params: dict, seed: int) -> str | None:
+    """The calibration's identity (its params with their defaults), its training budget aside; None for params
+    the method refuses."""
+    try:
+        full = params_for(method).model_validate(params).model_dump(mode="json", exclude=set(BUDGET_PARAMS))
+    except ValueError:
+        return None
+    return content_hash({"method": method, "seed": seed, "params": full})
+
+
+def _learned_recipe(coefficients: Path) -> str | None:
+    """The recipe a coefficients.json was learned with, or None when the file does not say."""
+    try:
+        config = json.loads(coefficients.read_text())["config"]
+        return _recipe(config["method"], config["params"], config.get("seed", 0))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def warm_start(config: PipelineConfig, head: ModelVersion | None, members: list[CheckpointRef],
+               domain: str) -> tuple[WarmStart | None, str]:
+    """Where the calibration of the head's experts plus DOMAIN starts: the head's coefficients, or None (cold);
+    and why."""
+    if not config.warm_start.enabled:
+        return None, "warm starts are off (warm_start: false)"
+    if head is None:
+        return None, "no head yet"
+    if any(e.domain == domain for e in members):
+        return None, (f"a new version of {domain} replaces the head's: the head's coefficients were learned for the "
+                      "expert it replaces")
+    if head.tags.get("method") != config.method:
+        return None, f"the head was merged with {head.tags.get('method')}, not {config.method}"
+    key = head.tags[MERGE_KEY]
+    coefficients, where = merged_coefficients(key, head.source)
+    if coefficients is None:
+        return None, f"the head's coefficients were not found: {where}"
+    learned = _learned_recipe(coefficients)
+    if learned is None or learned != _recipe(config.method, config.params, config.seed):
+        return None, "the head was calibrated with other params or another seed"
+    reason = f"from head version {head.version} (merge {key[:12]}), coefficients from {where}"
+    return WarmStart(coefficients=coefficients, merge_key=key), reason
+
+
+def calibration_start(run_id: str, job: MergeJob, config: PipelineConfig, head: ModelVersion | None,
+                      members: list[CheckpointRef], domain: str) -> MergeJob:
+    """JOB, warm-started when it can be; the run is tagged warm or cold, and why."""
+    start, reason = warm_start(config, head, members, domain)
+    log.info("%s start of the calibration: %s", "warm" if start else "cold", reason)
+    log_run(run_id, tags={CALIBRATION_START_TAG: "warm" if start else "cold", CALIBRATION_REASON_TAG: reason})
+    return job if start is None else job.warm_started(start, config.warm_start.epochs)
+
+
 def _expected_local(ref: CheckpointRef) -> LocalCheckpoint:
     """Where the cache keeps REF: an incremental merge names the earlier experts but never reads them."""
     return LocalCheckpoint(ref=ref, path=ref.output.resolve())
@@ -82,7 +148,7 @@ def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, d
         local_base = fresh(fetch_checkpoint, base_checkpoint)(base_checkpoint)
         data = fetch_data(config, settings)
         previous = None
-        if head is not None and all(e.domain != domain for e in members):
+        if head is not None and all(e.domain != domain for e in members) and not is_calibrated(config.method):
             previous_job = merge_job(config, local_base, [_expected_local(e) for e in members], data)
             previous = previous_merge(head, config, previous_job)
         if previous is not None:
@@ -93,6 +159,8 @@ def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, d
         else:
             experts = [e for e in members if e.domain != domain] + [new]
             job = merge_job(config, local_base, fetch_many(experts), data)
+            if is_calibrated(config.method):
+                job = calibration_start(run_id, job, config, head, members, domain)
             clock.lap("fetch")
             merged = fresh(merge_full, job)(job)
         clock.lap("merge")

@@ -10,6 +10,7 @@
     law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4], min_r_squared: 0.9}
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
     sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
+    warm_start: {enabled: true, epochs: 1}   # a new expert joins a calibrated head from its coefficients; or false
     experiment: mergeplan/tiny-base          # default
     log_model: false                         # true: also copy the merged model into the MLflow run (model/)
     seed: 0
@@ -92,6 +93,22 @@ class RunnerSettings(BaseModel):
         return self
 
 
+class WarmStartSettings(BaseModel):
+    """How on-new-expert calibrates when a new expert joins a head calibrated with the same method and params
+    (expert_merging(_pp), adamerging): from the head's coefficients, the new expert at params.init. `false` is
+    short for `{enabled: false}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = Field(True, description="false: every new expert calibrates all the experts from scratch")
+    epochs: int = Field(1, gt=0, description="the warm start's training budget: its params.epochs (params.epochs "
+                        "stays the budget of a cold calibration); EM++ then trains stage 2 only, on the head's chunks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, data: Any) -> Any:
+        return {"enabled": data} if isinstance(data, bool) else data
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     base: BaseRef
@@ -104,6 +121,7 @@ class PipelineConfig(BaseModel):
     law: LawSettings = Field(default_factory=LawSettings)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
+    warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
     experiment: str | None = None
     # The merged model goes to S3 and is registered by URI; true also copies its files into the MLflow run.
     log_model: bool = False

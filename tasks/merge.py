@@ -2,22 +2,27 @@
 them, and the upload of a merged model to the store. Each is cached on the merge's content key.
 
 The content key is the sha256 of (base manifest sha256, the experts' manifest sha256s in order, method, params,
-seed, calibration data hashes): an incremental merge of K+1 experts has the key of a full merge of the same K+1,
-so either one serves the other's cache. Outputs live under STATE_DIR/work/merges/KEY/{model,state}.
+seed, calibration data hashes, and for a warm-started calibration the key of the merge whose coefficients it
+starts from): an incremental merge of K+1 experts has the key of a full merge of the same K+1, so either one serves
+the other's cache. Outputs live under STATE_DIR/work/merges/KEY/{model,state}.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from infra.cache import collect_work_garbage, work_folder
-from infra.s3 import upload_expert
+from infra.cache import collect_work_garbage, hold_folder, work_folder
+from infra.errors import StorageError
+from infra.s3 import read_json_file, read_manifest, upload_expert
 from infra.settings import Settings
+from merging.calibration.coefficients import COEFFICIENTS_FILE
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
 from merging.methods.registry import is_calibrated
@@ -27,6 +32,20 @@ from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
 
 log = logging.getLogger("mergeplan")
+
+
+def merge_folder(key: str) -> Path:
+    """STATE/work/merges/KEY: the merge's output (model/) and accumulators (state/)."""
+    return work_folder(Settings.from_env(), "merges", key)
+
+
+class WarmStart(BaseModel):
+    """Where a calibration starts: a local copy of the coefficients.json of an earlier calibrated merge over some
+    of the experts, identified by that merge's content key (where the file lies is no part of a merge's key)."""
+
+    model_config = ConfigDict(frozen=True)
+    coefficients: Path
+    merge_key: str
 
 
 class MergeJob(BaseModel):
@@ -39,16 +58,20 @@ class MergeJob(BaseModel):
     params: dict[str, Any]
     seed: int
     calibration: dict[str, Path] = {}
+    warm_start: WarmStart | None = None  # calibrated methods: start from an earlier merge's coefficients
 
     @property
     def cache_key(self) -> str:
-        return content_hash({"base": self.base.ref.sha256, "experts": [e.ref.sha256 for e in self.experts],
-                             "method": self.method, "params": self.params, "seed": self.seed,
-                             "calibration": {name: tree_hash(path) for name, path in self.calibration.items()}})
+        identity = {"base": self.base.ref.sha256, "experts": [e.ref.sha256 for e in self.experts],
+                    "method": self.method, "params": self.params, "seed": self.seed,
+                    "calibration": {name: tree_hash(path) for name, path in self.calibration.items()}}
+        if self.warm_start is not None:
+            identity["warm_start"] = self.warm_start.merge_key
+        return content_hash(identity)
 
     @property
     def folder(self) -> Path:
-        return work_folder(Settings.from_env(), "merges", self.cache_key)
+        return merge_folder(self.cache_key)
 
     @property
     def output(self) -> Path:
@@ -59,12 +82,50 @@ class MergeJob(BaseModel):
         return not is_calibrated(self.method)
 
     def config(self) -> MergeConfig:
-        return MergeConfig(base=self.base.path, method=self.method, params=self.params, seed=self.seed,
+        params = self.params if self.warm_start is None else self.params | {"warm_start": self.warm_start.coefficients}
+        return MergeConfig(base=self.base.path, method=self.method, params=params, seed=self.seed,
                            experts=[ExpertRef(path=e.path, name=e.ref.name) for e in self.experts],
                            calibration=self.calibration)
 
+    def warm_started(self, start: WarmStart, epochs: int) -> MergeJob:
+        """This calibration, started from START's coefficients and trained EPOCHS epochs (params.keep_epochs past
+        them dropped)."""
+        params = self.params | {"epochs": epochs}
+        if "keep_epochs" in params:
+            params["keep_epochs"] = [epoch for epoch in params["keep_epochs"] if epoch <= epochs]
+        return self.model_copy(update={"params": params, "warm_start": start})
+
     def extended(self, expert: LocalCheckpoint) -> MergeJob:
         return self.model_copy(update={"experts": [*self.experts, expert]})
+
+
+def merged_coefficients(merge_key: str, s3_uri: str) -> tuple[Path | None, str]:
+    """The coefficients.json of the calibrated merge MERGE_KEY, and where it came from: that merge's output folder
+    while STATE/work still has it, else a copy of the file from the merged model's folder in the store (S3_URI),
+    verified against its manifest and kept under work/coefficients/MERGE_KEY. None and why when neither has it (an
+    unreachable store included: a warm start is not worth failing a run for). The folder used is held."""
+    settings = Settings.from_env()
+    local = merge_folder(merge_key)
+    if (local / "model" / COEFFICIENTS_FILE).is_file():
+        hold_folder(local)
+        return local / "model" / COEFFICIENTS_FILE, "the work cache"
+    copy = work_folder(settings, "coefficients", merge_key)
+    hold_folder(copy)
+    if (copy / COEFFICIENTS_FILE).is_file():
+        return copy / COEFFICIENTS_FILE, s3_uri
+    try:
+        manifest = read_manifest(s3_uri, settings=settings)
+        if COEFFICIENTS_FILE not in manifest.files:
+            return None, f"neither the work cache nor {s3_uri} has {COEFFICIENTS_FILE}"
+        coefficients = read_json_file(s3_uri, COEFFICIENTS_FILE, manifest, settings=settings)
+    except StorageError as exc:
+        return None, f"not in the work cache, and the store did not give it: {exc}"
+    copy.mkdir(parents=True, exist_ok=True)
+    partial = copy / f".{COEFFICIENTS_FILE}.{os.getpid()}"
+    partial.write_text(json.dumps(coefficients))
+    os.replace(partial, copy / COEFFICIENTS_FILE)
+    log.info("coefficients of merge %s fetched from %s", merge_key[:12], s3_uri)
+    return copy / COEFFICIENTS_FILE, s3_uri
 
 
 class MergedModel(BaseModel):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from merging.calibration.factored import MergedLinear
+from merging.calibration.factored import GatedMLP, MergedLinear, is_gated_silu_mlp
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
 from merging.calibration.sources import TensorSources
@@ -84,6 +84,9 @@ class MergedModel:
         self.model, self.sources, self.experts = model, sources, experts
         self.base = dict(model.named_parameters())
         self.layers: dict[str, MergedLinear] = {}
+        for name, module in list(model.named_modules()):
+            if is_gated_silu_mlp(module, getattr(model.config, "hidden_act", None)):
+                model.set_submodule(name, GatedMLP(module))
         for name, source in sources.items():
             if source.via_module:
                 module = name.rpartition(".")[0]

@@ -98,3 +98,38 @@ class MergedLinear(torch.nn.Module):
             low = self.low_rank
             output = output + LowRankDelta.apply(x, low.a, low.b, low.scale_alpha(self.alpha))
         return output
+
+
+class SiluGate(torch.autograd.Function):
+    """silu(g)·u keeping only g and u for the backward pass (silu is recomputed): one (tokens, intermediate)
+    tensor per layer fewer than autograd keeps for the two operations."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sigmoid = torch.sigmoid(gate)
+        silu = gate * sigmoid
+        grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+        return grad_gate, grad * silu
+
+
+class GatedMLP(torch.nn.Module):
+    """A Llama-style MLP (down(silu(gate(x)) · up(x))) with SiluGate; its children keep their names."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(SiluGate.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def is_gated_silu_mlp(module: torch.nn.Module, hidden_act: str | None) -> bool:
+    """A Llama / Mistral / Qwen MLP: gate, up and down projections and SiLU (the model config's hidden_act)."""
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    return hidden_act == "silu" and all(hasattr(module, part) for part in parts)

@@ -4,7 +4,7 @@ Parts: the base (every parameter in the compute dtype), the adapters' factors, t
 one streamed layer (its experts' float32 task vectors and a float32 base copy, twice over in the backward pass),
 the teacher cache, and the activations of one sample (what autograd keeps for the backward pass, plus the
 logits and their float32 log-softmax). The activation constants were measured on random Llamas (bench/
-calibration_scale.py --sections account) and are checked there against measured peaks.
+calibration_scale.py --sections account checks the account against measured peaks).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 MB = 2**20
-# bytes kept per token and per layer for the backward pass, in units of the compute dtype's size: the inputs of
-# the four attention and three MLP products, the norms, the attention output and softmax statistics, the SiLU
-# and gate products (measured: bench/calibration_scale.py --sections account)
-HIDDEN_ACTIVATIONS = 12
-INTERMEDIATE_ACTIVATIONS = 4
-LOGIT_COPIES = 5  # logits (compute dtype), student log-softmax, its gradient, the teacher's log-probs (float32)
+# What autograd keeps per token and per layer for the backward pass, in units of the compute dtype: a least-squares
+# fit to the bytes of every tensor saved for backward (torch.autograd.graph.saved_tensors_hooks) in the factored
+# student of six random Llamas (hidden 256-512, intermediate 688-1376, 4-8 layers, 128-256 tokens, sdpa), with the
+# gated MLP fused (calibration/factored.py: SiLU recomputed, so gate and up outputs are all it keeps). Eager
+# attention adds one float32 copy of the attention probabilities per head.
+HIDDEN_ACTIVATIONS = 6.2
+INTERMEDIATE_ACTIVATIONS = 2.2
+LOGIT_FLOAT32_COPIES = 3  # the student's float32 log-softmax and its gradient, the teacher's log-probs as float32
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class ModelShape:
 def activations_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, eager_attention: bool) -> int:
     """What one sample of `tokens` tokens keeps between its forward and backward pass."""
     per_token = shape.layers * (HIDDEN_ACTIVATIONS * shape.hidden + INTERMEDIATE_ACTIVATIONS * shape.intermediate)
-    scores = shape.layers * shape.heads * tokens * 2 if eager_attention else 0  # probabilities and their dropout
-    return tokens * (per_token + scores) * dtype_bytes + tokens * shape.vocab * (dtype_bytes + 4 * (LOGIT_COPIES - 1))
+    scores = shape.layers * shape.heads * tokens * 4 if eager_attention else 0
+    logits = shape.vocab * (dtype_bytes + 4 * LOGIT_FLOAT32_COPIES)
+    return int(tokens * (per_token * dtype_bytes + scores + logits))
 
 
 def account(shape: ModelShape, *, dtype_bytes: int, tokens: int, adapter_ranks: list[int], linear_numel: int,
