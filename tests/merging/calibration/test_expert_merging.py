@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from merging.calibration.coefficients import Coefficients
 from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.samples import Sample, balanced_order
 from merging.data.example import Example, write_jsonl
+from merging.errors import ConfigError
 from merging.experts import open_expert
 from merging.io.checkpoint import CheckpointReader
 from merging.io.safetensors_file import read_header
@@ -69,6 +71,14 @@ def test_importance_and_allocation_by_hand():
     assert allocate_chunks(scores, {"a": 100, "b": 100, "c": 1}, budget=2.0, kappa=0.0) == {"a": 2, "b": 2, "c": 1}
     # kappa 2 concentrates on the most important tensor
     assert allocate_chunks(scores, {"a": 100, "b": 100, "c": 100}, budget=2.0, kappa=2.0) == {"a": 5, "b": 0, "c": 0}
+
+
+def test_a_budget_finer_than_a_tensors_rows_is_capped_at_whole_rows_with_a_warning(caplog):
+    scores = {"a": 0.9, "b": 0.1}
+    with caplog.at_level(logging.WARNING, logger="mergeplan"):
+        chunks = allocate_chunks(scores, {"a": 3, "b": 100}, budget=5.0, kappa=1.0)  # asks a for floor(10·0.9) = 9
+    assert chunks == {"a": 3, "b": 1}
+    assert "asks 9 chunks of a, which has 3 rows" in caplog.text and "blocks of whole rows" in caplog.text
 
 
 def test_balanced_order_round_robins_and_cycles_smaller_groups():
@@ -277,6 +287,19 @@ def test_apply_refuses_a_file_that_is_not_coefficients(tmp_path, run_cli):
     wrong.write_text("[1, 2]")
     status, _, err = run_cli("apply", wrong, "-o", tmp_path / "m")
     assert status == 2 and "not a mergeplan coefficients.json" in err and not (tmp_path / "m").exists()
+
+
+def test_format_1_coefficients_with_chunks_are_refused_and_layer_wise_ones_read(em_config, tmp_path, run_cli):
+    assert run_cli("merge", em_config(method="expert_merging"), tmp_path / "m")[0] == 0
+    data = json.loads((tmp_path / "m" / "coefficients.json").read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data | {"format": 1}))
+    assert Coefficients.load(old).alpha.keys() == data["tensors"].keys()  # one chunk each: the same merge
+    name, entry = next(iter(data["tensors"].items()))
+    entry |= {"chunks": 2, "alpha": {e: row * 2 for e, row in entry["alpha"].items()}}
+    old.write_text(json.dumps(data | {"format": 1}))
+    with pytest.raises(ConfigError, match=f"format 1 cut {name} into chunks anywhere.*calibrate again"):
+        Coefficients.load(old)
 
 
 def test_one_merge_per_optimizer_step_gives_the_per_sample_gradient():
