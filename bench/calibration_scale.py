@@ -149,7 +149,9 @@ def section_real(args) -> None:
                 run_file = OUT / "real" / "runs" / f"{method}-{layout}-{seed}.json"
                 if run_file.exists():
                     continue
-                config = bench.config(method, {**REAL_PARAMS, "task_vectors": layout}, seed)
+                # the dense reference as the code before factoring ran it: each teacher's outputs cached once
+                teachers = {"teachers": "cached"} if layout == "resident" else {}
+                config = bench.config(method, {**REAL_PARAMS, "task_vectors": layout, **teachers}, seed)
                 row = calibrate_in_child(run_file, config.model_dump(mode="json", exclude_defaults=True),
                                          account_inputs(config.base, bench.experts),
                                          lambda model: held_out(bench, model))
@@ -333,11 +335,13 @@ def total_params(c: dict) -> int:  # the norms left out
 
 
 def predict_mb(model_config: dict, adapters: list, full_experts: int, tokens: int, dtype_bytes: int,
-               layout: str, cached_tokens: int = 0, hidden_layers: int = 1) -> dict[str, float]:
+               layout: str, cached_tokens: int = 0, hidden_layers: int = 1, top_k: int | None = None,
+               ) -> dict[str, float]:
     """merging.calibration.memory.account (MB per part) from a config.json and the experts: the one place to adapt
     when its signature changes. layout: resident (every expert dense), factored (adapters as factors, full experts
-    dense) or streamed (adapters as factors, full experts read per tensor); cached_tokens: teacher-cache tokens."""
-    from merging.calibration.memory import ModelShape, account
+    dense) or streamed (adapters as factors, full experts read per tensor); cached_tokens: teacher-cache tokens
+    (top_k: the tokens kept per position)."""
+    from merging.calibration.memory import ModelShape, account, teacher_cache_bytes
 
     c, linears = model_config, linear_shapes(model_config)
     shape = ModelShape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
@@ -348,8 +352,9 @@ def predict_mb(model_config: dict, adapters: list, full_experts: int, tokens: in
                    linear_numel=sum(a * b for a, b in linears), linear_rows_and_columns=sum(a + b for a, b in linears),
                    largest_linear=max(a * b for a, b in linears),
                    dense_experts={"resident": experts, "factored": full_experts}.get(layout, 0),
-                   streamed_experts=full_experts if layout == "streamed" else 0, teacher_cache_tokens=cached_tokens,
-                   hidden_layers=hidden_layers, eager_attention=False)
+                   streamed_experts=full_experts if layout == "streamed" else 0,
+                   teacher_cache=teacher_cache_bytes(shape, cached_tokens, hidden_layers, dtype_bytes, top_k),
+                   eager_attention=False)
 
 
 def interpreter_mb() -> float:
@@ -371,7 +376,8 @@ def section_account(args) -> None:
             predicted = predict_mb(facts["model_config"], facts["adapters"], facts["full_experts"],
                                    facts["max_tokens"] or math.ceil(facts["sample_tokens"] / facts["samples"]),
                                    facts["dtype_bytes"], row["layout"],
-                                   facts["sample_tokens"] if row["teachers"] == "cached" else 0, facts["hidden_layers"])
+                                   facts["sample_tokens"] if row["teachers"] in ("cached", "top_k") else 0,
+                                   facts["hidden_layers"], 64 if row["teachers"] == "top_k" else None)
             measured = row["parts_mb"]
             parts = ", ".join(f"{p.removesuffix('_mb')} {num(predicted.get(p, math.nan))}/"
                               f"{num(measured.get(p, math.nan))}" for p in sorted(set(predicted) | set(measured)))

@@ -24,7 +24,7 @@ from merging.calibration.factored import GatedMLP, MergedLinear, is_gated_silu_m
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample, balanced_order
 from merging.calibration.sources import TensorSources
-from merging.calibration.teachers import TeacherOutput
+from merging.calibration.teachers import TeacherOutput, logit_kl
 from merging.errors import TrainingError
 from merging.experts import Expert
 from merging.io.checkpoint import CheckpointReader
@@ -126,7 +126,7 @@ class MergedModel:
 def alignment_losses(out, teacher: TeacherOutput, layers: list[int], temperature: float) -> tuple[torch.Tensor, ...]:
     """(T² · KL(teacher ‖ student) per position, hidden-state MSE averaged over layers)."""
     student = F.log_softmax(out.logits[0].float() / temperature, dim=-1)
-    kl = F.kl_div(student, teacher.log_probs.float(), log_target=True, reduction="sum") / student.shape[0]
+    kl = logit_kl(student, teacher) / student.shape[0]
     logit = temperature**2 * kl
     if not layers:
         return logit, torch.zeros((), device=logit.device)

@@ -20,7 +20,7 @@ from merging.calibration.expert_merging import (
     full_model_student,
     train_stage,
 )
-from merging.calibration.memory import ModelShape, account, available_mb
+from merging.calibration.memory import ModelShape, account, available_mb, teacher_cache_bytes
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample
 from merging.calibration.sources import factorable, load_sources
@@ -38,34 +38,50 @@ def _teacher_uses(method: str, params: CalibrationParams) -> int:
     return params.epochs * (2 if method == "expert_merging_pp" and params.warm_start is None else 1)
 
 
-def _recompute_teachers(method: str, params: CalibrationParams, experts: list[Expert], cache_mb: float) -> bool:
+def teacher_policy(method: str, params: CalibrationParams, experts: list[Expert], cache_mb: float) -> str:
+    """cached, top_k or recomputed (params.teachers, or auto's choice from the whole cache's size)."""
     if params.teachers != "auto":
-        return params.teachers == "recomputed"
+        return params.teachers
+    if cache_mb <= params.teacher_cache_mb:
+        return "cached"
     adapters_only = all(isinstance(e, LoraAdapter) for e in experts)
-    return adapters_only and (_teacher_uses(method, params) == 1 or cache_mb > params.teacher_cache_mb)
+    return "recomputed" if adapters_only and _teacher_uses(method, params) == 1 else "top_k"
 
 
 def memory_accounts(model: torch.nn.Module, base: CheckpointReader, experts: list[Expert], names: list[str],
-                    samples: list[Sample], hidden_layers: int, dtype: torch.dtype, device: torch.device,
-                    ) -> dict[str, dict[str, float]]:
-    """The memory account (MB per part) of each layout, from shapes; the teacher cache counted where it lives."""
+                    samples: list[Sample], teacher_cache: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """The memory account (MB per part) of each layout, from shapes; teacher_cache: its bytes on the device."""
     linear = [n for n in names if factorable(model, n)]
     shapes = [base.tensors[n].shape for n in linear]
     full = sum(isinstance(e, FullCheckpoint) for e in experts)
     ranks = [max(e.ranks, default=0) for e in experts if isinstance(e, LoraAdapter)]
-    tokens = [s.input_ids.numel() for s in samples]
-    shape = ModelShape.of(model.config, sum(p.numel() for p in model.parameters()))
-    size = torch.finfo(dtype).bits // 8
-    common = {"dtype_bytes": size, "tokens": max(tokens), "linear_numel": sum(a * b for a, b in shapes),
-              "linear_rows_and_columns": sum(a + b for a, b in shapes),
-              "largest_linear": max((a * b for a, b in shapes), default=0),
-              "teacher_cache_tokens": sum(tokens) if device.type == "cpu" else 0, "hidden_layers": hidden_layers,
+    common = {"dtype_bytes": torch.finfo(dtype).bits // 8, "tokens": max(s.input_ids.numel() for s in samples),
+              "linear_numel": sum(a * b for a, b in shapes), "linear_rows_and_columns": sum(a + b for a, b in shapes),
+              "largest_linear": max((a * b for a, b in shapes), default=0), "teacher_cache": teacher_cache,
               "eager_attention": model.config._attn_implementation == "eager"}
+    shape = model_shape(model)
     return {
         "resident": account(shape, adapter_ranks=[], dense_experts=len(experts), streamed_experts=0, **common),
         "factored": account(shape, adapter_ranks=ranks, dense_experts=full, streamed_experts=0, **common),
         "streamed": account(shape, adapter_ranks=ranks, dense_experts=0, streamed_experts=full, **common),
     }
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape:
+    return ModelShape.of(model.config, sum(p.numel() for p in model.parameters()))
+
+
+def teacher_cache(method: str, params: CalibrationParams, experts: list[Expert], samples: list[Sample],
+                  hidden_layers: int, model: torch.nn.Module, dtype: torch.dtype) -> tuple[str | None, int]:
+    """(teacher policy, bytes of its cache)."""
+    if method == "adamerging":
+        return None, 0
+    tokens, size = sum(s.input_ids.numel() for s in samples), torch.finfo(dtype).bits // 8
+    whole = teacher_cache_bytes(model_shape(model), tokens, hidden_layers, size, None)
+    policy = teacher_policy(method, params, experts, whole / 2**20)
+    top_k = params.teacher_top_k if policy == "top_k" else None
+    return policy, 0 if policy == "recomputed" else teacher_cache_bytes(model_shape(model), tokens, hidden_layers,
+                                                                       size, top_k)
 
 
 def choose_layout(params: CalibrationParams, accounts: dict[str, dict[str, float]], budget_mb: float,
@@ -93,12 +109,9 @@ class FullModelRunner:
                  seed: int, device: torch.device, dtype: torch.dtype, source: str):
         budget = params.memory_budget_mb or available_mb(device)
         model = load_causal_lm(base_folder, dtype).to(device).eval().requires_grad_(False)
-        self.accounts = memory_accounts(model, base, experts, names, samples, len(layers), dtype, device)
-        recompute = method != "adamerging" and _recompute_teachers(
-            method, params, experts, self.accounts["factored"]["teacher_cache_mb"])
-        for parts in self.accounts.values():
-            if recompute or method == "adamerging":
-                parts["teacher_cache_mb"] = 0.0
+        policy, cache = teacher_cache(method, params, experts, samples, len(layers), model, dtype)
+        self.accounts = memory_accounts(model, base, experts, names, samples, cache if device.type == "cpu" else 0,
+                                        dtype)
         self.layout = choose_layout(params, self.accounts, budget, source)
         sources = load_sources(base, experts, names, model, factored=self.layout != "resident",
                                streamed=self.layout == "streamed", device=device, dtype=dtype)
@@ -107,16 +120,15 @@ class FullModelRunner:
         self.model = MergedModel(model, sources.sources, len(experts))
         self.task_vector_l1 = {n: s.l1.to(device) for n, s in sources.sources.items()}
         self.teachers = None
-        if method != "adamerging":
+        if policy is not None:
             self.teachers = Teachers(self.model, self.model.one_hot, experts, base, names, samples, layers,
-                                     params.temperature, recompute, device, dtype)
+                                     params.temperature, policy, params.teacher_top_k, device, dtype)
             self.megabytes |= self.teachers.megabytes()
         self.student = full_model_student(self.model, self.teachers, layers, params.temperature)
         self.samples, self.task_weights, self.params, self.seed = samples, task_weights, params, seed
         log.info("calibration layout: %s (%s)%s", self.layout,
                  ", ".join(f"{part.removesuffix('_mb')} {mb:.0f} MB" for part, mb in self.megabytes.items() if mb),
-                 "" if self.teachers is None else
-                 f"; teachers {'recomputed' if self.teachers.recompute else 'cached on the host'}")
+                 "" if self.teachers is None else f"; teachers {self.teachers.policy}")
 
     def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
             keep_epochs: frozenset[int] = frozenset()) -> StageResult:
@@ -128,8 +140,7 @@ class FullModelRunner:
 
     def report(self) -> dict:
         return {"layout": self.layout,
-                "teachers": None if self.teachers is None else
-                ("recomputed" if self.teachers.recompute else "cached"),
+                "teachers": None if self.teachers is None else self.teachers.policy,
                 **{part: round(mb, 2) for part, mb in self.megabytes.items()},
                 "predicted_mb": {layout: {p: round(mb, 1) for p, mb in parts.items()}
                                  for layout, parts in self.accounts.items()}}

@@ -50,19 +50,27 @@ def activations_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, eager_at
 
 def account(shape: ModelShape, *, dtype_bytes: int, tokens: int, adapter_ranks: list[int], linear_numel: int,
             linear_rows_and_columns: int, largest_linear: int, dense_experts: int, streamed_experts: int,
-            teacher_cache_tokens: int, hidden_layers: int, eager_attention: bool) -> dict[str, float]:
+            teacher_cache: int, eager_attention: bool) -> dict[str, float]:
     """MB per part. adapter_ranks: each adapter's rank (on every calibrated linear); linear_numel: the calibrated
-    linear weights' entries; linear_rows_and_columns: Σ (out + in) over them; teacher_cache_tokens: tokens cached."""
+    linear weights' entries; linear_rows_and_columns: Σ (out + in) over them; teacher_cache: its bytes on the device."""
     factors = sum(adapter_ranks) * linear_rows_and_columns * dtype_bytes
     parts = {
         "base_mb": shape.parameters * dtype_bytes,
         "factors_mb": factors,
         "task_vectors_mb": dense_experts * linear_numel * dtype_bytes,
         "streamed_tensor_mb": 2 * 4 * (streamed_experts + 1) * largest_linear if streamed_experts else 0,
-        "teacher_cache_mb": teacher_cache_tokens * (shape.vocab + hidden_layers * shape.hidden) * dtype_bytes,
+        "teacher_cache_mb": teacher_cache,
         "activations_mb": activations_bytes(shape, tokens, dtype_bytes, eager_attention),
     }
     return {part: size / MB for part, size in parts.items()}
+
+
+def teacher_cache_bytes(shape: ModelShape, tokens: int, hidden_layers: int, dtype_bytes: int,
+                        top_k: int | None) -> int:
+    """The cached teachers of `tokens` sample tokens: log-probabilities (every token, or the top k with their
+    int64 ids) and the aligned hidden states."""
+    columns = shape.vocab * dtype_bytes if top_k is None else top_k * (dtype_bytes + 8)
+    return tokens * (columns + hidden_layers * shape.hidden * dtype_bytes)
 
 
 def available_mb(device: torch.device) -> float:

@@ -51,11 +51,14 @@ class CalibrationParams(MethodParams):
         "vector dense on the device (adapters too); streamed = full checkpoints read per tensor as layers run")
     memory_budget_mb: float | None = Field(None, gt=0, description="memory calibration may use (device memory "
                                            "on a GPU, RAM on the CPU); default: what the device has available")
-    teachers: Literal["auto", "cached", "recomputed"] = Field(
-        "auto", description="cached: each expert's outputs computed once and kept on the host in the compute "
-        "dtype; recomputed: one more forward with that expert switched on, per sample; auto = recomputed when "
-        "every expert is an adapter and (one epoch, or the cache would pass teacher_cache_mb), else cached")
-    teacher_cache_mb: float = Field(1024, gt=0, description="auto chooses recomputed teachers above this cache size")
+    teachers: Literal["auto", "cached", "top_k", "recomputed"] = Field(
+        "auto", description="cached: each expert's outputs computed once and kept on the host in the compute dtype; "
+        "top_k: only each position's teacher_top_k most likely tokens kept (KL over them and the rest as one "
+        "bucket); recomputed: one more forward with that expert switched on, per sample; auto = cached when the "
+        "cache fits teacher_cache_mb, else recomputed when every expert is an adapter asked once (one epoch, one "
+        "stage: the same cost), else top_k")
+    teacher_cache_mb: float = Field(1024, gt=0, description="auto keeps whole teacher outputs up to this size")
+    teacher_top_k: int = Field(64, gt=0, description="tokens kept per position by teachers: top_k")
     lora_out: bool = Field(False, description="every expert a LoRA adapter: write the merge as one PEFT adapter "
                            "of rank Σ r_k (each B_k's rows scaled by their coefficients), exact, not a checkpoint")
     warm_start: Path | None = Field(None, description="coefficients.json of an earlier calibration over some of "

@@ -2,8 +2,10 @@
 outside the calibrated tensors (an adapter's modules_to_save, a full checkpoint's norms and embeddings).
 
 cached: each expert's outputs on its own samples are computed once, one expert's extra tensors on the device at a
-time, and kept on the host in the compute dtype. recomputed: one more forward pass per sample with that expert
-switched on (no cache at all; with adapters, the extra tensors are small and stay on the device).
+time, and kept on the host in the compute dtype. top_k: the same, keeping each position's k most likely tokens
+(log-probabilities and ids): the logit loss is then the KL over those k tokens and one bucket for the rest of
+the vocabulary. recomputed: one more forward pass per sample with that expert switched on (no cache at all; with
+adapters, the extra tensors are small and stay on the device).
 """
 
 from __future__ import annotations
@@ -23,8 +25,20 @@ log = logging.getLogger("mergeplan")
 
 @dataclass
 class TeacherOutput:
-    log_probs: torch.Tensor  # (length, vocab): log softmax(z / T) of the expert
+    log_probs: torch.Tensor  # (length, vocab): log softmax(z / T) of the expert; (length, k) with top_k
     hidden: list[torch.Tensor]  # (length, hidden) at each aligned layer
+    top_k: torch.Tensor | None = None  # (length, k): the token ids of log_probs' columns; None: every token
+
+    def kept(self, k: int | None) -> TeacherOutput:
+        """On the host, whole or its k most likely tokens per position."""
+        if k is None or k >= self.log_probs.shape[-1]:
+            return TeacherOutput(self.log_probs.cpu(), [h.cpu() for h in self.hidden])
+        values, ids = self.log_probs.topk(k, dim=-1)
+        return TeacherOutput(values.cpu(), [h.cpu() for h in self.hidden], ids.cpu())
+
+    def to(self, device: torch.device) -> TeacherOutput:
+        return TeacherOutput(self.log_probs.to(device), [h.to(device) for h in self.hidden],
+                             None if self.top_k is None else self.top_k.to(device))
 
 
 def outside_changes(expert: Expert, base: CheckpointReader, names: list[str], device: torch.device,
@@ -48,28 +62,45 @@ def teacher_output(logits: torch.Tensor, hidden_states, layers: list[int], tempe
     return TeacherOutput(log_probs, [hidden_states[i][0] for i in layers])
 
 
+def logit_kl(student: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
+    """KL(teacher ‖ student) summed over positions; student: (length, vocab) float32 log-probabilities. With a
+    top-k teacher: over its k tokens and one bucket holding the rest of the vocabulary (exact when k = vocab)."""
+    target = teacher.log_probs.float()
+    if teacher.top_k is None:
+        return F.kl_div(student, target, log_target=True, reduction="sum")
+    kept = student.gather(-1, teacher.top_k)
+    target_rest, kept_rest = (_log_rest(values) for values in (target, kept))
+    return (target.exp() * (target - kept)).sum() + (target_rest.exp() * (target_rest - kept_rest)).sum()
+
+
+def _log_rest(log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ exp(log_probs)) per position: the log-mass outside the kept tokens (kept finite)."""
+    return torch.log(-torch.expm1(torch.logsumexp(log_probs, dim=-1).clamp(max=-1e-9)))
+
+
 class Teachers:
     """teacher(sample) -> TeacherOutput, cached on the host or recomputed, from `run(weights, input_ids)`, the
     student's forward pass given its merged weights (here: the one-hot merge of one expert)."""
 
     def __init__(self, run, one_hot, experts: list[Expert], base: CheckpointReader, names: list[str],
-                 samples: list[Sample], layers: list[int], temperature: float, recompute: bool,
+                 samples: list[Sample], layers: list[int], temperature: float, policy: str, top_k: int,
                  device: torch.device, dtype: torch.dtype):
         self.run, self.one_hot, self.layers, self.temperature = run, one_hot, layers, temperature
-        self.recompute, self.device = recompute, device
+        self.policy, self.device = policy, device
+        self.recompute = policy == "recomputed"
+        keep = top_k if policy == "top_k" else None
         self.cache: dict[int, TeacherOutput] = {}
         self.extras: dict[int, dict[str, torch.Tensor]] = {}
         taught = sorted({sample.expert for sample in samples})
         for k in taught:
             extras = outside_changes(experts[k], base, names, device, dtype)
-            if recompute:
+            if self.recompute:
                 self.extras[k] = extras
                 continue
             weights = self._weights(k, extras)
             for sample in samples:
                 if sample.expert == k:
-                    output = self._forward(weights, sample)
-                    self.cache[id(sample)] = TeacherOutput(output.log_probs.cpu(), [h.cpu() for h in output.hidden])
+                    self.cache[id(sample)] = self._forward(weights, sample).kept(keep)
 
     def _weights(self, k: int, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -83,13 +114,13 @@ class Teachers:
     def __call__(self, sample: Sample) -> TeacherOutput:
         if self.recompute:
             return self._forward(self._weights(sample.expert, self.extras[sample.expert]), sample)
-        cached = self.cache[id(sample)]
-        return TeacherOutput(cached.log_probs.to(self.device), [h.to(self.device) for h in cached.hidden])
+        return self.cache[id(sample)].to(self.device)
 
     def megabytes(self) -> dict[str, float]:
         def size(tensors) -> float:
             return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
-        cached = [t for output in self.cache.values() for t in (output.log_probs, *output.hidden)]
+        cached = [t for output in self.cache.values() for t in (output.log_probs, *output.hidden, output.top_k)
+                  if t is not None]
         return {"teacher_cache_mb": size(cached),
                 "teacher_extras_mb": size(t for extras in self.extras.values() for t in extras.values())}

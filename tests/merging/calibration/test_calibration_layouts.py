@@ -128,3 +128,21 @@ def test_custom_gradients_match_finite_differences():
         alpha = torch.rand(3, chunks, dtype=torch.float64, generator=generator, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x, alpha: StreamedLinear.apply(x, alpha, weight, None,
                                                                               Stored("w", [0, 1, 2], [])), (x, alpha))
+
+
+def test_top_k_teachers_keep_k_tokens_and_their_kl_is_exact_at_the_whole_vocabulary(tiny_zoo, adapters, tmp_path):
+    from merging.calibration.teachers import TeacherOutput, logit_kl
+
+    generator = torch.Generator().manual_seed(1)
+    teacher = TeacherOutput(torch.log_softmax(torch.randn(5, 40, generator=generator) * 3, -1), [])
+    student = torch.log_softmax(torch.randn(5, 40, generator=generator), -1)
+    exact = logit_kl(student, teacher)
+    torch.testing.assert_close(logit_kl(student, teacher.kept(39)), exact, rtol=1e-4, atol=1e-5)  # the rest: 1 token
+    assert 0 < logit_kl(student, teacher.kept(8)) < exact * 1.5  # an approximation, of the same size
+    vocabulary = json.loads((tiny_zoo / "base" / "config.json").read_text())["vocab_size"]
+    small, report = calibrated(tiny_zoo, adapters, tmp_path / "small", teachers="top_k", teacher_top_k=4)
+    whole, whole_report = calibrated(tiny_zoo, adapters, tmp_path / "whole", teachers="cached")
+    assert report["teachers"] == "top_k" and 0 < report["teacher_cache_mb"] < whole_report["teacher_cache_mb"] / 4
+    assert (alpha_of(small) - alpha_of(whole)).abs().max() > 1e-3  # four tokens of a flat tiny model: another loss
+    every, _ = calibrated(tiny_zoo, adapters, tmp_path / "every", teachers="top_k", teacher_top_k=vocabulary - 1)
+    torch.testing.assert_close(alpha_of(every), alpha_of(whole), rtol=0, atol=1e-4)
