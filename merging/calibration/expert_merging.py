@@ -2,10 +2,10 @@
 each expert on a few unlabeled samples of its domain. AdaMerging (arXiv 2310.02575) trains the same
 coefficients with another loss: the entropy of the merged model's own predictions.
 
-θ = θ0 + Σk α_k · τk, α = sigmoid(r) (or clamp(r, 0, 1)). Only r is trained: the merged weights go through
-torch.func.functional_call, so autograd reaches the coefficients and nothing else. Task vectors are held once,
-(K, numel) per tensor in the compute dtype on the compute device; the teachers' outputs are computed once per
-sample and cached.
+θ = θ0 + Σk α_k · τk, α = sigmoid(r) (or clamp(r, 0, 1)). Only r is trained: the student is the frozen base whose
+calibrated tensors are merged per optimizer step (dense task vectors, through torch.func.functional_call) or by
+the layers themselves (factors, streamed vectors: calibration/factored.py), so autograd reaches the coefficients
+and nothing else. Where the task vectors and the teachers come from: calibration/sources.py, teachers.py.
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ class MergedModel:
 
 def alignment_losses(out, teacher: TeacherOutput, layers: list[int], temperature: float) -> tuple[torch.Tensor, ...]:
     """(T² · KL(teacher ‖ student) per position, hidden-state MSE averaged over layers)."""
-    student = F.log_softmax(out.logits[0].float() / temperature, dim=-1)
-    kl = logit_kl(student, teacher) / student.shape[0]
-    logit = temperature**2 * kl
+    logits = out.logits[0].float()
+    logits = logits / temperature if temperature != 1 else logits
+    logit = temperature**2 * logit_kl(logits, teacher) / logits.shape[0]
     if not layers:
         return logit, torch.zeros((), device=logit.device)
     pairs = zip(layers, teacher.hidden, strict=True)

@@ -62,13 +62,14 @@ def teacher_output(logits: torch.Tensor, hidden_states, layers: list[int], tempe
     return TeacherOutput(log_probs, [hidden_states[i][0] for i in layers])
 
 
-def logit_kl(student: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
-    """KL(teacher ‖ student) summed over positions; student: (length, vocab) float32 log-probabilities. With a
-    top-k teacher: over its k tokens and one bucket holding the rest of the vocabulary (exact when k = vocab)."""
+def logit_kl(logits: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
+    """KL(teacher ‖ softmax(logits)) summed over positions; logits: (length, vocab) float32. With a top-k teacher:
+    over its k tokens and one bucket holding the rest of the vocabulary (exact when k = vocab); the student's
+    log-probabilities are then only formed at those k tokens (no second (length, vocab) tensor)."""
     target = teacher.log_probs.float()
     if teacher.top_k is None:
-        return F.kl_div(student, target, log_target=True, reduction="sum")
-    kept = student.gather(-1, teacher.top_k)
+        return F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum")
+    kept = logits.gather(-1, teacher.top_k) - torch.logsumexp(logits, dim=-1, keepdim=True)
     target_rest, kept_rest = (_log_rest(values) for values in (target, kept))
     return (target.exp() * (target - kept)).sum() + (target_rest.exp() * (target_rest - kept_rest)).sum()
 
