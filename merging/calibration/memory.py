@@ -1,10 +1,10 @@
 """The memory account of full-model calibration: what each part holds, predicted from shapes before loading.
 
-Parts: the base (every parameter in the compute dtype), the adapters' factors, the dense resident task vectors,
-one streamed layer (its experts' float32 task vectors and a float32 base copy, twice over in the backward pass),
-the teacher cache, and the activations of one sample (what autograd keeps for the backward pass, plus the
-logits and their float32 log-softmax). The activation constants were measured on random Llamas (bench/
-calibration_scale.py --sections account checks the account against measured peaks).
+Parts: the base (every parameter in the compute dtype), the adapters' factors, the dense resident task vectors
+(and the merged weights built from them each step, with their gradient), one streamed layer (its experts'
+float32 task vectors and a float32 base copy, twice over in the backward pass), the teacher cache, and the
+activations of one sample (what autograd keeps for the backward pass, plus the logits and their float32
+log-softmax). bench/calibration_scale.py --sections account checks the account against measured peaks.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def account(shape: ModelShape, *, dtype_bytes: int, tokens: int, adapter_ranks: 
         "base_mb": shape.parameters * dtype_bytes,
         "factors_mb": factors,
         "task_vectors_mb": dense_experts * linear_numel * dtype_bytes,
+        # dense task vectors are merged once per optimizer step: the merged weights and their gradient
+        "merged_weights_mb": 2 * linear_numel * dtype_bytes if dense_experts else 0,
         "streamed_tensor_mb": 2 * 4 * (streamed_experts + 1) * largest_linear if streamed_experts else 0,
         "teacher_cache_mb": teacher_cache,
         "activations_mb": activations_bytes(shape, tokens, dtype_bytes, eager_attention),
