@@ -10,7 +10,7 @@
     law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4], min_r_squared: 0.9}
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
     sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
-    warm_start: {enabled: true, epochs: 1}   # a new expert joins a calibrated head from its coefficients; or false
+    warm_start: {enabled: true, epochs: 2}   # a new expert joins a calibrated head from its coefficients; or false
     experiment: mergeplan/tiny-base          # default
     log_model: false                         # true: also copy the merged model into the MLflow run (model/)
     seed: 0
@@ -100,7 +100,7 @@ class WarmStartSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = Field(True, description="false: every new expert calibrates all the experts from scratch")
-    epochs: int = Field(1, gt=0, description="the warm start's training budget: its params.epochs (params.epochs "
+    epochs: int = Field(2, gt=0, description="the warm start's training budget: its params.epochs (params.epochs "
                         "stays the budget of a cold calibration); EM++ then trains stage 2 only, on the head's chunks")
 
     @model_validator(mode="before")
