@@ -113,7 +113,13 @@ def load_sources(base: CheckpointReader, experts: list[Expert], names: list[str]
     checkpoints on linear layers are read as the layer runs. Everything else is a dense resident task vector."""
     sources: dict[str, TensorSources] = {}
     for name in names:
-        base_tensor = base.read(name).float()
+        base_values: list[torch.Tensor] = []  # read once, and only when an expert's update is not factors
+
+        def base_tensor(name: str = name, cache: list[torch.Tensor] = base_values) -> torch.Tensor:
+            if not cache:
+                cache.append(base.read(name).float())
+            return cache[0]
+
         l1 = torch.zeros(len(experts))
         linear = factorable(model, name)
         low: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
@@ -125,16 +131,16 @@ def load_sources(base: CheckpointReader, experts: list[Expert], names: list[str]
                 l1[k] = (b @ a).abs_().sum() * abs(scale)  # one (out, in) at a time, for EM++'s importance only
                 low.append((k, a, b, scale))
             elif streamed and linear and isinstance(expert, FullCheckpoint):
-                vector = expert.read_task_vector(name, base_tensor)
+                vector = expert.read_task_vector(name, base_tensor())
                 l1[k] = vector.abs().sum()
                 streamed_experts.append(k)
             else:
-                vector = expert.read_task_vector(name, base_tensor)
+                vector = expert.read_task_vector(name, base_tensor())
                 if vector is not None:
                     l1[k] = vector.abs().sum()
                     dense_experts.append(k)
                     dense_vectors.append(vector.reshape(-1).to(device, dtype))
-        entry = TensorSources(name, tuple(base_tensor.shape), l1)
+        entry = TensorSources(name, tuple(base.tensors[name].shape), l1)
         if low:
             entry.low_rank = LowRank(
                 torch.tensor([k for k, a, _, _ in low for _ in range(a.shape[0])], device=device),
