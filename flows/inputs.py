@@ -59,15 +59,21 @@ def start_flow(config: PipelineConfig) -> FlowStart:
     return FlowStart(settings, clock, pipeline_base(config, settings), resolve_experts(config, settings))
 
 
+def fetch_one(ref: CheckpointRef) -> LocalCheckpoint:
+    """A local copy of REF, named as REF names it: the fetch is cached on content, so a cached copy may have been
+    fetched for another folder (or registered version) with the same files."""
+    return fresh(fetch_checkpoint, ref)(ref).model_copy(update={"ref": ref})
+
+
 def fetch_data(config: PipelineConfig, settings: Settings) -> LocalCheckpoint:
     """The evaluation data, local or from the store."""
-    ref = data_ref(config.data, settings)
-    return fresh(fetch_checkpoint, ref)(ref)
+    return fetch_one(data_ref(config.data, settings))
 
 
 def fetch_many(refs: list[CheckpointRef]) -> list[LocalCheckpoint]:
-    """Local copies, downloaded in parallel."""
-    return [future.result() for future in [fresh(fetch_checkpoint, ref).submit(ref) for ref in refs]]
+    """Local copies, downloaded in parallel, each named as its ref names it (see fetch_one)."""
+    futures = [fresh(fetch_checkpoint, ref).submit(ref) for ref in refs]
+    return [future.result().model_copy(update={"ref": ref}) for future, ref in zip(futures, refs, strict=True)]
 
 
 def run_tags(config: PipelineConfig, flow_name: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ from mlflow.entities.model_registry import ModelVersion
 from prefect import flow
 
 from flows.conclusion import Outcome, conclude
-from flows.inputs import fetch_data, fetch_many, merge_job, pipeline_base, recording_settings, run_tags
+from flows.inputs import fetch_data, fetch_many, fetch_one, merge_job, pipeline_base, recording_settings, run_tags
 from flows.pipeline_config import PipelineConfig
 from infra.errors import ExpertRefused
 from infra.registry import MERGE_KEY, RegisteredExpert, check_same_base, head_version
@@ -36,7 +36,7 @@ from infra.settings import Settings
 from merging.calibration import params_for
 from merging.methods.registry import is_calibrated
 from tasks.caching import content_hash, fresh
-from tasks.fetch import CheckpointRef, LocalCheckpoint, fetch_checkpoint, merged_experts, registered_experts
+from tasks.fetch import CheckpointRef, LocalCheckpoint, merged_experts, registered_experts
 from tasks.merge import MergedModel, MergeJob, WarmStart, merge_full, merge_incremental, merged_coefficients
 from tasks.pipeline_state import taken_experts, untaken_experts
 from tasks.stages import StageClock
@@ -145,14 +145,14 @@ def add_expert(config: PipelineConfig, s3_uri: str, sha256: str, version: str, d
         head = head_version(config.base.name, settings=settings)
         members = merged_experts(head) if head is not None else registered_experts(config.base.name, settings)
         base_checkpoint = pipeline_base(config, settings)
-        local_base = fresh(fetch_checkpoint, base_checkpoint)(base_checkpoint)
+        local_base = fetch_one(base_checkpoint)
         data = fetch_data(config, settings)
         previous = None
         if head is not None and all(e.domain != domain for e in members) and not is_calibrated(config.method):
             previous_job = merge_job(config, local_base, [_expected_local(e) for e in members], data)
             previous = previous_merge(head, config, previous_job)
         if previous is not None:
-            local_new = fresh(fetch_checkpoint, new)(new)
+            local_new = fetch_one(new)
             clock.lap("fetch")
             job = previous_job.extended(local_new)
             merged = fresh(merge_incremental, job)(job, previous, local_new)
