@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -116,8 +117,14 @@ class CheckpointReader:
         return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].offset)))
 
     def _inside(self, path: Path) -> Path:
-        """PATH, refused when it is a link that leads out of the folder (a checkpoint is one self-contained folder)."""
-        if not path.resolve().is_relative_to(self.folder.resolve()):
+        """PATH, refused when it is a link that leads out of the folder (a checkpoint is one self-contained folder),
+        except into the blobs/ of the Hugging Face cache repo whose snapshot the folder is."""
+        target, folder = path.resolve(), self.folder.resolve()
+        snapshots = folder.parent
+        if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--") and \
+                target.is_relative_to(snapshots.parent / "blobs"):
+            return path
+        if not target.is_relative_to(folder):
             raise CheckpointError(f"{path}: a link to {path.resolve()}, outside {self.folder}; copy the file into the "
                                   "folder instead")
         return path
@@ -135,6 +142,47 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.folder)!r})"
+
+
+class RangeReader:
+    """Runs of a tensor's entries read with pread into a caller's reused buffer (no fresh pages to fault in per read,
+    and a buffer that stays in the CPU cache); each file is opened once and stays open until close()."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def read(self, info: TensorInfo, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Entries start..stop of tensor INFO (flat, row-major) read into the front of BUFFER (a CPU uint8 tensor large
+        enough): a 1-D tensor of INFO's dtype sharing BUFFER's memory."""
+        size = info.dtype.itemsize
+        view = memoryview(buffer.numpy())[: (stop - start) * size]
+        fd, position, filled = self._fd(info.path), info.offset + start * size, 0
+        while filled < len(view):
+            got = os.preadv(fd, [view[filled:]], position + filled)
+            if got == 0:
+                raise CheckpointError(f"{info.path}: truncated while reading tensor {info.name}; re-save or "
+                                      "re-download it")
+            filled += got
+        return buffer[: len(view)].view(info.dtype)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def check_compatible(base: CheckpointReader, expert: CheckpointReader) -> None:
@@ -242,6 +290,10 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._file_of[name].write(name, tensor)
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Entries start.. of tensor `name` (flat, row-major) from the 1-D CPU TENSOR; thread-safe across tensors."""
+        self._file_of[name].write_range(name, start, tensor)
 
     def write_json(self, filename: str, data: Mapping) -> None:
         path = self.staging / filename

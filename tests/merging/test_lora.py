@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from peft_files import peft_adapter
 from safetensors.torch import save_file
 
 from merging import ExpertRef, MergeConfig, add_experts, merge
@@ -25,25 +26,6 @@ METHODS = {
     "dare_linear": {"density": 0.5},
     "dare_ties": {"density": 0.4},
 }
-
-
-def peft_adapter(base, folder, seed, **lora):
-    """A peft-trained-looking adapter (random A and B) saved by peft, and its merge_and_unload()-ed copy."""
-    from peft import LoraConfig, get_peft_model
-
-    from merging.io.hf_loading import load_causal_lm
-
-    torch.manual_seed(seed)
-    model = load_causal_lm(base)
-    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-                "init_lora_weights": False} | lora
-    adapted = get_peft_model(model, LoraConfig(**settings))
-    adapted.save_pretrained(folder / "adapter")
-    config_path = folder / "adapter" / "adapter_config.json"
-    config = json.loads(config_path.read_text()) | {"base_model_name_or_path": str(base)}
-    config_path.write_text(json.dumps(config))
-    adapted.merge_and_unload().save_pretrained(folder / "dense")
-    return folder / "adapter", folder / "dense"
 
 
 @pytest.fixture(scope="module")
