@@ -6,7 +6,8 @@ tensor, and print a markdown table (also written to WORKDIR/merge_speed.md).
 
 This is a benchmark, not a test: nothing is asserted about the timings.
 
-    .venv/bin/python bench/merge_speed.py                       # 270m and 170m, K = 3 and 8, both methods
+    .venv/bin/python bench/merge_speed.py                       # 1b (0.95B), K = 3 and 8, both methods
+    .venv/bin/python bench/merge_speed.py --sizes 270m,170m     # the smaller models
     .venv/bin/python bench/merge_speed.py --sizes tiny --experts 2,3   # a quick end-to-end smoke run
     .venv/bin/python bench/merge_speed.py --adapter-base .mergeplan/zoo-r/base   # LoRA adapters vs dense
 
@@ -20,6 +21,9 @@ Measurement notes
   buffers, so the table also has the sampled peak of anonymous memory (RssAnon).
 - The inputs are read once before each case so that both tools start with a warm page cache, and the two
   tools alternate which one runs first from one repeat to the next.
+- The floor of each case is this machine's: a child process that only imports torch and mergeplan, plus the
+  inputs' bytes read from the page cache (pread into one reused buffer) and the output's bytes written
+  (pwrite into a preallocated file), each at its measured single-stream speed (medians of 3).
 - mergekit is LGPL; it is only run through its `mergekit-yaml` command, never imported.
 """
 
@@ -32,15 +36,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from merge_floor import Floor, measure_floor
+from merge_outputs import ATOL, KNOWN_DIFFERENCES, RTOL, Comparison, compare_outputs, describe  # bench/ is sys.path[0]
 
 from merging.io.checkpoint import CheckpointReader
-from merging.io.synthetic import llama_config, write_random_base, write_random_expert, write_random_lora
-from merging.methods.sparsify import magnitude_trim_
+from merging.io.synthetic import llama_config, write_random_base, write_random_expert
 
 REPO = Path(__file__).resolve().parent.parent
 OURS_CLI = REPO / ".venv" / "bin" / "mergeplan"
@@ -50,10 +55,12 @@ EXPERT_SCALE = 0.1
 SHARD_BYTES = 200_000_000  # 200 MB shards for inputs and both outputs
 DENSITY = 0.5
 LAMBDA = 1.0
-RTOL, ATOL = 1e-2, 1e-5  # about one bf16 ulp (2^-8 relative) with headroom
 POLL_SECONDS = 0.02
+STARTUP = [str(OURS_CLI.parent / "python"), "-c", "import mergeplan.cli, merging.merger"]  # what a merge imports
 
 SIZES: dict[str, dict] = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
     "270m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=32000),
     "170m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -62,21 +69,6 @@ SIZES: dict[str, dict] = {
                  num_key_value_heads=4, vocab_size=1000),
 }
 METHODS = ("task_arithmetic", "ties")
-# Why ties is not bit-identical to mergekit (verified on the tiny preset; neither is float rounding):
-KNOWN_DIFFERENCES = """\
-Known differences (ties only; task_arithmetic is bit-identical):
-- Trim ties: bf16 deltas take few distinct values, so hundreds of entries per tensor share the k-th
-  largest magnitude. mergeplan keeps those in index order (a stable descending sort); mergekit keeps
-  whichever its default, unstable `argsort` puts first. 1-4% of output entries differ (more with more
-  experts), each by up to about one trimmed delta.
-- Sign election when Σ trim(τi) is exactly 0 with nonzero entries (e.g. +x and -x): mergeplan elects no
-  sign and leaves the base (our spec); mergekit elects + and takes the mean of the positive entries.
-  About 0.4-0.6% of output entries on these synthetic bf16 experts.
-The equality check therefore counts these entries apart (computed from the inputs): outside them the two
-outputs must agree to float tolerance, and the share of entries that differ inside them is reported.
-"""
-
-
 # ---------------------------------------------------------------- inputs
 
 
@@ -87,6 +79,10 @@ def size_config(size: str) -> dict:
 def parameter_count(folder: Path) -> int:
     reader = CheckpointReader(folder)
     return sum(int(torch.Size(info.shape).numel()) for info in reader.tensors.values())
+
+
+def parameter_bytes(folder: Path, dtype: torch.dtype) -> int:
+    return parameter_count(folder) * dtype.itemsize
 
 
 def ensure_checkpoints(models_dir: Path, size: str, num_experts: int) -> tuple[Path, list[Path]]:
@@ -105,30 +101,6 @@ def ensure_checkpoints(models_dir: Path, size: str, num_experts: int) -> tuple[P
             print(f"writing {expert}", flush=True)
             write_random_expert(base, expert, seed=seed, scale=EXPERT_SCALE, max_shard_size=SHARD_BYTES)
     return base, experts
-
-
-ADAPTER_RANK = 8
-
-
-def ensure_adapters(models_dir: Path, base: Path, num_experts: int) -> tuple[list[Path], list[Path]]:
-    """K random LoRA adapters on `base` and their merge_and_unload()-ed full checkpoints (peft's own merge)."""
-    from peft import PeftModel
-
-    from merging.io.hf_loading import load_causal_lm
-
-    adapters, dense = [], []
-    for seed in range(1, num_experts + 1):
-        adapter, full = models_dir / f"adapter-{seed:02d}", models_dir / f"dense-{seed:02d}"
-        if not adapter.exists():
-            print(f"writing {adapter}", flush=True)
-            write_random_lora(base, adapter, seed=seed, rank=ADAPTER_RANK, alpha=2 * ADAPTER_RANK, scale=1.0)
-        if not full.exists():
-            print(f"writing {full}", flush=True)
-            model = PeftModel.from_pretrained(load_causal_lm(base), adapter).merge_and_unload()
-            model.save_pretrained(full)
-        adapters.append(adapter)
-        dense.append(full)
-    return adapters, dense
 
 
 def warm_page_cache(folders: list[Path]) -> None:
@@ -230,88 +202,6 @@ def run_child(command: list[str], log: Path) -> Run:
     return Run(seconds, peak[0] / 1024, peak[1] / 1024 if peak[1] else None)
 
 
-# ---------------------------------------------------------------- equality
-
-
-@dataclass
-class Comparison:
-    max_abs_diff: float = 0.0
-    mismatched: int = 0  # entries with |a - b| > ATOL + RTOL·|b|, outside the undefined ones
-    unequal: int = 0  # entries that are not bit-identical
-    total: int = 0
-    undefined: int = 0  # ties entries where the two tools' rules legitimately differ (see KNOWN_DIFFERENCES)
-    undefined_mismatched: int = 0
-    problems: list[str] = field(default_factory=list)  # missing tensors, shape or dtype differences
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and self.mismatched == 0
-
-
-def ties_undefined_entries(base: torch.Tensor, experts: list[torch.Tensor], density: float) -> torch.Tensor:
-    """Entries where TIES' result depends on a rule the maths leaves open: an expert's magnitude ties with
-    its trim threshold and the tie-break decides whether it is kept, or the kept deltas sum to exactly 0."""
-    undefined = torch.zeros(base.shape, dtype=torch.bool)
-    elected = torch.zeros(base.shape)
-    nonzero = torch.zeros(base.shape, dtype=torch.bool)
-    for expert in experts:
-        delta = expert.float() - base.float()
-        trimmed = magnitude_trim_(delta.clone(), density)
-        kept = trimmed != 0
-        if kept.any():
-            threshold = delta.abs()[kept].min()
-            at_threshold = delta.abs() == threshold
-            if int((delta.abs() >= threshold).sum()) > int(kept.sum()):
-                undefined |= at_threshold
-        elected += trimmed
-        nonzero |= kept
-    return undefined | ((elected == 0) & nonzero)
-
-
-def compare_outputs(ours: Path, theirs: Path, ties_inputs: tuple[Path, list[Path]] | None = None) -> Comparison:
-    """Compare every tensor of two checkpoint folders, one tensor at a time. With `ties_inputs` (base and
-    experts), entries whose TIES result is undefined by the maths are counted apart."""
-    a, b = CheckpointReader(ours), CheckpointReader(theirs)
-    inputs = None
-    if ties_inputs is not None:
-        inputs = (CheckpointReader(ties_inputs[0]), [CheckpointReader(e) for e in ties_inputs[1]])
-    result = Comparison()
-    for name in sorted(set(a.names()) ^ set(b.names())):
-        result.problems.append(f"{name} only in {'ours' if name in a.tensors else 'mergekit'}")
-    for name in sorted(set(a.names()) & set(b.names())):
-        x, y = a.read(name), b.read(name)
-        if x.shape != y.shape or x.dtype != y.dtype:
-            result.problems.append(f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
-            continue
-        x, y = x.float(), y.float()
-        diff = (x - y).abs()
-        beyond = diff > ATOL + RTOL * y.abs()
-        if inputs is not None:
-            undefined = ties_undefined_entries(inputs[0].read(name), [e.read(name) for e in inputs[1]], DENSITY)
-            result.undefined += int(undefined.sum())
-            result.undefined_mismatched += int((beyond & undefined).sum())
-            beyond &= ~undefined
-            diff = diff.masked_fill(undefined, 0)
-        result.max_abs_diff = max(result.max_abs_diff, float(diff.max()))
-        result.mismatched += int(beyond.sum())
-        result.unequal += int((x != y).sum())
-        result.total += x.numel()
-    return result
-
-
-def describe(comparison: Comparison) -> str:
-    verdict = "PASS" if comparison.passed else "FAIL"
-    share = comparison.mismatched / max(comparison.total, 1)
-    text = (f"{verdict}: max |diff| {comparison.max_abs_diff:.3g}, {share:.2e} of entries beyond tolerance, "
-            f"{comparison.unequal} of {comparison.total} not bit-identical")
-    if comparison.undefined:
-        text += (f"; {comparison.undefined} entries ({comparison.undefined / comparison.total:.2%}) undefined by "
-                 f"the maths (threshold ties, zero sign sums), {comparison.undefined_mismatched} of them differ")
-    if comparison.problems:
-        text += f"; {len(comparison.problems)} problems, e.g. {comparison.problems[0]}"
-    return text
-
-
 # ---------------------------------------------------------------- one case
 
 
@@ -324,6 +214,7 @@ class CaseResult:
     ours: list[Run]
     mergekit: list[Run]
     comparison: Comparison
+    floor: Floor | None = None
 
 
 def median_of(runs: list[Run], attribute: str) -> float | None:
@@ -353,55 +244,12 @@ def run_case(case_dir: Path, base: Path, experts: list[Path], method: str, repea
             runs[tool].append(run)
             print(f"    {tool:9s} repeat {repeat}: {run.seconds:7.2f} s, peak RSS {run.peak_rss_mb:7.0f} MB",
                   flush=True)
-    comparison = compare_outputs(ours_out, mk_out, (base, experts) if method == "ties" else None)
+    comparison = compare_outputs(ours_out, mk_out, (base, experts) if method == "ties" else None, DENSITY)
     print(f"    equality: {describe(comparison)}", flush=True)
     if not keep_outputs:
         shutil.rmtree(ours_out, ignore_errors=True)
         shutil.rmtree(mk_out, ignore_errors=True)
     return runs["mergeplan"], runs["mergekit"], comparison
-
-
-def run_adapter_case(case_dir: Path, base: Path, adapters: list[Path], dense: list[Path], method: str,
-                     repeats: int) -> tuple[list[Run], list[Run], Comparison]:
-    """mergeplan on the adapters vs mergeplan on their dense copies, alternating which goes first."""
-    case_dir.mkdir(parents=True, exist_ok=True)
-    tools = {}
-    for tool, experts in (("adapters", adapters), ("dense", dense)):
-        config = ours_yaml(base, experts, method) | {"dtype": None}
-        path = case_dir / f"{tool}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        tools[tool] = (ours_command(path, case_dir / f"out-{tool}"), case_dir / f"out-{tool}")
-    runs: dict[str, list[Run]] = {"adapters": [], "dense": []}
-    for repeat in range(repeats):
-        warm_page_cache([base, *adapters, *dense])
-        for tool in (["adapters", "dense"] if repeat % 2 == 0 else ["dense", "adapters"]):
-            command, out = tools[tool]
-            shutil.rmtree(out, ignore_errors=True)
-            run = run_child(command, case_dir / f"{tool}-{repeat}.log")
-            runs[tool].append(run)
-            print(f"    {tool:9s} repeat {repeat}: {run.seconds:7.2f} s, peak RSS {run.peak_rss_mb:7.0f} MB",
-                  flush=True)
-    comparison = compare_outputs(tools["adapters"][1], tools["dense"][1])
-    print(f"    equality: {describe(comparison)}", flush=True)
-    for _, out in tools.values():
-        shutil.rmtree(out, ignore_errors=True)
-    return runs["adapters"], runs["dense"], comparison
-
-
-def adapter_table(results: list[CaseResult], repeats: int) -> str:
-    header = ("| base | K | method | adapters s | dense s | time ratio | adapters peak RSS MB | dense peak RSS MB | "
-              "RSS ratio | equal (max diff) |")
-    lines = [f"Medians over {repeats} repeat(s); ratios are adapters / dense (the same experts merge_and_unload()-ed "
-             f"by peft). LoRA rank {ADAPTER_RANK} on every linear layer; float32 in and out.", "",
-             header, "|" + "---|" * (header.count("|") - 1)]
-    for r in results:
-        ours_s, dense_s = median_of(r.ours, "seconds"), median_of(r.mergekit, "seconds")
-        ours_rss, dense_rss = median_of(r.ours, "peak_rss_mb"), median_of(r.mergekit, "peak_rss_mb")
-        c = r.comparison
-        lines.append(f"| {r.size} ({r.params / 1e6:.0f}M) | {r.num_experts} | {r.method} | {_fmt(ours_s, 2)} | "
-                     f"{_fmt(dense_s, 2)} | {_ratio(ours_s, dense_s)} | {_fmt(ours_rss, 0)} | {_fmt(dense_rss, 0)} | "
-                     f"{_ratio(ours_rss, dense_rss)} | {'PASS' if c.passed else 'FAIL'} ({c.max_abs_diff:.2g}) |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- report
@@ -416,8 +264,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def markdown_table(results: list[CaseResult], repeats: int) -> str:
-    header = ("| size | params | K | method | ours s | mergekit s | time ratio | ours peak RSS MB | "
-              "mergekit peak RSS MB | RSS ratio | ours peak anon MB | mergekit peak anon MB | equal (max diff) |")
+    header = ("| size | params | K | method | ours s | mergekit s | time ratio | floor s | ours / floor | "
+              "ours peak RSS MB | mergekit peak RSS MB | RSS ratio | ours peak anon MB | mergekit peak anon MB | "
+              "equal (max diff) |")
     lines = [f"Medians over {repeats} repeat(s); ratios are ours / mergekit. CPU, bf16 in and out, "
              f"float32 compute. Tolerance: |diff| <= {ATOL:g} + {RTOL:g}·|mergekit|.", "",
              header, "|" + "---|" * (header.count("|") - 1)]
@@ -431,8 +280,10 @@ def markdown_table(results: list[CaseResult], repeats: int) -> str:
             equal += f", {c.mismatched / max(c.total, 1):.1e} beyond tol"
         if c.undefined:
             equal += f"; {c.undefined_mismatched / c.total:.1%} differ where undefined"
+        floor = r.floor.seconds if r.floor else None
         lines.append(f"| {r.size} | {r.params / 1e6:.0f}M | {r.num_experts} | {r.method} | {_fmt(ours_s, 2)} | "
-                     f"{_fmt(mk_s, 2)} | {_ratio(ours_s, mk_s)} | {_fmt(ours_rss, 0)} | {_fmt(mk_rss, 0)} | "
+                     f"{_fmt(mk_s, 2)} | {_ratio(ours_s, mk_s)} | {_fmt(floor, 2)} | {_ratio(ours_s, floor)} | "
+                     f"{_fmt(ours_rss, 0)} | {_fmt(mk_rss, 0)} | "
                      f"{_ratio(ours_rss, mk_rss)} | {_fmt(ours_anon, 0)} | {_fmt(mk_anon, 0)} | {equal} |")
     return "\n".join(lines) + "\n"
 
@@ -446,8 +297,8 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=_csv, default=_csv("270m,170m"),
-                        help=f"comma-separated, from {', '.join(SIZES)} (default 270m,170m)")
+    parser.add_argument("--sizes", type=_csv, default=_csv("1b"),
+                        help=f"comma-separated, from {', '.join(SIZES)} (default 1b)")
     parser.add_argument("--experts", type=lambda s: [int(k) for k in _csv(s)], default=[3, 8],
                         help="comma-separated expert counts K (default 3,8)")
     parser.add_argument("--methods", type=_csv, default=list(METHODS),
@@ -474,31 +325,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def adapters_main(args: argparse.Namespace) -> int:
-    workdir: Path = args.workdir.resolve()
-    base = args.adapter_base.resolve()
-    adapters, dense = ensure_adapters(workdir / "models" / "adapters", base, max(args.experts))
-    params = parameter_count(base)
-    results: list[CaseResult] = []
-    for num_experts in args.experts:
-        for method in args.methods:
-            print(f"  {base.name} K={num_experts} {method}: adapters vs dense", flush=True)
-            case_dir = workdir / "runs" / "adapters" / f"k{num_experts}" / method
-            ours, peer, comparison = run_adapter_case(case_dir, base, adapters[:num_experts], dense[:num_experts],
-                                                      method, args.repeats)
-            results.append(CaseResult(base.name, params, num_experts, method, ours, peer, comparison))
-    table = adapter_table(results, args.repeats)
-    print()
-    print(table)
-    report = workdir / "merge_speed_adapters.md"
-    report.write_text("# mergeplan: LoRA adapters vs their dense copies\n\n" + table)
-    print(f"written to {report}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.adapter_base:
+        from merge_speed_adapters import adapters_main
+
         return adapters_main(args)
     workdir: Path = args.workdir.resolve()
     results: list[CaseResult] = []
@@ -507,12 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         params = parameter_count(base)
         print(f"{size}: {params / 1e6:.1f}M parameters", flush=True)
         for num_experts in args.experts:
+            warm_page_cache([base, *experts[:num_experts]])
+            floor = measure_floor([base, *experts[:num_experts]], parameter_bytes(base, torch.bfloat16),
+                                  workdir / "floor.bin", lambda: run_child(STARTUP, workdir / "startup.log").seconds)
+            print(f"  {size} K={num_experts}: {floor.describe()}", flush=True)
             for method in args.methods:
                 print(f"  {size} K={num_experts} {method}", flush=True)
                 case_dir = workdir / "runs" / size / f"k{num_experts}" / method
                 ours, mergekit, comparison = run_case(case_dir, base, experts[:num_experts], method,
                                                       args.repeats, args.keep_outputs)
-                results.append(CaseResult(size, params, num_experts, method, ours, mergekit, comparison))
+                results.append(CaseResult(size, params, num_experts, method, ours, mergekit, comparison, floor))
     table = markdown_table(results, args.repeats)
     print()
     print(table)

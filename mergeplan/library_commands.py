@@ -23,6 +23,8 @@ merge.yaml:
   out: merged/                       # optional; OUT on the command line wins
 Relative paths are taken from the YAML file's folder."""
 METHOD_HEADINGS = {"fold": "fold methods (one streamed pass over the experts' task vectors):",
+                   "group": "group methods (every expert's tensor at once; no --save-state, no sweeps):",
+                   "stack": "layer stacking (mergekit's passthrough over slices:, see docs/merging.md):",
                    "calibrated": "calibrated methods (coefficients learned on unlabeled samples first, see below):"}
 METHOD_LIST = "\n\n".join(
     "\n".join([heading, *(f"  {method.name:<19}{method.summary}" for method in REGISTRY if method.kind == kind)])
@@ -47,11 +49,13 @@ def _merge(args: argparse.Namespace) -> None:
 
         if args.save_state or args.out is None:
             raise ConfigError("merge: --lora-rank needs OUT and does not keep a state (--save-state)")
-        report = merge_as_lora(args.config, args.out, args.lora_rank, overwrite=args.overwrite)
+        report = merge_as_lora(args.config, args.out, args.lora_rank, overwrite=args.overwrite,
+                               model_dir=args.model_dir)
         print(f"{args.out}: LoRA adapter of rank {report['rank']} on {report['tensors']} tensors, relative error "
               f"{report['relative_error']:.4f} (worst {report['worst_tensor']}: {report['worst_relative_error']:.4f})")
         return
-    out = merge(args.config, args.out, overwrite=args.overwrite, save_state=args.save_state)
+    out = merge(args.config, args.out, overwrite=args.overwrite, save_state=args.save_state, model_dir=args.model_dir,
+                device=args.device)
     print(out)
 
 
@@ -193,6 +197,11 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--save-state", type=Path, metavar="DIR",
                        help="also keep the method's accumulators in DIR, for `mergeplan add-expert`")
+    merge.add_argument("--model-dir", type=Path, metavar="DIR",
+                       help="where a mergekit config's hub ids (ORG/NAME) are looked up first: DIR/ORG/NAME, DIR/NAME "
+                            "or a Hugging Face cache layout; then the local Hugging Face cache. Nothing is downloaded")
+    merge.add_argument("--device", metavar="DEVICE", help="where the merge's arithmetic runs: cpu (default) or "
+                       "cuda[:N], a GPU (blocks of each tensor go there and back); overrides the config's device:")
     merge.add_argument("--lora-rank", type=int, metavar="R",
                        help="write OUT as a LoRA adapter of rank R instead: a truncated SVD of each merged tensor's "
                             "task vector; prints the relative error kept")

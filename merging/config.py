@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from merging.errors import ConfigError
 from merging.mergekit_config import from_mergekit, is_mergekit
+from merging.parameters import LayerSlice, StackedRange
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -21,8 +22,11 @@ class ExpertRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: Path
+    lora: Path | None = None  # a PEFT adapter applied to PATH (mergekit's MODEL+LORA), streamed per tensor
     weight: float = 1.0
     name: str | None = None  # default: the folder's name; keys its calibration data
+    # per-expert settings that vary by tensor or override params: (weight, density, gamma, epsilon), see parameters
+    params: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -50,6 +54,9 @@ class MergeConfig(BaseModel):
     max_shard_size: int | str = "5GB"
     out: Path | None = None  # output folder, when not given on the command line or to merge()
     calibration: dict[str, Path] = Field(default_factory=dict)  # expert name -> unlabeled data file or folder
+    slices: list[LayerSlice] = Field(default_factory=list)  # settings by layer range (mergekit's slices:)
+    stack: list[StackedRange] = Field(default_factory=list)  # method passthrough: layer ranges of experts, stacked
+    device: str | None = None  # where the arithmetic runs: cpu (default) or cuda[:N], as mergekit's --cuda
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -62,7 +69,9 @@ class MergeConfig(BaseModel):
         """The same config with relative paths taken from `folder` (the YAML file's folder)."""
         return self.model_copy(update={
             "base": folder / self.base,
-            "experts": [e.model_copy(update={"path": folder / e.path}) for e in self.experts],
+            "experts": [e.model_copy(update={"path": folder / e.path,
+                                             "lora": folder / e.lora if e.lora is not None else None})
+                        for e in self.experts],
             "out": folder / self.out if self.out is not None else None,
             "calibration": {name: folder / path for name, path in self.calibration.items()},
         })
@@ -108,11 +117,11 @@ def read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
 
 
-def load_config(path: str | Path) -> MergeConfig:
+def load_config(path: str | Path, model_dir: Path | None = None) -> MergeConfig:
     """Read a merge YAML file, ours or mergekit's (it has merge_method:); relative paths in it are relative to the
-    file's folder."""
+    file's folder. A mergekit file's hub ids are looked up in MODEL_DIR, then in the local Hugging Face cache."""
     path = Path(path)
     data = read_yaml(path, "config")
     if is_mergekit(data):
-        data = from_mergekit(data, str(path))
+        data = from_mergekit(data, str(path), model_dir)
     return parse_config(data, str(path)).resolved_against(path.parent)

@@ -37,6 +37,8 @@ UNSUPPORTED_LORA_FEATURES = {
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
 }
+# dtypes whose every value float32 holds exactly: widening them first changes no task vector
+EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 _FACTOR_KEY = re.compile(r"(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                          r"(?P<suffix>\.weight|\.bias)?$")
 
@@ -97,7 +99,10 @@ class FullCheckpoint(Expert):
 
     def task_vector(self, name: str, loaded: torch.Tensor, base_tensor: torch.Tensor,
                     out: torch.Tensor) -> torch.Tensor:
-        torch.sub(loaded, base_tensor, out=out)
+        if loaded.dtype in EXACT_IN_FLOAT32:  # widen, then subtract in float32: the mixed-dtype sub is 5x slower
+            out.copy_(loaded).sub_(base_tensor)
+        else:
+            torch.sub(loaded, base_tensor, out=out)
         require_finite(out, self.folder, name)
         return out
 
@@ -300,11 +305,24 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
-def open_expert(folder: str | Path) -> Expert:
-    """A LoRA adapter when the folder has adapter_config.json, else a full checkpoint."""
+def open_expert(folder: str | Path, lora: str | Path | None = None) -> Expert:
+    """A LoRA adapter when the folder has adapter_config.json, else a full checkpoint; with LORA, that adapter
+    applied to the checkpoint FOLDER."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint or adapter folder")
+    if lora is not None:
+        from merging.lora_on_model import LoraOnModel
+
+        lora = Path(lora)
+        if is_adapter(folder):
+            raise CheckpointError(f"{folder}: is a LoRA adapter, so the LoRA {lora} cannot be applied to it; "
+                                  "MODEL+LORA needs a full checkpoint as MODEL")
+        if not lora.is_dir():
+            raise CheckpointError(f"{lora}: no such LoRA adapter folder (to apply to {folder})")
+        if not is_adapter(lora):
+            raise CheckpointError(f"{lora}: no {ADAPTER_CONFIG}, so not a PEFT LoRA adapter to apply to {folder}")
+        return LoraOnModel(folder, lora)
     return LoraAdapter(folder) if is_adapter(folder) else FullCheckpoint(folder)
 
 

@@ -90,16 +90,17 @@ def export_lora(base: str | Path, merged: str | Path, out: str | Path, rank: int
     return report
 
 
-def merge_as_lora(config, out: str | Path, rank: int, *, overwrite: bool = False) -> dict:
+def merge_as_lora(config, out: str | Path, rank: int, *, overwrite: bool = False,
+                  model_dir: Path | None = None) -> dict:
     """merge(config), then export the merged task vector as a rank-`rank` adapter in `out` (the dense merge
-    lives only in a temporary sibling folder)."""
+    lives only in a temporary sibling folder). MODEL_DIR: where a mergekit file's hub ids are looked up first."""
     import tempfile
 
     from merging.config import load_config
     from merging.errors import CheckpointError
     from merging.merger import merge
 
-    config = load_config(config) if isinstance(config, str | Path) else config
+    config = load_config(config, model_dir) if isinstance(config, str | Path) else config
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out}: output folder exists; pass --overwrite or choose another")

@@ -1,51 +1,62 @@
-"""mergekit YAML files read as merge configs, for the methods both tools have.
+"""mergekit YAML files read as merge configs: every field a mergekit 0.1.5 config can carry, with its semantics.
 
-The mapping is exact maths where mergekit's method is one of ours (see the spec of our methods), and a notice
-(a logged warning, one line) where the two differ in a way a user would not guess; what cannot be mapped is
-refused by name. mergekit's semantics taken here (0.1.x): `linear` is Σ wi θi / Σ wi over every listed model
-(normalize defaults to true); the task-vector methods skip the base when it is listed among the models;
-`task_arithmetic`, `dare_linear` and `dare_ties` default to normalize: false, `ties` to true; `lambda` scales
-the merged task vector (default 1); `dtype` is mergekit's compute dtype and `out_dtype` the output's.
+What is mapped, and how (docs/merging.md has the table):
+- methods: each of mergekit's is ours of the same name with mergekit's defaults written out (normalize and rescale
+  differ by method), except `linear`, which is `average` over every listed model (the first one, or base_model,
+  is θ0 and also an input with its own weight, so Σ wi θi / Σ wi holds per tensor, gradients included);
+- parameters: scalars, gradients and `filter:` conditionals, at every scope (a slice's source, a model, a slice,
+  the config), resolved per tensor by merging/parameters.py as mergekit resolves them;
+- `slices:` whose sources share each slice's layer range are an ordinary merge with settings by layer range
+  (merging/mergekit_slices.py); `passthrough` slices stack layers;
+- `int8_mask` is accepted and dropped: it only changes the dtype of mergekit's sign mask, never the result.
+What mergekit does that we do not is refused by name, in one line.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from merging.errors import ConfigError
+from merging.mergekit_slices import (
+    Inputs,
+    Source,
+    StackedSlice,
+    known_fields,
+    mapping,
+    model_name,
+    read_slices,
+    stacked_slices,
+)
+from merging.model_refs import ModelResolver, ResolvedModel
 
 log = logging.getLogger("mergeplan")
 
-# mergekit's name -> ours, and its default for normalize (None: the method has no normalize)
-SHARED_METHODS: dict[str, tuple[str, bool | None]] = {
-    "linear": ("task_arithmetic", True),
-    "task_arithmetic": ("task_arithmetic", False),
-    "ties": ("ties", True),
-    "dare_linear": ("dare_linear", False),
-    "dare_ties": ("dare_ties", False),
-    "breadcrumbs": ("breadcrumbs", False),
-    "breadcrumbs_ties": ("breadcrumbs_ties", False),
-    "della": ("della", True),
-    "della_linear": ("della_linear", False),
-    "model_stock": ("model_stock", None),
-    "slerp": ("slerp", None),
+GTA_DEFAULTS: dict[str, dict[str, bool]] = {  # mergekit's normalize / rescale defaults of its task-vector methods
+    "task_arithmetic": {"normalize": False},
+    "ties": {"normalize": True, "rescale": False},
+    "dare_linear": {"normalize": False, "rescale": True},
+    "dare_ties": {"normalize": False, "rescale": True},
+    "breadcrumbs": {"normalize": False, "rescale": False},
+    "breadcrumbs_ties": {"normalize": False, "rescale": False},
+    "della": {"normalize": True, "rescale": True},
+    "della_linear": {"normalize": False, "rescale": True},
 }
-# ours that take the elected entries' weighted mean, where mergekit with normalize: false sums them
-DISJOINT_MEAN = ("ties", "dare_ties", "breadcrumbs_ties", "della")
-# the sparsified methods: the one-value parameters each reads, and mergekit's default for rescale
-SPARSIFIED: dict[str, tuple[tuple[str, ...], bool]] = {
-    "ties": (("density",), False), "dare_linear": (("density",), True), "dare_ties": (("density",), True),
-    "breadcrumbs": (("density", "gamma"), False), "breadcrumbs_ties": (("density", "gamma"), False),
-    "della": (("density", "epsilon"), True), "della_linear": (("density", "epsilon"), True),
+SPARSIFIED = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
+# the parameters mergekit's spec of each method declares (beyond the GTA family's, below)
+OTHER_PARAMETERS: dict[str, set[str]] = {
+    "linear": {"weight", "normalize"},
+    "model_stock": {"filter_wise"},
+    "slerp": {"t"},
+    "passthrough": {"scale"},
 }
-UNSUPPORTED_METHODS = ("nuslerp", "multislerp", "passthrough", "sce", "karcher", "nearswap", "arcee_fusion", "ram")
-TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "tokenizer", "name", "model_name"}
-MODEL_FIELDS = {"model", "parameters"}
-MODEL_PARAMETERS = {"weight", "density", "gamma", "epsilon"}
-GLOBAL_PARAMETERS = {"normalize", "lambda", "rescale", "int8_mask", "density", "weight", "gamma", "epsilon", "t",
-                     "filter_wise"}
+GTA_PARAMETERS = {"int8_mask", "normalize", "rescale", "lambda", "weight", "density"}
+DROPPED = {"int8_mask"}  # accepted, no effect on the result
+BASE_OPTIONAL = {"nuslerp", "multislerp", "karcher"}  # mergekit merges the models themselves without base_model
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "tokenizer", "name", "model_name", "chat_template", "modules"}
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -54,45 +65,27 @@ def is_mergekit(data: Any) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
-def _scalar(value: Any, field: str, source: str) -> Any:
-    """A parameter given as one value; gradients (lists) and tensor-name filters are mergekit-only."""
-    if isinstance(value, list | dict):
-        raise ConfigError(f"{source}: {field}: per-layer gradients and tensor-name filters are not supported; "
-                          "give one number")
-    return value
+def method_parameters(method: str, group_parameters: dict[str, set[str]]) -> set[str]:
+    """The parameter names mergekit's METHOD takes."""
+    if method in GTA_DEFAULTS:
+        extra = {"gamma"} if method.startswith("breadcrumbs") else {"epsilon"} if method.startswith("della") else set()
+        return GTA_PARAMETERS | extra
+    if method in OTHER_PARAMETERS:
+        return OTHER_PARAMETERS[method]
+    return group_parameters[method]
 
 
-def _number(value: Any, field: str, source: str) -> float:
-    value = _scalar(value, field, source)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{source}: {field}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _known(fields: dict, allowed: set[str], where: str, source: str) -> None:
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise ConfigError(f"{source}: {where}{unknown[0]}: not a field mergeplan reads from a mergekit config "
-                          f"(it reads {', '.join(sorted(allowed))})")
-
-
-def _model_path(entry: Any, index: int, source: str) -> str:
-    model = entry.get("model") if isinstance(entry, dict) else None
-    if not isinstance(model, str) or not model:
-        raise ConfigError(f"{source}: models[{index}].model: expected a checkpoint folder path")
-    if "+" in model:
-        raise ConfigError(f"{source}: models[{index}].model: {model!r} applies a LoRA to a model (mergekit's "
-                          "MODEL+LORA); give the PEFT adapter folder itself as the expert")
-    return model
-
-
-def _tokenizer(data: dict, base: str, source: str) -> None:
+def _tokenizer(data: dict, base: ResolvedModel, base_name: str | None, source: str) -> None:
     choice = data.get("tokenizer_source")
     if isinstance(data.get("tokenizer"), dict):
         choice = data["tokenizer"].get("source", choice)
-    if choice not in (None, "base", base):
-        raise ConfigError(f"{source}: tokenizer_source: {choice!r} is not supported; the merged model takes the "
-                          "base's tokenizer (tokenizer_source: base)")
+    if choice not in (None, "base", base_name, str(base.path)):
+        raise ConfigError(f"{source}: tokenizer_source: {choice!r} needs mergekit's vocabulary permutation, which "
+                          "mergeplan does not do; the merged model takes the base's tokenizer (tokenizer_source: "
+                          "base), so merge models that share it")
+    if data.get("chat_template") is not None:
+        raise ConfigError(f"{source}: chat_template: not supported; the merged model keeps the base's tokenizer "
+                          "files and chat template (remove the field, or edit tokenizer_config.json afterwards)")
 
 
 def _dtype(data: dict, source: str) -> str | None:
@@ -108,119 +101,166 @@ def _dtype(data: dict, source: str) -> str | None:
     return DTYPES[out]
 
 
-def _one_value(models: list[dict], parameters: dict, field: str, source: str) -> float | None:
-    """One value of a per-model parameter for all experts (mergeplan's methods take a single one); None when
-    it is not given, so that our default applies."""
-    found = {i: _number(m["parameters"][field], f"models[{i}].parameters.{field}", source)
-             for i, m in enumerate(models) if field in (m.get("parameters") or {})}
-    values = set(found.values()) | ({_number(parameters[field], f"parameters.{field}", source)}
-                                    if field in parameters and len(found) < len(models) else set())
-    if len(values) > 1:
-        raise ConfigError(f"{source}: models[].parameters.{field}: the models have different values "
-                          f"({', '.join(f'{v:g}' for v in sorted(values))}); mergeplan takes one for all experts")
-    return values.pop() if values else None
-
-
-def _sparsified_params(method: str, ours: str, models: list[dict], parameters: dict, source: str) -> dict:
-    fields, rescale_default = SPARSIFIED[ours]
-    params = {}
-    for field in fields:
-        value = _one_value(models, parameters, field, source)
-        if value is None and field == "density":
-            raise ConfigError(f"{source}: parameters.density: required by {method}; give it once for all models")
-        if value is not None:
-            params[field] = value
-    rescale = parameters.get("rescale", rescale_default)
-    if rescale and not rescale_default:
-        raise ConfigError(f"{source}: parameters.rescale: true is not supported for {method}; mergeplan keeps the "
-                          "trimmed entries as they are (rescale: false)")
-    if rescale_default and not rescale:
-        raise ConfigError(f"{source}: parameters.rescale: false is not supported; {method} keeps the expected "
-                          "task vector by dividing each kept entry by its keep probability")
-    if rescale_default:
-        log.warning("%s: %s: mergeplan divides each kept entry by its keep probability (1/density for DARE, as the "
-                    "paper does) with its own seeded masks; mergekit's masks and L1 rescaling differ, so the "
-                    "outputs do not match", source, method)
-    return params
-
-
-def from_mergekit(data: dict, source: str) -> dict[str, Any]:
-    """The fields of a MergeConfig for mergekit config DATA (read from SOURCE); paths as written in it."""
-    if "slices" in data:
-        raise ConfigError(f"{source}: slices: layer slices are not supported; list whole models under models:")
-    _known(data, TOP_LEVEL, "", source)
-    method = data["merge_method"]
-    if method in UNSUPPORTED_METHODS:
-        raise ConfigError(f"{source}: merge_method: {method!r} is not supported yet; mergeplan reads "
-                          f"{', '.join(SHARED_METHODS)} from mergekit configs")
-    if method not in SHARED_METHODS:
-        raise ConfigError(f"{source}: merge_method: unknown mergekit method {method!r}; mergeplan reads "
-                          f"{', '.join(SHARED_METHODS)}")
-    ours, normalize_default = SHARED_METHODS[method]
+def _models_form(data: dict, allowed: set[str], source: str) -> Inputs:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{source}: models: expected a list of {{model: PATH, parameters: {{...}}}}")
-    parameters = data.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ConfigError(f"{source}: parameters: expected a mapping")
-    _known(parameters, GLOBAL_PARAMETERS, "parameters.", source)
-    paths = [_model_path(entry, i, source) for i, entry in enumerate(models)]
+    names, own = [], []
     for i, entry in enumerate(models):
-        _known(entry, MODEL_FIELDS, f"models[{i}].", source)
-        _known(entry.get("parameters") or {}, MODEL_PARAMETERS, f"models[{i}].parameters.", source)
-    base = data.get("base_model")
-    if base is None and method != "linear":
-        raise ConfigError(f"{source}: base_model: required by {method}; name the model the experts were tuned from")
-    if method == "slerp" and (len(paths) != 2 or base not in paths):
-        raise ConfigError(f"{source}: models: slerp takes exactly two models, one of them the base_model; "
-                          f"got {len(paths)}")
-    base = base if base is not None else paths[0]  # linear: any listed model serves as θ0
-    _tokenizer(data, base, source)
-    default_weight = _number(parameters.get("weight", 1.0), "parameters.weight", source)
-    weights = [_number((m.get("parameters") or {}).get("weight", default_weight), f"models[{i}].parameters.weight",
-                       source) for i, m in enumerate(models)]
-    experts = [(path, weight) for path, weight in zip(paths, weights, strict=True) if path != base]
+        name = model_name(entry, f"models[{i}]", source)
+        known_fields(entry, {"model", "parameters"}, f"models[{i}].", source, "not a field of a model entry")
+        parameters = mapping(entry.get("parameters"), f"models[{i}].parameters", source)
+        known_fields(parameters, allowed, f"models[{i}].parameters.", source, f"{data['merge_method']} takes no such "
+               "parameter")
+        names.append(name)
+        own.append(parameters)
+    return Inputs(names, own, data.get("base_model"))
+
+
+def _method_params(method: str, parameters: dict, source: str) -> dict[str, Any]:
+    """The config's own parameters with mergekit's defaults where ours differ, and the dropped ones removed."""
+    for name in sorted(DROPPED & set(parameters)):
+        log.info("%s: parameters.%s: accepted; it changes the dtype of mergekit's sign mask, not the result",
+                 source, name)
+    params = {k: v for k, v in parameters.items() if k not in DROPPED}
+    for key, value in GTA_DEFAULTS.get(method, {}).items():
+        params.setdefault(key, value)
+    if method in SPARSIFIED:
+        params.setdefault("density", 1.0)  # mergekit's default: nothing trimmed
+    if method in RANDOM:
+        log.warning("%s: %s: its random masks are mergeplan's own (seeded per tensor and expert), so the output "
+                    "is another draw of the same method than mergekit's, and mergekit's rescale matches the L1 "
+                    "norm where ours divides by the keep probability", source, method)
+    if method == "task_arithmetic" and "density" in params:
+        log.warning("%s: parameters.density: task_arithmetic trims nothing (mergekit ignores it too)", source)
+        del params["density"]
+    return params
+
+
+def from_mergekit(data: dict, source: str, model_dir: Path | None = None,
+                  group_parameters: dict[str, set[str]] | None = None) -> dict[str, Any]:
+    """The fields of a MergeConfig for mergekit config DATA (read from the file SOURCE), every model resolved to a
+    folder on this machine (hub ids in MODEL_DIR or the Hugging Face cache). GROUP_PARAMETERS: the parameter names
+    of the methods that are not folds, by name."""
+    from merging.methods import GROUP_METHODS, GROUP_PARAMETERS, METHODS  # the methods sit above the config
+
+    group_parameters = GROUP_PARAMETERS if group_parameters is None else group_parameters
+    known_fields(data, TOP_LEVEL, "", source, "not a field of a mergekit config")
+    if "modules" in data:
+        raise ConfigError(f"{source}: modules: per-module merges (vision towers, multi-module models) are not "
+                          "supported; give models: or slices: for a language model")
+    method = data["merge_method"]
+    if method not in {*METHODS, *GROUP_METHODS, "linear", "passthrough"}:
+        raise ConfigError(f"{source}: merge_method: unknown mergekit method {method!r}; mergeplan reads "
+                          f"{', '.join(sorted({*METHODS, *GROUP_METHODS, 'linear', 'passthrough'} - {'average'}))}")
+    allowed = method_parameters(method, group_parameters)
+    parameters = mapping(data.get("parameters"), "parameters", source)
+    known_fields(parameters, allowed, "parameters.", source, f"{method} takes no such parameter")
+    if (data.get("models") is None) == (data.get("slices") is None):
+        raise ConfigError(f"{source}: models: give exactly one of models: and slices:")
+    resolver = ModelResolver(Path(source).parent, model_dir)
+    if method == "passthrough":
+        return _passthrough(data, parameters, allowed, resolver, source)
+    if data.get("slices") is not None:
+        inputs, slices, stack = read_slices(data, allowed, source)
+    else:
+        inputs, slices, stack = _models_form(data, allowed, source), [], None
+    if stack is not None:
+        raise ConfigError(f"{source}: slices: sources of different layer ranges are only stacked by passthrough; "
+                          f"{method} merges the same layers of each model (give every source of a slice one range)")
+    return _merge_fields(data, method, inputs, slices, parameters, resolver, source)
+
+
+def _resolved(inputs: Inputs, resolver: ModelResolver, field: str,
+              source: str) -> tuple[list[ResolvedModel], ResolvedModel | None]:
+    """The inputs' models and the base as folders (and LoRA adapters) on this machine."""
+    models = [resolver.resolve(name, f"{source}: {field}[{i}].model") for i, name in enumerate(inputs.names)]
+    base = resolver.resolve(inputs.base, f"{source}: base_model") if inputs.base is not None else None
+    if base is not None and base.lora is not None:
+        raise ConfigError(f"{source}: base_model: {inputs.base!r} applies a LoRA to the base; merge the "
+                          "adapter into the base first, or name the fine-tuned model as an expert")
+    return models, base
+
+
+def _merge_fields(data: dict, method: str, inputs: Inputs, slices: list, parameters: dict,
+                  resolver: ModelResolver, source: str) -> dict[str, Any]:
+    models, base = _resolved(inputs, resolver, "slices[0].sources" if slices else "models", source)
+    with_base = base is not None
+    if method == "linear":
+        if base is not None and base not in models:
+            raise ConfigError(f"{source}: base_model: linear averages the listed models; list {base} under models "
+                              "with its weight (or remove base_model)")
+        base, experts = base or models[0], list(range(len(models)))
+        ours = "average" if parameters.pop("normalize", True) else _linear_sum(inputs, parameters, source)
+    else:
+        ours = method
+        if base is None and method in BASE_OPTIONAL:
+            base, experts = models[0], list(range(len(models)))
+            parameters["with_base"] = False
+        elif base is None:
+            raise ConfigError(f"{source}: base_model: required by {method}; name the model the experts were tuned "
+                              "from")
+        else:
+            experts = [i for i, model in enumerate(models) if model != base]
+            if method in BASE_OPTIONAL:
+                parameters["with_base"] = with_base
     if not experts:
         raise ConfigError(f"{source}: models: every listed model is the base; list the experts to merge")
-    return {"base": base, "method": ours, "dtype": _dtype(data, source),
-            "params": _params(method, ours, normalize_default, models, parameters, weights, source),
-            "experts": [{"path": path, "weight": weight} for path, weight in _expert_weights(method, experts, weights,
-                                                                                            parameters, source)]}
+    _tokenizer(data, base, inputs.base, source)
+    params = _method_params(method, parameters, source) if ours != "average" else parameters
+    _drop_weights(ours, params, inputs, slices, source)
+    return {"base": base.path, "method": ours, "dtype": _dtype(data, source), "params": params,
+            "experts": [{"path": models[i].path, "lora": models[i].lora, "name": models[i].name,
+                         "params": inputs.own[i]} for i in experts],
+            "slices": [piece.model_copy(update={"experts": [piece.experts[i] for i in experts]})
+                       if piece.experts else piece for piece in slices]}
 
 
-def _expert_weights(method: str, experts: list[tuple[str, float]], weights: list[float], parameters: dict,
-                    source: str) -> list[tuple[str, float]]:
-    if method != "linear":
-        return experts
-    total = sum(weights)  # the base's own weight, when listed, counts in the divisor
-    normalize = parameters.get("normalize", True)
-    if not normalize and abs(total - 1) > 1e-9:
-        raise ConfigError(f"{source}: parameters.normalize: false with weights summing to {total:g} scales the "
-                          "base too; not a task-vector merge (set normalize: true or weights summing to 1)")
-    return [(path, weight / total) for path, weight in experts]
+def _drop_weights(method: str, params: dict, inputs: Inputs, slices: list, source: str) -> None:
+    """Methods without per-model weights: mergekit ignores the weights a config gives them, and so do we."""
+    from merging.methods import method_class
+
+    if method_class(method, source).takes_weights:
+        return
+    scopes = [params, *inputs.own, *(piece.params for piece in slices),
+              *(own for piece in slices for own in piece.experts)]
+    if any(scope.pop("weight", None) is not None for scope in scopes):
+        log.warning("%s: %s: mergekit ignores the models' weights; so does mergeplan", source, method)
 
 
-def _params(method: str, ours: str, normalize_default: bool | None, models: list[dict], parameters: dict,
-            weights: list[float], source: str) -> dict[str, Any]:
-    if ours == "slerp":
-        if "t" not in parameters:
-            raise ConfigError(f"{source}: parameters.t: required by slerp (0 is the base_model, 1 the other model)")
-        return {"t": _number(parameters["t"], "parameters.t", source)}
-    if ours == "model_stock":
-        if any(w != 1 for w in weights):
-            log.warning("%s: model_stock: mergekit ignores the models' weights; so does mergeplan", source)
-        filter_wise = _scalar(parameters.get("filter_wise", False), "parameters.filter_wise", source)
-        return {"filter_wise": filter_wise}
-    normalize = _scalar(parameters.get("normalize", normalize_default), "parameters.normalize", source)
-    if not isinstance(normalize, bool):
-        raise ConfigError(f"{source}: parameters.normalize: expected true or false, got {normalize!r}")
-    params: dict[str, Any] = {"lambda": _number(parameters.get("lambda", 1.0), "parameters.lambda", source)}
-    if ours in DISJOINT_MEAN:
-        if not normalize:
-            log.warning("%s: parameters.normalize: false makes mergekit's %s sum the elected entries; mergeplan "
-                        "takes their weighted mean (normalize: true)", source, method)
-    elif method != "linear":
-        params["normalize"] = normalize
-    if ours in SPARSIFIED:
-        params |= _sparsified_params(method, ours, models, parameters, source)
-    return params
+def _linear_sum(inputs: Inputs, parameters: dict, source: str) -> str:
+    """linear with normalize: false is Σ wi θi: a task-vector merge only when the weights sum to 1."""
+    weights = [own.get("weight", parameters.get("weight", 1.0)) for own in inputs.own]
+    if any(not isinstance(w, int | float) or isinstance(w, bool) for w in weights):
+        raise ConfigError(f"{source}: parameters.normalize: false with per-layer or missing weights scales the "
+                          "base too; give every model one number summing to 1, or set normalize: true")
+    if abs(sum(weights) - 1) > 1e-9:
+        raise ConfigError(f"{source}: parameters.normalize: false with weights summing to {sum(weights):g} scales "
+                          "the base too; not a task-vector merge (set normalize: true or weights summing to 1)")
+    return "average"
+
+
+def _passthrough(data: dict, parameters: dict, allowed: set[str], resolver: ModelResolver,
+                 source: str) -> dict[str, Any]:
+    """passthrough: one model per slice, its layers stacked in order (or one model under models:, copied)."""
+    if data.get("slices") is not None:
+        pieces = stacked_slices(data, allowed, source)
+    else:
+        inputs = _models_form(data, allowed, source)
+        if len(inputs.names) != 1:
+            raise ConfigError(f"{source}: models: passthrough copies one model; got {len(inputs.names)} (stack "
+                              "layers of several with slices:, one source each)")
+        pieces = [StackedSlice(Source(inputs.names[0], None, inputs.own[0]), {})]
+    models: list[ResolvedModel] = []
+    ranges = []
+    for r, piece in enumerate(pieces):
+        model = resolver.resolve(piece.source.model, f"{source}: slices[{r}].sources[0].model")
+        if model not in models:
+            models.append(model)
+        scopes = [piece.source.params, piece.params, parameters]
+        scale = next((scope["scale"] for scope in scopes if "scale" in scope), None)
+        ranges.append({"expert": models.index(model), "layers": piece.source.layers,
+                       "params": {} if scale is None else {"scale": scale}})
+    _tokenizer(data, models[0], data.get("base_model"), source)
+    return {"base": models[0].path, "method": "passthrough", "dtype": _dtype(data, source), "stack": ranges,
+            "experts": [{"path": m.path, "lora": m.lora, "name": m.name} for m in models]}

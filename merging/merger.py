@@ -25,11 +25,13 @@ from merging.config import ExpertRef, MergeConfig, describe_validation_error, lo
 from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
 from merging.io.checkpoint import CheckpointReader, CheckpointWriter, parse_size
-from merging.methods import MergeMethod, build_method
+from merging.methods import MergeMethod, method_class
 from merging.methods.learned import LearnedCoefficients
 from merging.methods.registry import is_calibrated, methods_of_kind
 from merging.model_card import CARD_FILE, render_card
-from merging.streaming import WeightedExpert, output_dtype, state_key, stream_merge
+from merging.stacking import stack_layers
+from merging.streaming import WeightedExpert, output_dtype, resolve_device, state_key, stream_merge
+from merging.tensor_plan import AnyMethod, FixedMethod, TensorPlan
 
 log = logging.getLogger("mergeplan")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,14 +44,10 @@ STATE_FORMAT = 1
 class PreparedMerge:
     config: MergeConfig
     base: CheckpointReader
-    method: MergeMethod
+    tensors: TensorPlan | FixedMethod
     experts: list[WeightedExpert]
     merged_names: set[str]
     source: str
-
-    @property
-    def total_weight(self) -> float:
-        return sum(e.weight for e in self.config.experts)
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -61,15 +59,15 @@ class PreparedMerge:
 
     @property
     def state_layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return [(state_key(key, name), torch.float32, self.method.state_shape(key, info.shape))
+        return [(state_key(key, name), torch.float32, self.tensors[name].method.state_shape(key, info.shape))
                 for name, info in self.base.tensors.items() if name in self.merged_names
-                for key in self.method.state_names]
+                for key in self.tensors[name].method.state_names]
 
     def base_fingerprint(self) -> str:
         return hashlib.sha256(self.base.fingerprint().encode()).hexdigest()
 
 
-def _check_experts(config: MergeConfig, method: MergeMethod, source: str) -> None:
+def _check_experts(config: MergeConfig, method: type[AnyMethod], source: str) -> None:
     count = len(config.experts)
     if count < method.min_experts:
         raise ConfigError(f"{source}: experts: {method.name} needs at least {method.min_experts} experts, got {count}")
@@ -77,17 +75,6 @@ def _check_experts(config: MergeConfig, method: MergeMethod, source: str) -> Non
         raise ConfigError(f"{source}: experts: {method.name} takes at most {method.max_experts} expert(s), got "
                           f"{count}" + (" (it interpolates between the base and one expert: make one of the two "
                                         "models the base)" if method.max_experts == 1 else ""))
-    for i, expert in enumerate(config.experts):
-        if not method.takes_weights and expert.weight != 1:
-            raise ConfigError(f"{source}: experts.{i}.weight: {method.name} has no per-expert weight; remove it "
-                              "(or set 1)")
-        if expert.weight < 0 and not method.allows_negative_weights:
-            raise ConfigError(f"{source}: experts.{i}.weight: {expert.weight} is negative; only "
-                              "task_arithmetic accepts negative weights")
-        if expert.weight == 0 and not method.allows_negative_weights:
-            raise ConfigError(f"{source}: experts.{i}.weight: must be positive for {method.name}")
-    if getattr(method.params, "normalize", False) and sum(e.weight for e in config.experts) == 0:
-        raise ConfigError(f"{source}: experts: the weights sum to 0, so they cannot be normalized")
 
 
 def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
@@ -98,7 +85,7 @@ def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
         if resolved in seen:
             log.warning("expert %s is listed more than once; it counts once per listing", ref.path)
         seen.append(resolved)
-        expert = open_expert(ref.path)
+        expert = open_expert(ref.path, ref.lora)
         expert.check_compatible(base)
         experts.append(WeightedExpert(expert, ref.weight, start_index + offset))
     log_mixed_adapters([e.expert for e in experts])
@@ -107,9 +94,9 @@ def _open_experts(config: MergeConfig, base: CheckpointReader, start_index: int,
 
 def prepare(config: MergeConfig, source: str = "config", first_new_expert: int = 0,
             method: MergeMethod | None = None) -> PreparedMerge:
-    """Validate everything that can be checked before any tensor is merged; open the checkpoints."""
-    method = method or build_method(config.method, config.params, config.seed, source)
-    _check_experts(config, method, source)
+    """Validate everything that can be checked before any tensor is merged (every tensor's parameters included);
+    open the checkpoints. METHOD: one method for every tensor, with the experts' own weights."""
+    _check_experts(config, type(method) if method is not None else method_class(config.method, source), source)
     try:
         parse_size(config.max_shard_size)
     except ValueError as exc:
@@ -122,7 +109,10 @@ def prepare(config: MergeConfig, source: str = "config", first_new_expert: int =
               and any(fnmatch.fnmatchcase(name, pattern) for pattern in config.include)}
     if not merged:
         raise ConfigError(f"{source}: include: patterns {config.include} match no tensor of {config.base}")
-    return PreparedMerge(config, base, method, experts, merged, source)
+    names = [name for name in base.names() if name in merged]
+    tensors = FixedMethod(method, [e.weight for e in config.experts]) if method is not None else \
+        TensorPlan(config, names, base.names(), source)
+    return PreparedMerge(config, base, tensors, experts, merged, source)
 
 
 def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
@@ -133,13 +123,19 @@ def _write_companions(plan: PreparedMerge, writer: CheckpointWriter) -> None:
         if "torch_dtype" in model_config:
             model_config["torch_dtype"] = plan.config.dtype
     writer.write_json("config.json", model_config)
-    absolute = plan.config.model_copy(update={
-        "base": plan.config.base.resolve(),
-        "experts": [e.model_copy(update={"path": e.path.resolve()}) for e in plan.config.experts],
-        "calibration": {name: path.resolve() for name, path in plan.config.calibration.items()}})
+    write_recipe(plan.config, writer)
+
+
+def write_recipe(config: MergeConfig, writer: CheckpointWriter) -> None:
+    """merge_config.yaml (every path absolute) and the model card."""
+    absolute = config.model_copy(update={
+        "base": config.base.resolve(),
+        "experts": [e.model_copy(update={"path": e.path.resolve(), "lora": e.lora.resolve() if e.lora else None})
+                    for e in config.experts],
+        "calibration": {name: path.resolve() for name, path in config.calibration.items()}})
     writer.write_text("merge_config.yaml",
                       yaml.safe_dump(absolute.model_dump(mode="json", by_alias=True), sort_keys=False))
-    writer.write_text(CARD_FILE, render_card(plan.config))
+    writer.write_text(CARD_FILE, render_card(config))
 
 
 def refuse_output_over_inputs(config: MergeConfig, out: Path, source: str) -> None:
@@ -158,6 +154,7 @@ def refuse_output_over_inputs(config: MergeConfig, out: Path, source: str) -> No
 def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointReader | None = None,
          state_dir: Path | None = None, artifacts: Callable[[CheckpointWriter], None] | None = None) -> Path:
     refuse_output_over_inputs(plan.config, out, plan.source)
+    device = resolve_device(plan.config.device, plan.source)
     if state_dir is not None:
         refuse_output_over_inputs(plan.config, state_dir, plan.source)
     shard_size = parse_size(plan.config.max_shard_size)
@@ -171,8 +168,8 @@ def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointRe
         if state_writer is not None:
             stack.enter_context(state_writer)
         stack.enter_context(writer)
-        stream_merge(plan.base, plan.experts, plan.method, plan.merged_names, plan.total_weight,
-                     writer, plan.dtype, state_in, state_writer)
+        stream_merge(plan.base, plan.experts, plan.tensors, plan.merged_names, writer, plan.dtype, state_in,
+                     state_writer, device)
         if state_writer is not None:
             state_writer.write_json(STATE_FILE, {
                 "format": STATE_FORMAT,
@@ -182,22 +179,29 @@ def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointRe
         if artifacts is not None:
             artifacts(writer)
         _write_companions(plan, writer)
-    log.info("merged %d experts with %s into %s", len(plan.config.experts), plan.method.name, out)
+    log.info("merged %d experts with %s into %s", len(plan.config.experts), plan.tensors.method_class.name, out)
     return out
 
 
 def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
-          save_state: str | Path | None = None) -> Path:
+          save_state: str | Path | None = None, model_dir: Path | None = None, device: str | None = None) -> Path:
     """Merge a config's experts into the checkpoint folder `out` (default: the config's `out`); returns it.
 
     `config` is a MergeConfig or the path of a YAML file. With `save_state`, the method's accumulators
-    are saved there for `add_experts`.
+    are saved there for `add_experts`. MODEL_DIR: where a mergekit file's hub ids are looked up first. DEVICE
+    (cpu, cuda, cuda:N) overrides the config's device: where the arithmetic runs.
     """
     source = str(config) if isinstance(config, str | Path) else "config"
-    config = load_config(config) if isinstance(config, str | Path) else config
+    config = load_config(config, model_dir) if isinstance(config, str | Path) else config
+    if device is not None:
+        config = config.model_copy(update={"device": device})
     out = out if out is not None else config.out
     if out is None:
         raise ConfigError(f"{source}: out: no output folder; give one (mergeplan merge CONFIG OUT) or set out:")
+    if config.method == "passthrough":
+        if save_state:
+            raise ConfigError(f"{source}: method: passthrough stacks layers and keeps no state to add experts to")
+        return stack_layers(config, Path(out), overwrite, source)
     if is_calibrated(config.method):
         if save_state:
             raise ConfigError(f"{source}: method: {config.method} has no incremental state (its coefficients are "
@@ -207,6 +211,9 @@ def merge(config: MergeConfig | str | Path, out: str | Path | None = None, *, ov
         log.warning("%s: calibration data is used only by %s; %s ignores it", source,
                     " and ".join(methods_of_kind("calibrated")), config.method)
     plan = prepare(config, source)
+    if save_state and not issubclass(plan.tensors.method_class, MergeMethod):
+        raise ConfigError(f"{source}: method: {config.method} reads every expert's tensor at once and keeps no "
+                          "accumulators, so it has no incremental state; merge again with the new expert")
     return _run(plan, Path(out), overwrite, None, Path(save_state) if save_state else None)
 
 

@@ -25,7 +25,7 @@ from infra.settings import Settings
 from merging.calibration.coefficients import COEFFICIENTS_FILE
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
-from merging.methods.registry import is_calibrated
+from merging.methods.registry import methods_of_kind
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
 from tasks.fetch import LocalCheckpoint
 from tasks.retrying import IO_TASK_OPTIONS
@@ -79,7 +79,8 @@ class MergeJob(BaseModel):
 
     @property
     def keeps_state(self) -> bool:
-        return not is_calibrated(self.method)
+        """Whether the merge keeps accumulators for an incremental one (the folds do)."""
+        return self.method in methods_of_kind("fold")
 
     def config(self) -> MergeConfig:
         params = self.params if self.warm_start is None else self.params | {"warm_start": self.warm_start.coefficients}

@@ -10,7 +10,7 @@ from merging.seeding import generator
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    keep = int(density * delta.numel())
+    keep = max(1, int(density * delta.numel()))  # a positive density keeps one entry at least (mergekit's rule)
     order = torch.argsort(delta.abs().reshape(-1), descending=True, stable=True)
     mask = torch.zeros(delta.numel(), dtype=torch.bool)
     mask[order[:keep]] = True
@@ -35,7 +35,7 @@ def average(base, experts, weights):
 def disjoint_merge(base, deltas, weights, scale):
     stacked = torch.stack(deltas)
     w = torch.tensor(weights).view(-1, *[1] * base.dim())
-    elected = torch.sign((w * stacked).sum(0))
+    elected = torch.where((w * stacked).sum(0) >= 0, 1.0, -1.0)  # a zero sum elects + (mergekit's rule)
     agrees = (torch.sign(stacked) == elected) & (stacked != 0)
     numerator = (w * agrees * stacked).sum(0)
     denominator = (w * agrees).sum(0)

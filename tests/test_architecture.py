@@ -14,9 +14,11 @@ SERVICE_PACKAGES = {"prefect", "prefect_dask", "mlflow", "boto3", "botocore", "m
 # merging/ inside: a layer imports only from its own layer or those below it.
 MERGING_LAYERS = {
     "errors": 0, "seeding": 0, "progress_bar": 0,
-    "io": 1, "data": 1,
-    "methods": 2, "experts": 2, "config": 2, "mergekit_config": 2, "streaming": 2, "model_card": 2,
-    "merger": 3, "calibration": 3, "evaluate": 3, "lora_export": 3,
+    "io": 1, "data": 1, "model_refs": 1, "parameters": 1,
+    "methods": 2, "experts": 2, "lora_on_model": 2, "config": 2, "mergekit_config": 2, "mergekit_slices": 2,
+    "tensor_plan": 2, "streaming": 2,
+    "model_card": 2,
+    "merger": 3, "stacking": 3, "calibration": 3, "evaluate": 3, "lora_export": 3,
     "zoo": 4,
     "sweep": 5,
     "scaling_law": 6,

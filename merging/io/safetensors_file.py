@@ -9,6 +9,7 @@ in memory. The format: 8-byte little-endian header length, a JSON header mapping
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -176,8 +177,11 @@ class SafetensorsFileWriter:
         self._data_start = 8 + len(encoded)
         self.size = self._data_start + cursor
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes written so far of tensors written in ranges
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self._fd, struct.pack("<Q", len(encoded)) + encoded)
+        with contextlib.suppress(OSError):  # blocks allocated up front: cheaper writes than into a sparse file
+            os.posix_fallocate(self._fd, 0, self.size)
         os.ftruncate(self._fd, self.size)
 
     @property
@@ -189,11 +193,26 @@ class SafetensorsFileWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, "
                              f"layout says {dtype} {shape}")
-        data = tensor_bytes(tensor)
-        written = 0
-        while written < nbytes:
-            written += os.pwrite(self._fd, data[written:], self._data_start + offset + written)
+        self._pwrite(tensor_bytes(tensor), self._data_start + offset)
         self._written.add(name)
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Entries start.. of tensor `name` (flat, in row-major order) from a 1-D TENSOR of its dtype; the tensor
+        counts as written once every byte of it has been written (ranges must not overlap)."""
+        offset, nbytes, dtype, _ = self._slots[name]
+        count = tensor.numel() * dtype.itemsize
+        if tensor.dtype != dtype or start < 0 or start * dtype.itemsize + count > nbytes:
+            raise ValueError(f"tensor {name!r}: entries {start}..{start + tensor.numel()} of {tensor.dtype} do not fit "
+                             f"its {dtype} slot of {nbytes // dtype.itemsize} entries")
+        self._pwrite(tensor_bytes(tensor), self._data_start + offset + start * dtype.itemsize)
+        self._filled[name] = self._filled.get(name, 0) + count
+        if self._filled[name] == nbytes:
+            self._written.add(name)
+
+    def _pwrite(self, data: memoryview, position: int) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], position + written)
 
     def missing(self) -> list[str]:
         return [name for name in self._slots if name not in self._written]

@@ -33,6 +33,21 @@ class LinearParams(ScaledParams):
 
 class DensityParams(ScaledParams):
     density: float = Field(gt=0, le=1, description="fraction of each task vector's entries kept")
+    rescale: bool = Field(False, description="scale each trimmed task vector back to its L1 norm before trimming")
+
+
+class DropParams(DensityParams):
+    """Random drops (DARE, DELLA): density is each entry's keep probability."""
+
+    rescale: bool = Field(True, description="divide each kept entry by its keep probability, so the task vector "
+                          "keeps its expected value")
+
+
+class DisjointParams(MethodParams):
+    """The TIES family's sign election."""
+
+    normalize: bool = Field(True, description="divide the elected entries' weighted sum by their weights (the "
+                            "disjoint mean); false: their weighted sum, as mergekit's normalize: false")
 
 
 class MergeMethod(ABC):

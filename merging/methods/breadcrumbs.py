@@ -5,7 +5,7 @@ sign election and disjoint mean."""
 import torch
 from pydantic import Field
 
-from merging.methods.base import DensityParams, LinearParams
+from merging.methods.base import DensityParams, DisjointParams, LinearParams
 from merging.methods.sparsify import outlier_trim_
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
@@ -19,18 +19,22 @@ class BreadcrumbsParams(OutlierParams, LinearParams):
     pass
 
 
+class BreadcrumbsTiesParams(OutlierParams, DisjointParams):
+    pass
+
+
 class Breadcrumbs(TaskArithmetic):
     name = "breadcrumbs"
     Params = BreadcrumbsParams
     allows_negative_weights = False
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return outlier_trim_(delta, self.params.density, self.params.gamma)
+        return outlier_trim_(delta, self.params.density, self.params.gamma, self.params.rescale)
 
 
 class BreadcrumbsTies(Ties):
     name = "breadcrumbs_ties"
-    Params = OutlierParams
+    Params = BreadcrumbsTiesParams
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return outlier_trim_(delta, self.params.density, self.params.gamma)
+        return outlier_trim_(delta, self.params.density, self.params.gamma, self.params.rescale)

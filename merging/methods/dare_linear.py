@@ -1,15 +1,14 @@
 """dare_linear: DARE drop-and-rescale of each task vector, then task arithmetic."""
 
 import torch
-from pydantic import Field
 
-from merging.methods.base import LinearParams
+from merging.methods.base import DropParams, LinearParams
 from merging.methods.sparsify import dare_drop_
 from merging.methods.task_arithmetic import TaskArithmetic
 
 
-class DareLinearParams(LinearParams):
-    density: float = Field(gt=0, le=1, description="probability of keeping each entry")
+class DareLinearParams(DropParams, LinearParams):
+    pass
 
 
 class DareLinear(TaskArithmetic):
@@ -18,4 +17,4 @@ class DareLinear(TaskArithmetic):
     allows_negative_weights = False
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return dare_drop_(delta, self.params.density, self.seed, tensor_name, expert_index)
+        return dare_drop_(delta, self.params.density, self.seed, tensor_name, expert_index, self.params.rescale)

@@ -5,13 +5,13 @@ disjoint mean; della_linear follows the drop with task arithmetic instead."""
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from merging.methods.base import DensityParams, LinearParams
+from merging.methods.base import DisjointParams, DropParams, LinearParams
 from merging.methods.sparsify import della_drop_
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 
 
-class DellaParams(DensityParams):
+class DellaParams(DropParams):
     epsilon: float = Field(0.15, ge=0, description="half-width of the keep probabilities around density")
 
     @field_validator("epsilon")
@@ -28,12 +28,17 @@ class DellaLinearParams(DellaParams, LinearParams):
     pass
 
 
+class DellaTiesParams(DellaParams, DisjointParams):
+    pass
+
+
 class Della(Ties):
     name = "della"
-    Params = DellaParams
+    Params = DellaTiesParams
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return della_drop_(delta, self.params.density, self.params.epsilon, self.seed, tensor_name, expert_index)
+        return della_drop_(delta, self.params.density, self.params.epsilon, self.seed, tensor_name, expert_index,
+                           self.params.rescale)
 
 
 class DellaLinear(TaskArithmetic):
@@ -42,4 +47,5 @@ class DellaLinear(TaskArithmetic):
     allows_negative_weights = False
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
-        return della_drop_(delta, self.params.density, self.params.epsilon, self.seed, tensor_name, expert_index)
+        return della_drop_(delta, self.params.density, self.params.epsilon, self.seed, tensor_name, expert_index,
+                           self.params.rescale)

@@ -1,10 +1,26 @@
-"""Sparsifiers shared by the methods: exact top-k magnitude trimming and seeded DARE dropping."""
+"""Sparsifiers shared by the methods: exact top-k magnitude trimming and seeded DARE dropping.
+
+`rescale` has each family's meaning, as mergekit's: a magnitude trim scales what it keeps back to the task vector's
+L1 norm (unless either norm is below 1e-7); a random drop divides each kept entry by its keep probability.
+"""
 
 import torch
 
 from merging.seeding import generator
 
 _BUCKET_SHIFT = 16  # radix select on the top 16 bits of the float32 magnitudes
+RESCALE_EPS = 1e-7
+
+
+def _rescaled_(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """In place: DELTA masked, and with RESCALE scaled back to its L1 norm before the mask."""
+    before = float(delta.abs().sum()) if rescale else 0.0
+    delta.mul_(mask.view(delta.shape))
+    if rescale:
+        after = float(delta.abs().sum())
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    return delta
 
 
 def top_magnitude_mask(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
@@ -28,27 +44,26 @@ def top_magnitude_mask(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
-def magnitude_trim_(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """In place: keep the int(density·numel) entries of largest magnitude, zero the rest."""
-    keep = int(density * delta.numel())
+def magnitude_trim_(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """In place: keep the max(1, int(density·numel)) entries of largest magnitude, zero the rest."""
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    keep = max(1, int(density * delta.numel()))
     if keep >= delta.numel():
         return delta
-    if keep == 0:
-        return delta.zero_()
-    mask = top_magnitude_mask(delta.abs().reshape(-1), keep)
-    return delta.mul_(mask.view(delta.shape))
+    return _rescaled_(delta, top_magnitude_mask(delta.abs().reshape(-1), keep), rescale)
 
 
-def dare_drop_(delta: torch.Tensor, density: float, seed: int, tensor_name: str,
-               expert_index: int) -> torch.Tensor:
-    """In place: keep each entry with probability `density` and divide the kept ones by it (DARE)."""
+def dare_drop_(delta: torch.Tensor, density: float, seed: int, tensor_name: str, expert_index: int,
+               rescale: bool = True) -> torch.Tensor:
+    """In place: keep each entry with probability `density` and (RESCALE) divide the kept ones by it (DARE)."""
     if density >= 1:
         return delta
     kept = torch.rand(delta.shape, generator=generator(seed, tensor_name, expert_index)) < density
-    return delta.div_(density).mul_(kept)
+    return (delta.div_(density) if rescale else delta).mul_(kept)
 
 
-def outlier_trim_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_trim_(delta: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
     """In place (Model Breadcrumbs): zero the int(gamma·numel) entries of largest magnitude, then keep the
     int(density·numel) largest of the rest; when the two fractions exceed 1, fewer outliers are cut."""
     numel = delta.numel()
@@ -61,14 +76,14 @@ def outlier_trim_(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
         torch.ones(numel, dtype=torch.bool)
     if outliers:
         mask &= ~top_magnitude_mask(magnitudes, outliers)
-    return delta.mul_(mask.view(delta.shape))
+    return _rescaled_(delta, mask, rescale)
 
 
 def della_drop_(delta: torch.Tensor, density: float, epsilon: float, seed: int, tensor_name: str,
-                expert_index: int) -> torch.Tensor:
+                expert_index: int, rescale: bool = True) -> torch.Tensor:
     """In place (DELLA's MagPrune): in each row (first dimension; a vector is one row), the entry of magnitude
     rank r among n (1 = smallest) is kept with probability p = density - epsilon + 2·epsilon·(r - 1)/(n - 1)
-    (density when n = 1) and divided by p when kept, so each entry keeps its expected value."""
+    (density when n = 1) and (RESCALE) divided by p when kept, so each entry keeps its expected value."""
     if density >= 1:
         return delta
     rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
@@ -78,5 +93,5 @@ def della_drop_(delta: torch.Tensor, density: float, epsilon: float, seed: int, 
     spread = ranks.div_(width - 1).mul_(2 * epsilon) if width > 1 else ranks.fill_(epsilon)
     keep_probability = spread.add_(density - epsilon)
     kept = torch.rand(rows.shape, generator=generator(seed, tensor_name, expert_index)) < keep_probability
-    rows.div_(keep_probability).mul_(kept)
+    (rows.div_(keep_probability) if rescale else rows).mul_(kept)
     return delta

@@ -237,6 +237,9 @@ def check_sweep(out: str | Path, settings: SweepSettings) -> None:
     table_format(Path(out))
     for name in settings.methods:
         method = build_method(name, settings.method_params(name), settings.seed, source=f"sweep.{name}")
+        if not isinstance(method, MergeMethod):
+            raise ConfigError(f"sweep.{name}: {name} reads every expert's tensor at once, so a sweep cannot fold "
+                              "prefixes of experts with it; sweep a fold method")
         if method.min_experts > 1 or method.max_experts is not None:
             raise ConfigError(f"sweep.{name}: a sweep merges subsets of every size from one expert up, which {name} "
                               "does not take; sweep another method")

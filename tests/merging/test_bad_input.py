@@ -161,7 +161,7 @@ def test_same_expert_twice_warns(zoo, tmp_path, write_config, run_cli, caplog):
 
 
 def test_unknown_method(refuse):
-    refuse("method: unknown method 'nuslerp'; choose one of average, task_arithmetic, ties", method="nuslerp")
+    refuse("method: unknown method 'frankenmerge'; choose one of average, task_arithmetic, ties", method="frankenmerge")
 
 
 @pytest.mark.parametrize("density", [0, 1.5, -0.2])
@@ -170,7 +170,7 @@ def test_density_outside_unit_interval(refuse, density):
 
 
 def test_negative_weight_refused_outside_task_arithmetic(refuse, zoo):
-    refuse("experts.1.weight: -0.5 is negative; only task_arithmetic accepts negative weights",
+    refuse("experts.1.weight: -0.5 is negative; ties takes weights of 0 or more",
            experts=[str(zoo["experts"][0]), {"path": str(zoo["experts"][1]), "weight": -0.5}])
 
 

@@ -51,7 +51,11 @@ def test_magnitude_trim_edge_cases():
     delta = torch.tensor([0.5, -2.0, 1.0, 0.0])
     assert torch.equal(magnitude_trim_(delta.clone(), 0.5), torch.tensor([0.0, -2.0, 1.0, 0.0]))
     assert torch.equal(magnitude_trim_(delta.clone(), 1.0), delta)
-    assert torch.equal(magnitude_trim_(delta.clone(), 0.2), torch.zeros(4))  # int(0.8) = 0 entries kept
+    # int(0.8) = 0, but a positive density keeps at least one entry (mergekit's rule)
+    assert torch.equal(magnitude_trim_(delta.clone(), 0.2), torch.tensor([0.0, -2.0, 0.0, 0.0]))
+    # rescale: what is kept is scaled back to the L1 norm before the trim (3.5 / 3)
+    rescaled = magnitude_trim_(delta.clone(), 0.5, rescale=True)
+    assert torch.allclose(rescaled, torch.tensor([0.0, -2.0, 1.0, 0.0]) * 3.5 / 3)
     assert torch.equal(magnitude_trim_(torch.zeros(5), 0.4), torch.zeros(5))
 
 
@@ -84,9 +88,12 @@ def test_ties_by_hand():
     base = torch.zeros(5)
     first = torch.tensor([3.0, -1.0, 0.0, 2.0, 1.0])
     second = torch.tensor([-1.0, -2.0, 0.0, 2.0, -1.0])
-    # sums 2, -3, 0, 4, 0 -> signs +, -, none, +, none; disjoint means 3, -1.5, 0, 2, 0
+    # sums 2, -3, 0, 4, 0 -> signs +, -, + (a zero sum elects +, as mergekit), +, +; disjoint means 3, -1.5, 0, 2, 1
     merged = fold("ties", {"density": 1.0}, base, [first, second], [1.0, 1.0])
-    assert torch.equal(merged, torch.tensor([3.0, -1.5, 0.0, 2.0, 0.0]))
+    assert torch.equal(merged, torch.tensor([3.0, -1.5, 0.0, 2.0, 1.0]))
+    # normalize: false (mergekit's default for dare_ties and breadcrumbs_ties): the elected entries' sum
+    summed = fold("ties", {"density": 1.0, "normalize": False}, base, [first, second], [1.0, 1.0])
+    assert torch.equal(summed, torch.tensor([3.0, -3.0, 0.0, 4.0, 1.0]))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -119,8 +126,8 @@ def test_invalid_params_name_the_field(params, field):
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown method 'nuslerp'; choose one of average, task_arithmetic"):
-        build_method("nuslerp", {})
+    with pytest.raises(ConfigError, match="unknown method 'frankenmerge'; choose one of average, task_arithmetic"):
+        build_method("frankenmerge", {})
 
 
 def test_breadcrumbs_by_hand():
