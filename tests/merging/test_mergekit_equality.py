@@ -4,8 +4,19 @@ CLI; `make test-mergekit` installs it and runs these (they need about 5 s of mer
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
-from mergekit_equality import EQUAL, MERGEKIT_CLI, TOLERANCE, cases, ensure_inputs, run_case
+
+# the cases live with the benchmark; loaded from its file, as bench/ is no package (its pipeline.py would shadow
+# tests/pipeline on the path)
+_SPEC = importlib.util.spec_from_file_location(
+    "mergekit_equality", Path(__file__).resolve().parents[2] / "bench" / "mergekit_equality.py")
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+EQUAL, MERGEKIT_CLI, TOLERANCE = bench.EQUAL, bench.MERGEKIT_CLI, bench.TOLERANCE
+cases, ensure_inputs, run_case = bench.cases, bench.ensure_inputs, bench.run_case
 
 pytestmark = pytest.mark.mergekit
 if not MERGEKIT_CLI.exists():
