@@ -1,6 +1,12 @@
-"""The floor of a merge on this machine, for bench/merge_speed.py: start a process that imports torch and mergeplan,
-read every input byte from the page cache (pread into one reused buffer), write every output byte (pwrite into a
-preallocated file), each at its measured single-stream speed, medians of 3."""
+"""The floor of a merge on this machine, for bench/merge_speed.py: start a process that imports what a merge imports,
+read every input byte from the page cache, write every output byte into the page cache, and nothing else.
+
+Reads and writes use as many threads as the merge has workers (pread into a reused 512 KiB buffer per thread, pwrite
+into a preallocated file), so the floor is what this machine's memory and page cache allow with its cores, not one
+stream's speed. Before each timed write the dirty pages of earlier writes are flushed (untimed): a merge writes its
+output once, below the kernel's dirty-page limits, and so is not throttled by the disk; neither should the floor be.
+Medians of 3.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+CHUNK = 1 << 19
 
 
 @dataclass
@@ -21,6 +30,7 @@ class Floor:
     read_s: float
     write_gb: float
     write_s: float
+    threads: int
 
     @property
     def seconds(self) -> float:
@@ -29,41 +39,51 @@ class Floor:
     def describe(self) -> str:
         return (f"floor {self.seconds:.2f} s = start-up {self.startup_s:.2f} s + read {self.read_gb:.2f} GB in "
                 f"{self.read_s:.2f} s ({self.read_gb / self.read_s:.1f} GB/s) + write {self.write_gb:.2f} GB in "
-                f"{self.write_s:.2f} s ({self.write_gb / self.write_s:.1f} GB/s)")
+                f"{self.write_s:.2f} s ({self.write_gb / self.write_s:.1f} GB/s), {self.threads} threads")
 
 
-def _timed(action) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
+def _read(paths: list[Path]) -> None:
+    buffer = memoryview(bytearray(CHUNK))
+    for path in paths:
+        fd, position = os.open(path, os.O_RDONLY), 0
+        while got := os.preadv(fd, [buffer], position):
+            position += got
+        os.close(fd)
+
+
+def _write(fd: int, start: int, stop: int) -> None:
+    buffer = memoryview(bytearray(CHUNK))
+    for position in range(start, stop, CHUNK):
+        os.pwrite(fd, buffer[: min(CHUNK, stop - position)], position)
 
 
 def measure_floor(folders: list[Path], out_bytes: int, scratch: Path, startup: Callable[[], float],
-                  repeats: int = 3) -> Floor:
+                  threads: int = 2, repeats: int = 3) -> Floor:
     """This machine's floor for merging FOLDERS (page cache warm) into OUT_BYTES of output; STARTUP runs a child
     process that imports what a merge imports and returns its wall time."""
     files = [path for folder in folders for path in sorted(folder.glob("*.safetensors"))]
-    buffer = memoryview(bytearray(1 << 24))
+    share = -(-out_bytes // threads)
 
-    def read_all() -> None:
-        for path in files:
-            fd, position = os.open(path, os.O_RDONLY), 0
-            while got := os.preadv(fd, [buffer], position):
-                position += got
-            os.close(fd)
+    def read_all() -> float:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(_read, [files[i::threads] for i in range(threads)]))
+        return time.perf_counter() - start
 
-    def write_all() -> None:
+    def write_all() -> float:
+        os.sync()  # untimed: no dirty pages left from earlier writes
+        start = time.perf_counter()
         fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.posix_fallocate(fd, 0, out_bytes)
-        for position in range(0, out_bytes, len(buffer)):
-            os.pwrite(fd, buffer[: min(len(buffer), out_bytes - position)], position)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: _write(fd, i * share, min(out_bytes, (i + 1) * share)), range(threads)))
         os.close(fd)
+        seconds = time.perf_counter() - start
+        scratch.unlink()
+        return seconds
 
     startups = [startup() for _ in range(repeats)]
-    reads, writes = [], []
-    for _ in range(repeats):
-        reads.append(_timed(read_all))
-        writes.append(_timed(write_all))
-        scratch.unlink()
+    reads = [read_all() for _ in range(repeats)]
+    writes = [write_all() for _ in range(repeats)]
     return Floor(statistics.median(startups), sum(p.stat().st_size for p in files) / 1e9, statistics.median(reads),
-                 out_bytes / 1e9, statistics.median(writes))
+                 out_bytes / 1e9, statistics.median(writes), threads)

@@ -21,9 +21,9 @@ Measurement notes
   buffers, so the table also has the sampled peak of anonymous memory (RssAnon).
 - The inputs are read once before each case so that both tools start with a warm page cache, and the two
   tools alternate which one runs first from one repeat to the next.
-- The floor of each case is this machine's: a child process that only imports torch and mergeplan, plus the
-  inputs' bytes read from the page cache (pread into one reused buffer) and the output's bytes written
-  (pwrite into a preallocated file), each at its measured single-stream speed (medians of 3).
+- The floor of each case is this machine's (bench/merge_floor.py): a child process that only imports what a merge
+  imports, plus the inputs' bytes read from the page cache and the output's bytes written into it, with as many
+  threads as mergeplan has workers and no arithmetic (medians of 3).
 - mergekit is LGPL; it is only run through its `mergekit-yaml` command, never imported.
 """
 
@@ -46,6 +46,7 @@ from merge_outputs import ATOL, KNOWN_DIFFERENCES, RTOL, Comparison, compare_out
 
 from merging.io.checkpoint import CheckpointReader
 from merging.io.synthetic import llama_config, write_random_base, write_random_expert
+from merging.streaming import WORKERS
 
 REPO = Path(__file__).resolve().parent.parent
 OURS_CLI = REPO / ".venv" / "bin" / "mergeplan"
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         for num_experts in args.experts:
             warm_page_cache([base, *experts[:num_experts]])
             floor = measure_floor([base, *experts[:num_experts]], parameter_bytes(base, torch.bfloat16),
-                                  workdir / "floor.bin", lambda: run_child(STARTUP, workdir / "startup.log").seconds)
+                                  workdir / "floor.bin", lambda: run_child(STARTUP, workdir / "startup.log").seconds,
+                                  threads=WORKERS)
             print(f"  {size} K={num_experts}: {floor.describe()}", flush=True)
             for method in args.methods:
                 print(f"  {size} K={num_experts} {method}", flush=True)

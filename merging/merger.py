@@ -173,7 +173,7 @@ def _run(plan: PreparedMerge, out: Path, overwrite: bool, state_in: CheckpointRe
         if state_writer is not None:
             state_writer.write_json(STATE_FILE, {
                 "format": STATE_FORMAT,
-                "config": plan.config.model_dump(mode="json", by_alias=True),
+                "config": plan.config.model_dump(mode="json", by_alias=True, exclude={"device"}),  # a run choice
                 "base_fingerprint": plan.base_fingerprint(),
             })
         if artifacts is not None:

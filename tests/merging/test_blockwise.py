@@ -149,3 +149,12 @@ def test_a_non_finite_block_names_the_expert(zoo, tmp_path, copy_model, small_bl
     experts = [zoo["experts"][0], broken]
     with pytest.raises(CheckpointError, match="broken: tensor model.embed_tokens.weight contains NaN"):
         merge(MergeConfig(base=zoo["base"], experts=experts, method="ties", params={"density": 0.5}), tmp_path / "o")
+
+
+def test_the_device_is_a_run_choice_not_part_of_the_saved_state(zoo, tmp_path):
+    import json
+
+    merge(config(zoo, "task_arithmetic", {}, weights=(1.0, 1.0)), tmp_path / "out", save_state=tmp_path / "state",
+          device="cpu")
+    assert "device" not in json.loads((tmp_path / "state" / "state.json").read_text())["config"]
+    add_experts(tmp_path / "state", [zoo["experts"][2]], tmp_path / "three")  # on the CPU, as any add-expert
