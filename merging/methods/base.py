@@ -50,10 +50,11 @@ class DisjointParams(MethodParams):
                             "disjoint mean); false: their weighted sum, as mergekit's normalize: false")
 
 
-class MergeMethod(ABC):
+class Method:
+    """What every merge method declares: its name, its params and which experts and weights it takes."""
+
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
-    state_names: ClassVar[tuple[str, ...]]
     allows_negative_weights: ClassVar[bool] = False
     takes_weights: ClassVar[bool] = True  # False: the maths has no per-expert weight, so only 1 is accepted
     min_experts: ClassVar[int] = 1
@@ -62,6 +63,10 @@ class MergeMethod(ABC):
     def __init__(self, params: MethodParams, seed: int = 0):
         self.params = params
         self.seed = seed
+
+
+class MergeMethod(Method, ABC):
+    state_names: ClassVar[tuple[str, ...]]
 
     def sparsify(self, delta: torch.Tensor, tensor_name: str, expert_index: int) -> torch.Tensor:
         """The part of one expert's task vector that enters the merge (all of it by default)."""

@@ -9,25 +9,13 @@ a saved merge, and sweeps (which fold prefixes) refuse it by name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
 
 import torch
 
-from merging.methods.base import MethodParams
+from merging.methods.base import Method
 
 
-class GroupMethod(ABC):
-    name: ClassVar[str]
-    Params: ClassVar[type[MethodParams]] = MethodParams
-    allows_negative_weights: ClassVar[bool] = False
-    takes_weights: ClassVar[bool] = True  # False: the maths has no per-expert weight, so only 1 is accepted
-    min_experts: ClassVar[int] = 1
-    max_experts: ClassVar[int | None] = None
-
-    def __init__(self, params: MethodParams, seed: int = 0):
-        self.params = params
-        self.seed = seed
-
+class GroupMethod(Method, ABC):
     @abstractmethod
     def merge(self, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float],
               tensor_name: str) -> torch.Tensor:
