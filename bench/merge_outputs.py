@@ -19,9 +19,8 @@ Known differences (ties only; task_arithmetic is bit-identical):
   largest magnitude. mergeplan keeps those in index order (a stable descending sort); mergekit keeps
   whichever its default, unstable `argsort` puts first. 1-4% of output entries differ (more with more
   experts), each by up to about one trimmed delta.
-- Sign election when Σ trim(τi) is exactly 0 with nonzero entries (e.g. +x and -x): mergeplan elects no
-  sign and leaves the base (our spec); mergekit elects + and takes the mean of the positive entries.
-  About 0.4-0.6% of output entries on these synthetic bf16 experts.
+- Entries whose Σ trim(τi) is exactly 0 with nonzero entries (e.g. +x and -x) are counted apart too, though
+  both tools now elect + there (mergekit's rule).
 The equality check therefore counts these entries apart (computed from the inputs): outside them the two
 outputs must agree to float tolerance, and the share of entries that differ inside them is reported.
 """

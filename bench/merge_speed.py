@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return adapters_main(args)
     workdir: Path = args.workdir.resolve()
     results: list[CaseResult] = []
+    floors: list[str] = []
     for size in args.sizes:
         base, experts = ensure_checkpoints(workdir / "models", size, max(args.experts))
         params = parameter_count(base)
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             floor = measure_floor([base, *experts[:num_experts]], parameter_bytes(base, torch.bfloat16),
                                   workdir / "floor.bin", lambda: run_child(STARTUP, workdir / "startup.log").seconds,
                                   threads=WORKERS)
+            floors.append(f"- {size}, K = {num_experts}: {floor.describe()}")
             print(f"  {size} K={num_experts}: {floor.describe()}", flush=True)
             for method in args.methods:
                 print(f"  {size} K={num_experts} {method}", flush=True)
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours, mergekit, comparison = run_case(case_dir, base, experts[:num_experts], method,
                                                       args.repeats, args.keep_outputs)
                 results.append(CaseResult(size, params, num_experts, method, ours, mergekit, comparison, floor))
-    table = markdown_table(results, args.repeats)
+    table = markdown_table(results, args.repeats) + "\nFloors (bench/merge_floor.py):\n" + "\n".join(floors) + "\n"
     print()
     print(table)
     report = workdir / "merge_speed.md"
