@@ -1,20 +1,38 @@
 """What every merging flow does once it has a merged model: evaluate it, put it in the store, refit the law on
 every point measured so far, decide, log all of it to the flow's MLflow run, and register the model: alias `head`
-(the merge the next expert joins) always, alias `champion` when its macro CE beats the current champion's.
-Called from inside a flow."""
+(the merge the next expert joins) always, alias `champion` when it beats the current champion and the base (the
+zeroth champion) by the pipeline's champion rule. Called from inside a flow."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from mlflow.entities.model_registry import ModelVersion
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from flows.pipeline_config import PipelineConfig
-from flows.review import Comparison, decision_sentence, domain_table, lineage_tags, review_markdown
-from infra.registry import CHAMPION, HEAD, MERGE_KEY, champion_version, describe_version, register_merged, set_alias
+from flows.review import (
+    Comparison,
+    Crowning,
+    crowning,
+    decision_sentence,
+    domain_table,
+    lineage_tags,
+    review_markdown,
+)
+from infra.registry import (
+    CHAMPION,
+    HEAD,
+    MERGE_KEY,
+    Lineage,
+    champion_version,
+    describe_version,
+    expert_lineage,
+    register_merged,
+    set_alias,
+)
 from infra.settings import Settings
 from merging.calibration.coefficients import COEFFICIENTS_PLOT
 from merging.scaling_law.decision import DecisionRule
@@ -86,14 +104,18 @@ def base_as_model(job: MergeJob) -> MergedModel:
     return MergedModel(key=f"base-{job.base.ref.sha256}", path=job.base.path, state=None, experts=[])
 
 
-def compare(scores: Scores, base_scores: Scores, champion) -> Comparison:
-    """The new merge's CE per domain against the base's and the current champion's (from its run's metrics)."""
+def compare(scores: Scores, base_scores: Scores, champion: ModelVersion | None) -> Comparison:
+    """The new merge's CE per domain against the base's and the current champion's (from its run's metrics; its
+    macro CE from the version's tag when the run has none)."""
     champion_metrics = read_run(champion.run_id).metrics if champion is not None and champion.run_id else {}
+    champion_macro = champion_metrics.get(MACRO_METRIC)
+    if champion is not None and champion_macro is None:
+        champion_macro = float(champion.tags.get(MACRO_METRIC, "inf"))
     return Comparison(ce=scores.ce, macro_ce=scores.macro_ce, base_ce=base_scores.ce,
                       base_macro_ce=base_scores.macro_ce,
                       champion_version=str(champion.version) if champion is not None else None,
                       champion_ce={d: champion_metrics[f"ce.{d}"] for d in scores.ce if f"ce.{d}" in champion_metrics},
-                      champion_macro_ce=champion_metrics.get(MACRO_METRIC))
+                      champion_macro_ce=champion_macro)
 
 
 def slug(name: str) -> str:
@@ -128,36 +150,45 @@ def refit_and_decide(config: PipelineConfig, merge_key: str, k: int, macro_ce: f
     return methods, fresh(fit_and_decide, law_job)(law_job)
 
 
-def beats_champion(champion: ModelVersion | None, merge_key: str, macro_ce: float) -> bool:
-    """Whether this merge becomes the champion: there is none yet, or it is another merge with a lower macro CE."""
-    return champion is None or (champion.tags.get(MERGE_KEY) != merge_key
-                                and macro_ce < float(champion.tags.get(MACRO_METRIC, "inf")))
+def crown(config: PipelineConfig, comparison: Comparison, champion: ModelVersion | None, merge_key: str
+          ) -> Crowning:
+    """Whether this merge becomes the champion: it beats the base and the champion by the pipeline's rule (the
+    champion's own merge, run again, stays what it is)."""
+    return crowning(comparison, config.champion,
+                    already_champion=champion is not None and champion.tags.get(MERGE_KEY) == merge_key)
+
+
+def expert_lineages(job: MergeJob, settings: Settings) -> dict[str, Lineage]:
+    """Each expert's registered version, found by its manifest's sha256 however the pipeline named it."""
+    return {e.ref.name: expert_lineage(job.base.ref.name, e.ref.uri, e.ref.sha256, settings=settings)
+            for e in job.experts}
 
 
 def register_version(config: PipelineConfig, job: MergeJob, merged: MergedModel, uri: str, run_id: str,
-                     macro_ce: float, champion: ModelVersion | None, beats: bool, settings: Settings) -> str:
-    """The merge as a version of `merged.BASE` with its lineage, aliased `head`, and `champion` when it BEATS the
-    current one."""
+                     macro_ce: float, champion: ModelVersion | None, crowned: bool, lineage: dict[str, Lineage],
+                     settings: Settings) -> str:
+    """The merge as a version of `merged.BASE` with its lineage, aliased `head`, and `champion` when CROWNED."""
+    experts = [e.ref.model_copy(update={"version": lineage[e.ref.name].version}) for e in job.experts]
     version = register_merged(config.base.name, uri, run_id, merged.key, settings=settings, tags={
         MACRO_METRIC: f"{macro_ce:.6f}", "method": config.method,
-        "experts": json_tag([e.ref.model_dump() for e in job.experts]),
+        "experts": json_tag([ref.model_dump() for ref in experts]),
         PREVIOUS_CHAMPION_TAG: champion.version if champion is not None else "none",
-        **lineage_tags(job, config.base.name)})
+        **lineage_tags(job, config.base.name, lineage)})
     set_alias(config.base.name, HEAD, version, settings=settings)
-    if beats:
+    if crowned:
         set_alias(config.base.name, CHAMPION, version, settings=settings)
     return version
 
 
 def publish_review(run_id: str, config: PipelineConfig, job: MergeJob, comparison: Comparison, decision: Decision,
-                   version: str, beats: bool, settings: Settings) -> str:
+                   version: str, crowned: Crowning, lineage: dict[str, Lineage], settings: Settings) -> str:
     """The review, as the version's description and the flow run's markdown artifact."""
-    review = review_markdown(config, job, comparison, decision, version, beats,
+    review = review_markdown(config, job, comparison, decision, version, crowned, lineage,
                              run_link(run_id, read_run(run_id).experiment_id, settings),
                              {name: tree_hash(path) for name, path in job.calibration.items()})
     describe_version(config.base.name, version, review, settings=settings)
     create_markdown_artifact(review, key=f"merge-{slug(config.base.name)}",
-                             description=decision_sentence(config, job, comparison, decision, version, beats))
+                             description=decision_sentence(config, job, comparison, decision, version, crowned))
     return review
 
 
@@ -178,16 +209,14 @@ def run_metrics(scores: Scores, base_scores: Scores, comparison: Comparison, dec
     return metrics
 
 
-def run_files(merged: MergedModel, decision: Decision, log_model: bool) -> list[tuple[str, Path]]:
-    """(artifact folder, file) of the run: the merge's config and plots, the law's plot, the model when LOG_MODEL."""
+def run_files(merged: MergedModel, decision: Decision) -> list[tuple[str, Path]]:
+    """(artifact folder, file) of the run: the merge's config and plots, the law's plot. The model itself is not
+    copied: its registered version is an MLflow model where the pipeline stored it."""
     files: list[tuple[str, Path]] = [("", merged.path / "merge_config.yaml")]
     if (merged.path / COEFFICIENTS_PLOT).is_file():
         files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))
     if decision.plot is not None:
         files.append(("law", decision.plot))
-    if log_model:
-        files += [(PurePosixPath("model", path.parent.relative_to(merged.path).as_posix()).as_posix(), path)
-                  for path in sorted(merged.path.rglob("*")) if path.is_file()]
     return files
 
 
@@ -202,25 +231,29 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     methods, decision = refit_and_decide(config, merged.key, k, scores.macro_ce)
     clock.lap("fit")
     champion = champion_version(config.base.name, settings=settings)
-    beats = beats_champion(champion, merged.key, scores.macro_ce)
     comparison = compare(scores, base_scores, champion)
-    version = register_version(config, job, merged, uri, run_id, scores.macro_ce, champion, beats, settings)
-    review = publish_review(run_id, config, job, comparison, decision, version, beats, settings)
+    crowned = crown(config, comparison, champion, merged.key)
+    lineage = expert_lineages(job, settings)
+    version = register_version(config, job, merged, uri, run_id, scores.macro_ce, champion, crowned.crowned, lineage,
+                               settings)
+    review = publish_review(run_id, config, job, comparison, decision, version, crowned, lineage, settings)
     clock.lap("register")
     stages = {"merge": merged.cost, "evaluate": scores.cost}
     metrics = run_metrics(scores, base_scores, comparison, decision, k, stages, clock)
-    files = run_files(merged, decision, config.log_model)
-    crowned = (k, scores.macro_ce) if beats else (len(merged_experts(champion)), float(champion.tags[MACRO_METRIC]))
-    chart, methods_table = method_comparison(methods, crowned, merged.path.parent)
+    files = run_files(merged, decision)
+    best = (k, scores.macro_ce) if crowned.crowned else None if champion is None else (
+        len(merged_experts(champion)), comparison.champion_macro_ce)
+    chart, methods_table = method_comparison(methods, best, merged.path.parent)
     files.append(("methods", chart))
     log_run(run_id, params=job_params(job, data), metrics=metrics,
             texts={"plan.md": decision.plan_markdown, "review.md": review}, files=files,
             tables={"per_domain.json": domain_table(comparison), "methods.json": methods_table},
             tags={DECISION_TAG: decision.action, REASON_TAG: decision.reason, MERGE_KEY_TAG: merged.key,
                   "mergeplan.incremental": str(merged.incremental).lower(), "mergeplan.merged_uri": uri,
-                  "mergeplan.champion": str(beats).lower(), "mergeplan.version": version,
+                  "mergeplan.champion": str(crowned.crowned).lower(), "mergeplan.version": version,
                   PREVIOUS_CHAMPION_TAG: comparison.champion_version or "none",
-                  RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, beats)})
+                  RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, crowned)})
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
-                   macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version, champion=beats,
+                   macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version,
+                   champion=crowned.crowned,
                    incremental=merged.incremental, stages=stages)

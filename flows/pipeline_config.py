@@ -8,11 +8,11 @@
     data: path/to/data                       # DOMAIN/{eval,calib}.jsonl; or s3://BUCKET/data (mergeplan data upload)
     eval: {split: eval, max_examples: 64, batch_size: 32}
     law: {target_loss: 1.9, min_gain: 0.002, epsilon: 0.01, prefix_points: [1, 2, 4], min_r_squared: 0.9}
+    champion: {margin: 0.0, domains: null}   # crowned only below the champion's and the base's CE by more than margin
     runner: {kind: threads}                  # or {kind: dask, n_workers: 2} or {kind: dask, address: tcp://...}
     sweep: {methods: [average, ties], design: balanced, eval_examples: 16}   # the scaling-sweep flow (SweepSettings)
     warm_start: {enabled: true, epochs: 2}   # a new expert joins a calibrated head from its coefficients; or false
     experiment: mergeplan/tiny-base          # default
-    log_model: false                         # true: also copy the merged model into the MLflow run (model/)
     seed: 0
 
 Relative paths are taken from the YAML file's folder. Errors are one line naming the field.
@@ -76,6 +76,16 @@ class LawSettings(DecisionRule):
         return sorted(set(points))
 
 
+class ChampionRule(BaseModel):
+    """When a merge is crowned (alias `champion`): its CE, the mean over DOMAINS (default: every evaluated domain),
+    is below the current champion's and the base's by more than MARGIN. The base is the zeroth champion: a merge
+    worse than not merging is never crowned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    margin: float = Field(0.0, ge=0)
+    domains: list[str] | None = Field(None, min_length=1)
+
+
 class RunnerSettings(BaseModel):
     """Where tasks run: threads in the flow's process, or a Dask cluster (a new LocalCluster or a scheduler)."""
 
@@ -119,13 +129,25 @@ class PipelineConfig(BaseModel):
     data: Path | str  # a local folder, or a folder in the store (s3://...)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     law: LawSettings = Field(default_factory=LawSettings)
+    champion: ChampionRule = Field(default_factory=ChampionRule)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
     experiment: str | None = None
-    # The merged model goes to S3 and is registered by URI; true also copies its files into the MLflow run.
-    log_model: bool = False
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_log_model(cls, data: Any) -> Any:
+        """`log_model` copied the merged checkpoint into the run; the registered version is now itself an MLflow
+        model, so `false` (in YAML files written before) is dropped and `true` refused."""
+        if isinstance(data, dict) and "log_model" in data:
+            if data["log_model"]:
+                raise ValueError("log_model: true was removed: the registered version is itself an MLflow model "
+                                 "(models:/merged.BASE@champion loads it) and is not copied into the run; delete the "
+                                 "line")
+            data = {key: value for key, value in data.items() if key != "log_model"}
+        return data
 
     @field_validator("experts")
     @classmethod

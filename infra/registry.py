@@ -66,6 +66,33 @@ def latest_expert_versions(base: str, *, settings: Settings) -> list[tuple[Regis
     return sorted(latest, key=lambda pair: (pair[1], pair[0].model_name))
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What the registry knows of one merged expert: its registered version, found by the sha256 of its manifest
+    (however the pipeline named it), or why none was."""
+
+    model_name: str | None
+    version: str | None
+    unregistered_reason: str = ""
+
+
+def expert_lineage(base: str, s3_uri: str, sha256: str, *, settings: Settings) -> Lineage:
+    """The registered version of `expert.BASE.*` with manifest SHA256 (the one stored at S3_URI when the same
+    files were registered more than once, else the newest)."""
+    prefix = f"expert.{base}."
+    try:
+        found = mlflow_client(settings).search_model_versions(
+            f"name LIKE '{prefix}%' and tags.sha256 = '{sha256}'", max_results=1000)
+    except MlflowException as exc:
+        raise refused(exc, f"looking up the expert {s3_uri}", settings) from exc
+    found = [v for v in found if v.name.startswith(prefix)]  # LIKE reads '_' in BASE as a wildcard
+    if not found:
+        return Lineage(None, None, f"no version of {prefix}* has manifest sha256 {sha256[:16]}...; register it with "
+                                   f"`mergeplan expert register {s3_uri} --domain DOMAIN --base {base}`")
+    best = max(found, key=lambda v: (v.tags.get("s3_uri") == s3_uri, int(v.creation_timestamp), v.name))
+    return Lineage(best.name, str(best.version))
+
+
 def expert_model_name(base: str, domain: str) -> str:
     """The registered model of BASE's expert for DOMAIN."""
     for kind, value in (("base", base), ("domain", domain)):

@@ -40,6 +40,8 @@ PARAMS_KEY_TAG = "mergeplan.params_key"
 PREVIOUS_CHAMPION_TAG = "mergeplan.previous_champion"
 RUN_NOTE_TAG = MLFLOW_RUN_NOTE  # the run's description in the MLflow UI
 EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
+# The experiment tag MLflow 3's UI reads to open an experiment on its runs ("Model training"), not on traces.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _TEXT_SUFFIXES = {".md", ".txt", ".yaml", ".yml", ".json", ".csv"}
 _BATCH = 100  # MLflow's limit of params per log_batch call
@@ -59,11 +61,15 @@ def scrub(text: str, secrets: list[str]) -> str:
 
 
 def _experiment_id(client, name: str) -> str:
+    """NAME's id, created as a model-training experiment (MLflow 3's UI opens a GenAI one on traces, not runs);
+    one made before without the kind gets it."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException as exc:  # created meanwhile by a concurrent run
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

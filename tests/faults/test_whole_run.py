@@ -134,7 +134,7 @@ def cached_stages(states: dict[str, str]) -> dict[str, str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_merge_pipeline_run_killed_midway_is_finished_by_its_rerun(services, tiny_zoo, service, tmp_path):
     # a lambda of its own: this case's merge and evaluation are new, not cached by another case
-    config = pipeline_config(tiny_zoo, params={"lambda": 0.3 + 0.01 * (SERVICES.index(service) + 1)})
+    config = pipeline_config(tiny_zoo, params={"lambda": 0.2 + 0.01 * (SERVICES.index(service) + 1)})
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config.as_parameters()))
     run = cli(services, "run", path)

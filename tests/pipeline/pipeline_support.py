@@ -29,6 +29,8 @@ def store_expert(zoo: Path, domain: str, settings: Settings, base: str = BASE, r
 
 
 def pipeline_config(zoo: Path, **overrides) -> PipelineConfig:
-    fields = {"base": {"name": BASE}, "method": "task_arithmetic", "params": {"lambda": 0.3}, "data": zoo / "data",
+    """Task arithmetic at a λ whose merge of the three domains beats the base (macro CE 2.360 vs 2.380 on 4
+    examples): the first run is crowned."""
+    fields = {"base": {"name": BASE}, "method": "task_arithmetic", "params": {"lambda": 0.2}, "data": zoo / "data",
               "eval": {"max_examples": 4, "batch_size": 8}, "law": {"min_gain": 0.001}}
     return PipelineConfig.model_validate(fields | overrides)

@@ -35,6 +35,9 @@ def test_defaults_and_relative_paths(tmp_path):
     ({"runner": {"kind": "threads", "address": "tcp://x:1"}}, "runner: address is for kind: dask"),
     ({"surprise": 1}, "surprise: is not a known field"),
     ({"sweep": {"design": "random"}}, "sweep.design: Input should be"),
+    ({"champion": {"margin": -0.1}}, "champion.margin: Input should be greater than or equal to 0"),
+    ({"champion": {"domains": []}}, "champion.domains: List should have at least 1 item"),
+    ({"log_model": True}, "log_model: true was removed: the registered version is itself an MLflow model"),
 ])
 def test_bad_fields_are_one_line_naming_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError) as error:
@@ -48,3 +51,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("base: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_pipeline_config(tmp_path / "bad.yaml")
+
+
+def test_log_model_false_from_an_older_file_is_accepted(tmp_path):
+    config = load_pipeline_config(write(tmp_path, MINIMAL | {"log_model": False}))
+    assert "log_model" not in config.model_dump() and config.champion.margin == 0.0
