@@ -1,12 +1,16 @@
 """Screenshots of what a reviewer sees in the MLflow UI, taken with headless Chromium (Debian's `chromium`).
 
 A stack of its own (moto S3, MLflow, Prefect) in a temporary folder; the tiny zoo's base and three experts are
-stored and registered; merge-pipeline runs twice (task_arithmetic, then ties), so the second is compared with a
-champion. Then Chromium opens the second run's page, its artifacts and methods chart, its merged model version's
-page, the registered model's versions (aliases head and champion) and the experiment's run list, and writes one
-PNG each to --out. Run it after a change to what the flows log, and look at the pictures.
+stored and registered, and merge-pipeline names them by S3 URI, as the demo does. It runs three times: task
+arithmetic at λ 1.0 (worse than the base: not crowned, the base stays the champion), at λ 0.2 (the first
+champion), and TIES (compared with that champion). Then Chromium opens the experiment as MLflow opens it, its run
+list sorted by macro CE, the last run's page, artifacts and methods chart, the cards of the losing and the
+crowned version (lineage with registered versions), and the registered model's versions (aliases head and
+champion), and writes one PNG each to --out. The experiment is also shown as the UI opens it by itself (MLflow
+3.17 picks GenAI or Model training from its own switch, not from the experiment's kind tag). Run it after a
+change to what the flows log, and look at them.
 
-    .venv/bin/python bench/mlflow_screenshots.py --zoo .mergeplan/zoo-t --out bench/out/screenshots
+    .venv/bin/python bench/mlflow_screenshots.py --zoo .mergeplan/demo/zoo --out bench/out/screenshots
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from infra.registry import merged_model_name, register_expert
 from infra.s3 import expert_uri, upload_expert
 from infra.settings import S3_INTERNAL_PORTS, Settings
 from infra.stack import free_port_block
+from tasks.tracking import experiment_link
 
 BASE = "review-base"
 SERVICES = ["s3", "mlflow", "prefect"]
+RUNS = [("task_arithmetic", {"lambda": 1.0}), ("task_arithmetic", {"lambda": 0.2}),
+        ("ties", {"density": 0.5, "lambda": 0.3})]
 
 
 def screenshot(chromium: str, url: str, out: Path, profile: Path) -> None:
@@ -57,29 +64,35 @@ def main() -> None:
         try:
             with mock.patch.dict(os.environ, settings.as_env()), prefect_api(settings):
                 upload_expert(zoo / "base", f"s3://{settings.bucket}/bases/{BASE}", settings=settings)
+                experts = []
                 for domain in ("algebra", "code", "biology"):
-                    uri = expert_uri(BASE, domain, settings)
-                    upload_expert(zoo / "experts" / domain, uri, settings=settings)
-                    register_expert(uri, domain, BASE, settings=settings)
+                    experts.append(expert_uri(BASE, domain, settings))
+                    upload_expert(zoo / "experts" / domain, experts[-1], settings=settings)
+                    register_expert(experts[-1], domain, BASE, settings=settings)
                 outcomes = []
-                for method, params in (("task_arithmetic", {"lambda": 0.3}), ("ties", {"density": 0.5})):
+                for method, params in RUNS:
                     config = PipelineConfig.model_validate({
-                        "base": {"name": BASE}, "method": method, "params": params, "data": zoo / "data",
-                        "eval": {"max_examples": 8, "batch_size": 8}, "law": {"prefix_points": [1, 2]}})
+                        "base": {"name": BASE}, "experts": experts, "method": method, "params": params,
+                        "data": zoo / "data", "eval": {"max_examples": 8, "batch_size": 8},
+                        "law": {"prefix_points": [1, 2]}})
                     outcomes.append(configured(merge_pipeline, config.runner, settings)(config))
+                    print(f"{method} {params}: macro CE {outcomes[-1].macro_ce:.4f}, version "
+                          f"{outcomes[-1].version}, champion {outcomes[-1].champion}")
             from mlflow import MlflowClient
 
             client = MlflowClient(settings.mlflow_tracking_uri)
             last = outcomes[-1]
             experiment = client.get_run(last.run_id).info.experiment_id
             ui = settings.mlflow_tracking_uri
-            run_page = f"{ui}/#/experiments/{experiment}/runs/{last.run_id}"
+            versions = f"{ui}/#/models/{merged_model_name(BASE)}/versions"
             pages = {
-                "run.png": run_page,
-                "model_version.png": f"{ui}/#/models/{merged_model_name(BASE)}/versions/{last.version}",
-                "experiment_runs.png": f"{ui}/#/experiments/{experiment}/runs",
-                "run_artifacts.png": f"{run_page}/artifacts",
-                "methods_chart.png": f"{run_page}/artifacts/methods/methods.png",
+                "experiment_default.png": f"{ui}/#/experiments/{experiment}",  # the UI's own switch: GenAI
+                "experiment_runs.png": experiment_link(experiment, settings),  # the link mergeplan prints
+                "run.png": last.run_page,
+                "run_artifacts.png": last.run_page.replace("?", "/artifacts?"),
+                "methods_chart.png": last.run_page.replace("?", "/artifacts/methods/methods.png?"),
+                "version_not_crowned.png": f"{versions}/{outcomes[0].version}",
+                "version_champion.png": f"{versions}/{outcomes[1].version}",
                 "model_versions.png": f"{ui}/#/models/{merged_model_name(BASE)}",
             }
             for name, url in pages.items():

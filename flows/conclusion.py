@@ -68,6 +68,8 @@ class Outcome(BaseModel):
     merged_uri: str
     version: str
     champion: bool
+    verdict: str  # why it was crowned or not
+    run_page: str  # the run in the MLflow UI
     incremental: bool
     stages: dict[str, StageCost]
 
@@ -180,11 +182,14 @@ def register_version(config: PipelineConfig, job: MergeJob, merged: MergedModel,
     return version
 
 
+def run_page(run_id: str, settings: Settings) -> str:
+    return run_link(run_id, read_run(run_id).experiment_id, settings)
+
+
 def publish_review(run_id: str, config: PipelineConfig, job: MergeJob, comparison: Comparison, decision: Decision,
                    version: str, crowned: Crowning, lineage: dict[str, Lineage], settings: Settings) -> str:
     """The review, as the version's description and the flow run's markdown artifact."""
-    review = review_markdown(config, job, comparison, decision, version, crowned, lineage,
-                             run_link(run_id, read_run(run_id).experiment_id, settings),
+    review = review_markdown(config, job, comparison, decision, version, crowned, lineage, run_page(run_id, settings),
                              {name: tree_hash(path) for name, path in job.calibration.items()})
     describe_version(config.base.name, version, review, settings=settings)
     create_markdown_artifact(review, key=f"merge-{slug(config.base.name)}",
@@ -255,5 +260,5 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
                   RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, crowned)})
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
                    macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version,
-                   champion=crowned.crowned,
+                   champion=crowned.crowned, verdict=crowned.verdict, run_page=run_page(run_id, settings),
                    incremental=merged.incremental, stages=stages)

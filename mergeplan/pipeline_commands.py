@@ -119,9 +119,9 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     print(f"merged {len(outcome.experts)} experts ({', '.join(outcome.experts)}) with {config.method}: macro CE "
           f"{outcome.macro_ce:.4f}")
     print(f"decision: {outcome.decision.reason}")
-    champion = " (new champion)" if outcome.champion else ""
-    print(f"merged model {outcome.merged_uri}: merged.{config.base.name} version {outcome.version}{champion}")
-    print(f"MLflow run {outcome.run_id}: {redact_url(settings.mlflow_tracking_uri)}")
+    print(f"merged model {outcome.merged_uri}: merged.{config.base.name} version {outcome.version}, "
+          f"{outcome.verdict}")
+    print(f"MLflow run {outcome.run_id}: {outcome.run_page}")
 
 
 def _reconcile(args: argparse.Namespace) -> None:

@@ -40,8 +40,14 @@ PARAMS_KEY_TAG = "mergeplan.params_key"
 PREVIOUS_CHAMPION_TAG = "mergeplan.previous_champion"
 RUN_NOTE_TAG = MLFLOW_RUN_NOTE  # the run's description in the MLflow UI
 EXPERTS_METRIC, MACRO_METRIC = "experts", "macro_ce"
-# The experiment tag MLflow 3's UI reads to open an experiment on its runs ("Model training"), not on traces.
+# The experiment tag that marks a model-training experiment ("Model training", not GenAI). MLflow 3.17's UI picks
+# the kind from its GenAI/Model-training switch instead, so links also carry `workflowType=machine_learning`.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# A view of the run list the UI shares by key (an experiment tag): the columns a reviewer sorts by, best first.
+REVIEW_VIEW = "mergeplan"
+REVIEW_VIEW_TAG = f"mlflow.sharedViewState.{REVIEW_VIEW}"
+REVIEW_COLUMNS = ["metrics.`macro_ce`", "metrics.`experts`", "metrics.`vs_base.macro_ce`", "tags.`mergeplan.method`",
+                  "tags.`mergeplan.decision`", "tags.`mergeplan.champion`", "tags.`mergeplan.version`"]
 _URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _TEXT_SUFFIXES = {".md", ".txt", ".yaml", ".yml", ".json", ".csv"}
 _BATCH = 100  # MLflow's limit of params per log_batch call
@@ -61,15 +67,18 @@ def scrub(text: str, secrets: list[str]) -> str:
 
 
 def _experiment_id(client, name: str) -> str:
-    """NAME's id, created as a model-training experiment (MLflow 3's UI opens a GenAI one on traces, not runs);
-    one made before without the kind gets it."""
+    """NAME's id, created as a model-training experiment with the reviewer's view of its runs; one made before
+    without them gets them."""
+    view = json.dumps({"orderByKey": "metrics.`macro_ce`", "orderByAsc": True, "selectedColumns": REVIEW_COLUMNS})
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING, REVIEW_VIEW_TAG: view}
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        for key, value in tags.items():
+            if experiment.tags.get(key) != value:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        return client.create_experiment(name, tags=tags)
     except MlflowException as exc:  # created meanwhile by a concurrent run
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -152,9 +161,20 @@ def read_run(run_id: str) -> RunFacts:
     return RunFacts(experiment_id=run.info.experiment_id, metrics=dict(run.data.metrics))
 
 
+def _ui(settings: Settings) -> str:
+    """The MLflow UI's address, without credentials."""
+    return without_userinfo(settings.mlflow_tracking_uri).rstrip("/")
+
+
 def run_link(run_id: str, experiment_id: str, settings: Settings) -> str:
-    """The run's page in the MLflow UI (the server's address without credentials)."""
-    return f"{without_userinfo(settings.mlflow_tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The run's page in the MLflow UI, in its model-training view."""
+    return f"{_ui(settings)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def experiment_link(experiment_id: str, settings: Settings) -> str:
+    """The experiment's run list in the MLflow UI, in the reviewer's view (macro CE first, best on top)."""
+    return (f"{_ui(settings)}/#/experiments/{experiment_id}/runs?viewStateShareKey={REVIEW_VIEW}"
+            "&workflowType=machine_learning")
 
 
 def json_tag(value: object) -> str:

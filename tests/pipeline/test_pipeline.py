@@ -181,7 +181,8 @@ def test_a_reviewer_sees_lineage_scores_and_the_decision_in_mlflow_and_prefect(p
     assert (f"| **macro** | {outcome.macro_ce:.4f} | {base_ce:.4f} | {outcome.macro_ce - base_ce:+.4f} | "
             f"{champion_ce:.4f} | {outcome.macro_ce - champion_ce:+.4f} |") in card
     assert f"| algebra | expert.{BASE}.algebra | {version.tags['expert.algebra.version']} |" in card
-    link = f"{pipeline_env.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}"
+    link = (f"{pipeline_env.mlflow_tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}"
+            "?workflowType=machine_learning")
     assert link in card and f"## Decision\n\n{outcome.decision.reason}" in card
     assert outcome.decision.reason.startswith(outcome.decision.action)
     note = run.data.tags["mlflow.note.content"]  # the run's description: one sentence with the numbers
@@ -240,6 +241,8 @@ def test_mergeplan_run_prints_the_decision(pipeline_env, prefect_api_url, tiny_z
     lines = out.splitlines()
     assert len(lines) == 4 and lines[0].startswith("merged ") and "(algebra, analysis, biology" in lines[0]
     assert lines[1].startswith("decision: ") and "merged.zoo-base version" in lines[2]
+    assert "champion" in lines[2].split(", ", 1)[1]  # the verdict: crowned or not, and against what
+    assert lines[3].startswith("MLflow run ") and lines[3].endswith("?workflowType=machine_learning")
 
 
 def test_mergeplan_run_with_mlflow_down_is_one_line(pipeline_env, tiny_zoo, tmp_path, run_cli):

@@ -3,6 +3,8 @@ and a champion never worse than the base."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -12,7 +14,7 @@ from flows.merge_pipeline import merge_pipeline
 from flows.runtime import configured
 from infra.registry import CHAMPION, merged_model_name
 from infra.s3 import expert_uri, upload_expert
-from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+from tasks.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, REVIEW_VIEW_TAG
 
 BASE = "crown-base"  # a registry of its own: no champion yet
 
@@ -77,11 +79,18 @@ def test_the_base_is_the_zeroth_champion(pipeline_env, tiny_zoo, named_by_uri):
     note = client.get_run(first.run_id).data.tags["mlflow.note.content"]
     assert f"version {first.version}, new champion: macro CE -" in note and "against the base" in note
 
-    kept = run(tiny_zoo, pipeline_env, params={"lambda": 0.15}, champion={"margin": 0.01})  # beats the base by 0.02, v2 by less
+    # beats the base by 0.02, the champion by less than the margin
+    kept = run(tiny_zoo, pipeline_env, params={"lambda": 0.15}, champion={"margin": 0.01})
     assert not kept.champion
     assert client.get_model_version_by_alias(merged_model_name(BASE), CHAMPION).version == first.version
     note = client.get_run(kept.run_id).data.tags["mlflow.note.content"]
-    assert f"version {kept.version}, champion v{first.version} kept: macro CE " in note and "(must beat it by more than 0.01)" in note
+    assert f"version {kept.version}, champion v{first.version} kept: macro CE " in note
+    assert "(must beat it by more than 0.01)" in note
 
     experiment = client.get_experiment(client.get_run(kept.run_id).info.experiment_id)
-    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI opens it on its runs
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    view = json.loads(experiment.tags[REVIEW_VIEW_TAG])  # the run list the links open: best macro CE first
+    assert view["orderByKey"] == "metrics.`macro_ce`" and view["orderByAsc"] is True
+    assert {"metrics.`experts`", "tags.`mergeplan.method`", "tags.`mergeplan.decision`"} <= set(view["selectedColumns"])
+    assert kept.run_page.endswith(f"/#/experiments/{experiment.experiment_id}/runs/{kept.run_id}"
+                                  "?workflowType=machine_learning")
