@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,10 +191,12 @@ def _transfer_config(settings: Settings) -> TransferConfig:
                           max_concurrency=settings.transfer_threads)
 
 
-def upload_expert(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
-    """Upload a checkpoint or LoRA adapter folder (a base or an expert; checked to be one) to S3_URI."""
+def upload_expert(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None,
+                  extra_files: Mapping[str, Path] | None = None) -> Manifest:
+    """Upload a checkpoint or LoRA adapter folder (a base or an expert; checked to be one) to S3_URI, with
+    EXTRA_FILES as upload_folder takes them."""
     open_expert(folder)
-    return upload_folder(folder, s3_uri, settings=settings, client=client)
+    return upload_folder(folder, s3_uri, settings=settings, client=client, extra_files=extra_files)
 
 
 def upload_data(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
@@ -203,12 +205,16 @@ def upload_data(folder: str | Path, s3_uri: str, *, settings: Settings | None = 
     return upload_folder(folder, s3_uri, settings=settings, client=client)
 
 
-def upload_folder(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None) -> Manifest:
-    """Upload every file of FOLDER to S3_URI (in parallel, multipart), then its manifest.json."""
+def upload_folder(folder: str | Path, s3_uri: str, *, settings: Settings | None = None, client=None,
+                  extra_files: Mapping[str, Path] | None = None) -> Manifest:
+    """Upload every file of FOLDER to S3_URI (in parallel, multipart), then its manifest.json. EXTRA_FILES (stored
+    name -> local file) are stored and listed with them, without being copied into FOLDER."""
     settings = settings or Settings.from_env()
     client = client or s3_client(settings)
     location, folder = S3Location.parse(s3_uri), Path(folder)
     files = folder_files(folder)
+    for name in sorted(extra_files or {}):  # appended after FOLDER's own: without extras the manifest is unchanged
+        files[name] = Path(extra_files[name])
     manifest = manifest_of(files)
     transfer = _transfer_config(settings)
 

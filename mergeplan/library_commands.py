@@ -98,16 +98,27 @@ def _evaluate(args: argparse.Namespace) -> None:
     options = {"split": args.split, "batch_size": args.batch_size, "dtype": args.dtype,
                "accuracy_samples": args.accuracy_samples, "max_examples": args.max_examples}
     if args.matrix:
-        results = evaluate_matrix(args.target, args.out, **options)
+        if args.target.startswith("models:/"):
+            raise ConfigError(f"evaluate: --matrix takes a zoo folder, not {args.target}")
+        results = evaluate_matrix(Path(args.target), args.out, **options)
         domains = [d.domain for d in next(iter(results.values())).domains]
         print(f"{'model':<24}" + "".join(f"{d[:12]:>13}" for d in domains) + f"{'macro':>9}")
         for name, result in results.items():
             print(f"{name:<24}" + "".join(f"{result.ce(d):>13.4f}" for d in domains) + f"{result.macro_ce:>9.4f}")
-        print(f"wrote {(args.out or args.target) / 'ce_matrix.csv'} and ce_matrix.png")
+        print(f"wrote {(args.out or Path(args.target)) / 'ce_matrix.csv'} and ce_matrix.png")
         return
     if args.data is None:
         raise ConfigError("evaluate: --data is required for one model (or use --matrix ZOO)")
-    result = evaluate(args.target, args.data, args.domains, base=args.base, **options)
+    target, registered = Path(args.target), None
+    if args.target.startswith("models:/"):
+        from infra.mlflow_model import fetch_registered
+        from mergeplan.pipeline_commands import environment_settings
+
+        registered = fetch_registered(args.target, environment_settings())
+        target = registered.path
+    result = evaluate(target, args.data, args.domains, base=args.base, **options)
+    if registered is not None:
+        result.model = registered.uri  # the version itself, not where the cache keeps it or an alias that moves
     for score in result.domains:
         accuracy = "" if score.accuracy is None else f"  exact match {score.accuracy:.3f} (n={score.accuracy_examples})"
         print(f"{score.domain:<16} CE {score.ce:.4f} nats over {score.tokens} tokens{accuracy}")
@@ -264,7 +275,9 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="held-out cross-entropy per domain (and exact-match accuracy)",
         description="Token-weighted CE in nats on response tokens (prompts masked), per domain, macro, micro.")
-    evaluate.add_argument("target", type=Path, help="model folder, LoRA adapter folder, or a zoo folder with --matrix")
+    evaluate.add_argument("target", help="model folder, LoRA adapter folder, a registered version "
+                          "(models:/merged.BASE@ALIAS or models:/merged.BASE/VERSION: its S3 folder is downloaded "
+                          "into the cache), or a zoo folder with --matrix")
     evaluate.add_argument("--base", type=Path, help="the base model of a LoRA adapter (default: the local folder "
                           "its base_model_name_or_path names)")
     evaluate.add_argument("--data", type=Path, help="data folder: DATA/DOMAIN/{eval,calib,train}.jsonl")

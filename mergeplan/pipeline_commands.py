@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 STACK_HELP = "settings from MERGEPLAN_* environment variables: see infra/README.md"
 
 
-def _settings():
+def environment_settings():
     """Settings from the environment; a bad value is one line naming its variable."""
     from infra.settings import Settings, env_name
 
@@ -39,13 +39,13 @@ def _print_services(states) -> None:
 def _up(args: argparse.Namespace) -> None:
     from infra.stack import up
 
-    _print_services(up(_settings(), args.services or None))
+    _print_services(up(environment_settings(), args.services or None))
 
 
 def _down(args: argparse.Namespace) -> None:
     from infra.stack import down
 
-    states = down(_settings(), args.services or None)
+    states = down(environment_settings(), args.services or None)
     _print_services(states)
     if not states:
         print("nothing to stop: no pid files in the stack folder")
@@ -54,13 +54,13 @@ def _down(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     from infra.stack import status
 
-    _print_services(status(_settings()))
+    _print_services(status(environment_settings()))
 
 
 def _expert_upload(args: argparse.Namespace) -> None:
     from infra.s3 import upload_expert
 
-    _print_upload(args.s3_uri, upload_expert(args.folder, args.s3_uri, settings=_settings()))
+    _print_upload(args.s3_uri, upload_expert(args.folder, args.s3_uri, settings=environment_settings()))
 
 
 def _print_upload(uri: str, manifest: Manifest) -> None:
@@ -70,7 +70,7 @@ def _print_upload(uri: str, manifest: Manifest) -> None:
 def _data_upload(args: argparse.Namespace) -> None:
     from infra.s3 import data_uri, upload_data
 
-    settings = _settings()
+    settings = environment_settings()
     uri = args.s3_uri or data_uri(settings)
     _print_upload(uri, upload_data(args.folder, uri, settings=settings))
 
@@ -79,20 +79,20 @@ def _expert_register(args: argparse.Namespace) -> None:
     from infra.registry import register_expert
 
     expert = register_expert(args.s3_uri, args.domain, args.base, description=args.description,
-                             settings=_settings())
+                             settings=environment_settings())
     print(f"{expert.model_name} version {expert.version} ({expert.s3_uri}, sha256 {expert.sha256})")
 
 
 def _expert_download(args: argparse.Namespace) -> None:
     from infra.s3 import download_folder
 
-    print(download_folder(args.s3_uri, args.cache, settings=_settings()))
+    print(download_folder(args.s3_uri, args.cache, settings=environment_settings()))
 
 
 def _expert_list(args: argparse.Namespace) -> None:
     from infra.s3 import list_experts
 
-    for uri in list_experts(args.base, settings=_settings()):
+    for uri in list_experts(args.base, settings=environment_settings()):
         print(uri)
 
 
@@ -104,7 +104,7 @@ def _run_pipeline(args: argparse.Namespace) -> None:
     from infra.registry import check_reachable
     from infra.settings import redact_url
 
-    settings = _settings()
+    settings = environment_settings()
     config = load_pipeline_config(args.config)
     check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)  # in seconds, before Prefect starts
     with prefect_api(settings):
@@ -131,7 +131,7 @@ def _reconcile(args: argparse.Namespace) -> None:
     from infra.registry import check_reachable
     from tasks.pipeline_state import untaken_experts
 
-    settings = _settings()
+    settings = environment_settings()
     config = load_pipeline_config(args.config)
     check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
     untaken = untaken_experts(config.experiment_name, config.base.name, settings)
@@ -155,7 +155,7 @@ def _cache_gc(args: argparse.Namespace) -> None:
     for flag, value in (("--max-gb", args.max_gb), ("--work-max-gb", args.work_max_gb)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag}: the limit must be positive, got {value:g}")
-    settings = _settings()
+    settings = environment_settings()
     limits = {"cache": settings.cache_max_gb if args.max_gb is None else args.max_gb,
               "work": settings.work_max_gb if args.work_max_gb is None else args.work_max_gb}
     report = collect_garbage(settings.cache_dir, int(limits["cache"] * 1e9))
@@ -177,7 +177,7 @@ def _serve(args: argparse.Namespace) -> None:
     from flows.pipeline_config import load_pipeline_config
     from flows.runtime import prefect_api
 
-    settings = _settings()
+    settings = environment_settings()
     config = load_pipeline_config(args.config)
     with prefect_api(settings):
         serve_pipeline(config, settings, args.cron, reconcile_first=not args.no_reconcile)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from infra.cache import collect_work_garbage, hold_folder, work_folder
 from infra.errors import StorageError
+from infra.mlflow_model import mlflow_model_files
 from infra.s3 import read_json_file, read_manifest, upload_expert
 from infra.settings import Settings
 from merging.calibration.coefficients import COEFFICIENTS_FILE
@@ -190,7 +192,10 @@ class Upload(BaseModel):
 @task(name="upload-merged", **IO_TASK_OPTIONS, cache_policy=content_cache(),
       persist_result=True, result_serializer=RESULT_SERIALIZER)
 def upload_merged(upload: Upload) -> str:
-    """The S3 URI the merged model now has (the first upload's, when this merge was uploaded before)."""
-    manifest = upload_expert(upload.model.path, upload.s3_uri, settings=Settings.from_env())
+    """The S3 URI the merged model now has (the first upload's, when this merge was uploaded before), stored as an
+    MLflow model in place (infra/mlflow_model.py); the local merged folder is left as the merge wrote it."""
+    with tempfile.TemporaryDirectory(prefix="mergeplan-mlmodel-") as staging:
+        manifest = upload_expert(upload.model.path, upload.s3_uri, settings=Settings.from_env(),
+                                 extra_files=mlflow_model_files(upload.model.path, staging))
     log.info("merged model %s in %s (manifest sha256 %s)", upload.model.key[:12], upload.s3_uri, manifest.sha256)
     return upload.s3_uri
