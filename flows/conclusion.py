@@ -5,6 +5,7 @@ zeroth champion) by the pipeline's champion rule. Called from inside a flow."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from infra.registry import (
     set_alias,
 )
 from infra.settings import Settings
-from merging.calibration.coefficients import COEFFICIENTS_PLOT
+from merging.calibration.coefficients import CALIBRATION_FILE, COEFFICIENTS_PLOT
 from merging.scaling_law.decision import DecisionRule
 from tasks.caching import content_hash, fresh, tree_hash
 from tasks.decide import Decision, LawJob, fit_and_decide
@@ -214,12 +215,24 @@ def run_metrics(scores: Scores, base_scores: Scores, comparison: Comparison, dec
     return metrics
 
 
+def calibration_metrics(merged: MergedModel) -> dict[str, float]:
+    """A calibrated merge's γ (as given or as `gamma: auto` chose it) and the held-out CE of each γ it tried."""
+    report_file = merged.path / CALIBRATION_FILE
+    if not report_file.is_file():
+        return {}
+    report = json.loads(report_file.read_text())
+    choice = report.get("gamma_choice") or {}
+    metrics = {"calibration.gamma": float(report["params"]["gamma"]), "calibration.seconds": report["seconds"]}
+    tried = choice.get("held_out_ce", {})
+    return metrics | {f"calibration.held_out_ce.gamma_{gamma}": ce for gamma, ce in tried.items()}
+
+
 def run_files(merged: MergedModel, decision: Decision) -> list[tuple[str, Path]]:
     """(artifact folder, file) of the run: the merge's config and plots, the law's plot. The model itself is not
     copied: its registered version is an MLflow model where the pipeline stored it."""
     files: list[tuple[str, Path]] = [("", merged.path / "merge_config.yaml")]
-    if (merged.path / COEFFICIENTS_PLOT).is_file():
-        files.append(("coefficients", merged.path / COEFFICIENTS_PLOT))
+    files += [("coefficients", merged.path / name) for name in (COEFFICIENTS_PLOT, CALIBRATION_FILE)
+              if (merged.path / name).is_file()]
     if decision.plot is not None:
         files.append(("law", decision.plot))
     return files
@@ -244,7 +257,7 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     review = publish_review(run_id, config, job, comparison, decision, version, crowned, lineage, settings)
     clock.lap("register")
     stages = {"merge": merged.cost, "evaluate": scores.cost}
-    metrics = run_metrics(scores, base_scores, comparison, decision, k, stages, clock)
+    metrics = run_metrics(scores, base_scores, comparison, decision, k, stages, clock) | calibration_metrics(merged)
     files = run_files(merged, decision)
     best = (k, scores.macro_ce) if crowned.crowned else None if champion is None else (
         len(merged_experts(champion)), comparison.champion_macro_ce)

@@ -15,6 +15,7 @@ from merging.calibration.blockwise import BlockwiseRunner
 from merging.calibration.coefficients import Coefficients
 from merging.calibration.expert_merging import StageReport, inverse_activation, raw_of
 from merging.calibration.full_model import FullModelRunner
+from merging.calibration.gamma_choice import choose_gamma
 from merging.calibration.importance import allocate_chunks, importance
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import load_samples
@@ -110,6 +111,15 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         earlier = Coefficients.load(params.warm_start)
         warm = earlier.warm_start(expert_names, names, params.init, source)
         new_experts = [name for name in expert_names if name not in earlier.expert_names]
+
+    def train(subset: list, candidate: CalibrationParams) -> dict[str, torch.Tensor]:
+        with runner.trained_on(subset, candidate):
+            return learn(runner, config.method, names, rows, len(experts), candidate, device, warm)[0]
+
+    unscorable = "mode blockwise has no whole model to score" if isinstance(runner, BlockwiseRunner) else None
+    params, gamma_choice = choose_gamma(params, samples, unscorable, train,
+                                        lambda alpha, held: runner.merged_ce(alpha, held))
+    runner.params = params  # γ as chosen
     alpha, chunks, stages = learn(runner, config.method, names, rows, len(experts), params, device, warm)
     trained = {n: chunks[n] > 0 for n in names}
     coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained)
@@ -126,6 +136,7 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         "warm_start": None if warm is None else {"from": str(params.warm_start),
                                                    "new_experts": new_experts},
         "params": params.model_dump(mode="json"),
+        "gamma_choice": gamma_choice,
         "seed": seed,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

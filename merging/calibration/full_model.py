@@ -10,8 +10,11 @@ what the smallest layout needs when even that does not fit.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from merging.calibration.expert_merging import (
     MergedModel,
@@ -137,6 +140,30 @@ class FullModelRunner:
                              self.seed, keep_epochs)
         return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},
                            {n: coefficients.raw_value(n) for n in coefficients.trained}, [report])
+
+    @contextmanager
+    def trained_on(self, samples: list[Sample], params: CalibrationParams) -> Iterator[None]:
+        """Stages run in the block train on SAMPLES (a subset of the runner's: their teachers are built) with
+        PARAMS."""
+        kept = self.samples, self.params
+        self.samples, self.params = samples, params
+        try:
+            yield
+        finally:
+            self.samples, self.params = kept
+
+    @torch.no_grad()
+    def merged_ce(self, alpha: dict[str, torch.Tensor], samples: list[Sample]) -> float:
+        """Next-token cross-entropy (nats per token) of the model merged with ALPHA on SAMPLES."""
+        weights = self.model.merged(alpha)
+        device = next(iter(self.model.base.values())).device
+        total, tokens = 0.0, 0
+        for sample in samples:
+            ids = sample.input_ids.to(device)
+            logits = self.model(weights, ids, hidden=False).logits[0].float()
+            total += F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").item()
+            tokens += ids.shape[1] - 1
+        return total / max(tokens, 1)
 
     def report(self) -> dict:
         return {"layout": self.layout,

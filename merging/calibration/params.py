@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -14,6 +14,7 @@ from merging.methods.base import MethodParams
 # Kept at the base's value: the paper merges the blocks' linear layers only.
 DEFAULT_EXCLUDE = ("*embed_tokens*", "*lm_head*", "*norm*", "*.bias")
 HiddenLayer = int | Literal["middle", "last"]
+Gamma = Annotated[float, Field(ge=0)] | Literal["auto"]
 
 
 class CalibrationParams(MethodParams):
@@ -21,7 +22,13 @@ class CalibrationParams(MethodParams):
 
     samples_per_expert: int = Field(8, gt=0, description="calibration samples drawn per expert (seeded)")
     init: float = Field(0.3, gt=0, lt=1, description="ᾱ: every coefficient starts here; the L1 pull aims here")
-    gamma: float = Field(0.8, ge=0, description="weight of the L1 pull of the coefficients towards init")
+    gamma: Gamma = Field(
+        "auto", description="weight of the L1 pull of the coefficients towards init; auto: the one of gamma_grid "
+        "whose merge has the lowest CE on held-out calibration samples (the paper's 0.8 when none can be held out)")
+    gamma_grid: list[float] = Field(default_factory=lambda: [0.0, 0.8, 5.0], min_length=1,
+                                    description="gamma: auto: the values tried")
+    holdout: float = Field(0.25, gt=0, lt=1, description="gamma: auto: the share of each expert's calibration "
+                           "samples held out to score the candidates (at least one, when the expert has two)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature T of the logit KL (scaled by T²)")
     hidden_layers: list[HiddenLayer] = Field(default_factory=lambda: ["middle"],
                                              description="hidden_states indices aligned by MSE (0 = embeddings)")
@@ -79,6 +86,13 @@ class CalibrationParams(MethodParams):
                 raise ValueError(f"{device!r} is not a torch device (auto, cpu, cuda, cuda:0)") from exc
         return device
 
+    @field_validator("gamma_grid")
+    @classmethod
+    def _non_negative(cls, grid: list[float]) -> list[float]:
+        if any(g < 0 for g in grid):
+            raise ValueError("every γ must be >= 0")
+        return grid
+
     @field_validator("keep_epochs")
     @classmethod
     def _within_training(cls, epochs: list[int], info: ValidationInfo) -> list[int]:
@@ -120,7 +134,8 @@ class AdaMergingParams(CalibrationParams):
     """`params:` of adamerging: layer-wise α = clamp(r, 0, 1) that minimise the entropy of the merged model's
     next-token predictions on the same unlabeled samples; no teachers, no pull (AdaMerging, Yang et al. 2024)."""
 
-    gamma: float = Field(0.0, ge=0, description="weight of an L1 pull towards init (AdaMerging has none)")
+    gamma: Gamma = Field(0.0, description="weight of an L1 pull towards init (AdaMerging has "
+                                           "none); auto picks it as for expert_merging")
     hidden_layers: list[HiddenLayer] = Field(default_factory=list, description="unused: no teachers")
     hidden_weight: float = Field(0.0, ge=0, le=0, description="unused: no teachers")
     lr: float = Field(0.01, gt=0, description="Adam's step on α itself (the paper: 1e-3 over 500 steps)")

@@ -106,7 +106,14 @@ def test_a_calibrated_method_learns_on_the_data_calib_split_and_logs_its_coeffic
     learned = json.loads((outcome.model_path / "calibration.json").read_text())
     assert learned["samples"] == dict.fromkeys(PIPELINE_DOMAINS, 2)
     client = MlflowClient(pipeline_env.mlflow_tracking_uri)
-    assert "coefficients/coefficients.png" in {a.path for a in client.list_artifacts(outcome.run_id, "coefficients")}
+    logged = {a.path for a in client.list_artifacts(outcome.run_id, "coefficients")}
+    assert {"coefficients/coefficients.png", "coefficients/calibration.json"} <= logged
+    # gamma: auto (the default) held one of each expert's two samples out and chose the γ that scored best there
+    choice, metrics = learned["gamma_choice"], client.get_run(outcome.run_id).data.metrics
+    assert choice["held_out_samples"] == 3 and metrics["calibration.gamma"] == choice["chosen"]
+    tried = {float(g): ce for g, ce in choice["held_out_ce"].items()}
+    assert choice["chosen"] == min(tried, key=tried.get) and len(tried) == 3
+    assert all(metrics[f"calibration.held_out_ce.gamma_{g}"] == ce for g, ce in choice["held_out_ce"].items())
     nested = client.search_runs([client.get_run(outcome.run_id).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{outcome.run_id}'")
     assert [r.data.params["experts"] for r in nested] == ["algebra,analysis"]  # the prefix learns on its own two

@@ -20,7 +20,7 @@ from tasks.fetch import CheckpointRef, LocalCheckpoint
 from tasks.merge import MergeJob, WarmStart, merge_folder, merged_coefficients
 
 WARM_BASE = "warm-base"  # a base of its own: its own head, which the other pipeline tests do not move
-FAST = {"samples_per_expert": 2, "grad_accumulation": 2, "epochs": 1}
+FAST = {"samples_per_expert": 2, "grad_accumulation": 2, "epochs": 1, "gamma": 0.8}
 
 
 def test_a_warm_start_is_keyed_on_the_heads_merge_not_on_where_its_coefficients_lie(tmp_path):

@@ -13,7 +13,7 @@ from merging.calibration.sources import StreamedVectors
 from merging.io.synthetic import write_random_lora
 
 DOMAINS = ["algebra", "code", "biology"]
-FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2, "init": 0.3}
+FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2, "init": 0.3, "gamma": 0.8}
 
 
 @pytest.fixture(scope="module")

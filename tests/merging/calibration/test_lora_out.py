@@ -16,7 +16,7 @@ from merging.io.checkpoint import CheckpointReader
 from merging.io.hf_loading import load_causal_lm
 
 DOMAINS = ["algebra", "code", "biology"]
-FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2}
+FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2, "gamma": 0.8}  # γ fixed: auto is tested apart
 # different ranks, one rsLoRA, one embedding LoRA, one modules_to_save copy of a layer another adapter factors
 LORA = {
     "algebra": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"]},

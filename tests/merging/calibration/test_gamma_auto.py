@@ -1,0 +1,72 @@
+"""`gamma: auto`: γ chosen on held-out calibration samples, then trained on all of them; the fallbacks."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from merging.calibration.coefficients import Coefficients
+from merging.calibration.gamma_choice import held_out_split
+from merging.calibration.samples import Sample
+
+DOMAINS = ["algebra", "code", "biology"]
+FAST = {"samples_per_expert": 3, "grad_accumulation": 3, "epochs": 2}
+
+
+@pytest.fixture()
+def em_config(tiny_zoo, write_config):
+    def make(**params):
+        return write_config(base=tiny_zoo / "base", experts=[tiny_zoo / "experts" / d for d in DOMAINS],
+                            method="expert_merging", params={**FAST, **params},
+                            calibration={d: str(tiny_zoo / "data" / d / "calib.jsonl") for d in DOMAINS})
+    return make
+
+
+def test_each_expert_holds_out_its_last_share_and_keeps_one_to_train_on():
+    samples = [Sample(expert, torch.tensor([[i]])) for expert, n in enumerate([1, 2, 3, 8]) for i in range(n)]
+    trained, held = held_out_split(samples, 0.25)
+    assert [(s.expert, int(s.input_ids)) for s in held] == [(1, 1), (2, 2), (3, 6), (3, 7)]
+    assert len(trained) + len(held) == len(samples) and sum(s.expert == 0 for s in trained) == 1
+    assert len(held_out_split(samples, 0.9)[0]) == 4  # at most n - 1 held out: one sample per expert trains
+
+
+def test_auto_picks_the_gamma_with_the_lowest_held_out_ce_then_trains_on_every_sample(em_config, tmp_path, run_cli):
+    status, _, err = run_cli("merge", em_config(), tmp_path / "auto")
+    assert status == 0, err
+    report = json.loads((tmp_path / "auto" / "calibration.json").read_text())
+    choice = report["gamma_choice"]
+    tried = {float(gamma): ce for gamma, ce in choice["held_out_ce"].items()}
+    assert list(tried) == [0.0, 0.8, 5.0] and len(set(tried.values())) == 3  # the γ change the merge
+    assert choice["chosen"] == min(tried, key=tried.get) == report["params"]["gamma"]
+    assert (choice["held_out_samples"], choice["trained_on_samples"]) == (3, 6)
+    assert report["samples"] == dict.fromkeys(DOMAINS, 3)  # the final training saw them all
+
+    # the same as asking for the chosen γ: nothing of the candidates leaks into the final coefficients
+    status, _, err = run_cli("merge", em_config(gamma=choice["chosen"]), tmp_path / "fixed")
+    assert status == 0, err
+    auto, fixed = (Coefficients.load(tmp_path / name / "coefficients.json") for name in ("auto", "fixed"))
+    for name in fixed.alpha:
+        assert torch.equal(auto.alpha[name], fixed.alpha[name]), name
+    assert json.loads((tmp_path / "fixed" / "calibration.json").read_text())["gamma_choice"] is None
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"samples_per_expert": 1}, "no expert has two calibration samples to hold one out"),
+    ({"mode": "blockwise"}, "mode blockwise has no whole model to score"),
+])
+def test_when_nothing_can_be_scored_auto_falls_back_to_the_papers_gamma_with_a_warning(
+        em_config, tmp_path, run_cli, caplog, params, reason):
+    with caplog.at_level(logging.WARNING, logger="mergeplan"):
+        status, _, err = run_cli("merge", em_config(**params), tmp_path / "m")
+    assert status == 0, err
+    assert f"gamma: auto: {reason}; using the paper's γ = 0.8" in caplog.text
+    report = json.loads((tmp_path / "m" / "calibration.json").read_text())
+    assert report["gamma_choice"] == {"chosen": 0.8, "fallback": reason, "held_out_ce": {}}
+    assert report["params"]["gamma"] == 0.8
+
+
+def test_a_negative_gamma_in_the_grid_is_refused(em_config, tmp_path, run_cli):
+    status, _, err = run_cli("merge", em_config(gamma_grid=[0.0, -1.0]), tmp_path / "m")
+    assert status == 2 and "merge.yaml: params.gamma_grid: every γ must be >= 0" in err
+    assert not (tmp_path / "m").exists()
