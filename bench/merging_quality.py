@@ -39,6 +39,7 @@ TUNING_GRID = {
     "dare_ties": [{"density": d, "lambda": s} for d in (0.2, 0.5) for s in (0.5, 1.0)],
 }
 CALIBRATED = ("expert_merging", "expert_merging_pp", "adamerging")
+RANK_FAMILY = ("expert_merging", "expert_merging_pp")  # --methods METHOD:rank: one α per LoRA component
 BOOTSTRAP_REPS = 10_000
 
 
@@ -155,7 +156,10 @@ def main() -> None:
     parser.add_argument("--gamma", type=float, default=None,
                         help="γ of EM and EM++ and of the select section's run (default: the gamma section's "
                              "choice in results.json, else the spec's)")
-    parser.add_argument("--methods", default=",".join(CALIBRATED), help="the calibrated section's methods")
+    parser.add_argument("--methods", default=",".join(CALIBRATED),
+                        help="the calibrated section's methods; expert_merging:rank, expert_merging_pp:rank: the "
+                             "same with params.coefficients: rank (one α per LoRA component), rows labelled "
+                             "'expert_merging (rank) (...)'")
     parser.add_argument("--curve-samples", default="1,2,5,10", help="the curves section's samples per domain")
     parser.add_argument("--curve-gammas", default="0,0.8,5", help="the curves section's γ values")
     parser.add_argument("--sections", default="main,select,gamma,calibrated,paired,matrix",
@@ -196,16 +200,18 @@ def main() -> None:
         gamma = args.gamma if args.gamma is not None else rows.get("gamma selection", {}).get("selected")
         return {"gamma": gamma} if gamma is not None and method != "adamerging" else {}
 
-    def calibrated_label(method: str) -> str:
+    def calibrated_label(method: str, family: str = "") -> str:
         gamma = pull(method).get("gamma")
-        return f"{method} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'})"
+        named = f"{method} ({family})" if family else method
+        return f"{named} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'})"
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
         results, seconds, memory = [], [], []
         params = {"init": tuned_lambda(), **params}
+        family = "-rank" if params.get("coefficients") == "rank" else ""
         for seed in seeds:
             started = time.perf_counter()
-            folder, report = bench.merge_in_child(f"{method}-{seed}", method, params, seed)
+            folder, report = bench.merge_in_child(f"{method}{family}-{seed}", method, params, seed)
             seconds.append(report["seconds"])
             memory.append(report["peak_memory_mb"])
             results.append(bench.evaluate(folder, accuracy=accuracy))
@@ -227,12 +233,17 @@ def main() -> None:
             rows["gamma selection"] = select_gamma(bench, tuned_lambda(), epochs(), grid)
             save()
         elif section == "calibrated":
-            for method in args.methods.split(","):
-                if method not in CALIBRATED:
-                    parser.error(f"--methods: {method!r} is not one of {', '.join(CALIBRATED)}")
-                calibrated(method, {"epochs": epochs(), **pull(method)}, calibrated_label(method))
+            for entry in args.methods.split(","):
+                method, _, family = entry.partition(":")
+                if method not in CALIBRATED or family not in ("", "rank") or (family and method not in RANK_FAMILY):
+                    parser.error(f"--methods: {entry!r} is not one of {', '.join(CALIBRATED)} (or "
+                                 f"{':rank, '.join(RANK_FAMILY)}:rank)")
+                coefficients = {"coefficients": family} if family else {}
+                calibrated(method, {"epochs": epochs(), **pull(method), **coefficients},
+                           calibrated_label(method, family))
         elif section == "paired":
-            rows["paired differences"] = paired_rows(rows, [calibrated_label(m) for m in CALIBRATED])
+            labels = [calibrated_label(m) for m in CALIBRATED] + [calibrated_label(m, "rank") for m in RANK_FAMILY]
+            rows["paired differences"] = paired_rows(rows, labels)
             save()
         elif section == "matrix":
             chosen = {name: EvalResult.from_dict(row["results"][0]) for name, row in rows.items()
@@ -316,15 +327,18 @@ def selected_epochs(rows: dict) -> int:
 
 def paired_rows(rows: dict, calibrated: list[str]) -> dict:
     """EM++ and EM against the best training-free row (lowest held-out macro CE, so the hardest reference),
-    against AdaMerging, and against each other; the calibrated methods' rows are those named in `calibrated`
-    (the current epoch and γ choices)."""
-    by_method = {row["method"]: row for name, row in rows.items() if "method" in row and "results" in row
+    against AdaMerging, and against each other; their per-component (METHOD:rank) rows against the same and
+    against their per-tensor rows. The calibrated methods' rows are those named in `calibrated` (the current
+    epoch and γ choices)."""
+    by_method = {row["method"] + (":rank" if row.get("params", {}).get("coefficients") == "rank" else ""): row
+                 for name, row in rows.items() if "method" in row and "results" in row
                  and (row["method"] not in CALIBRATED or name in calibrated)}
     training_free = min((m for m in ("average", "task_arithmetic", "ties", "dare_ties") if m in by_method),
                         key=lambda m: by_method[m]["macro_ce"])
     pairs = [("expert_merging_pp", training_free), ("expert_merging", training_free),
              ("expert_merging_pp", "expert_merging"), ("expert_merging_pp", "adamerging"),
-             ("expert_merging", "adamerging"), ("adamerging", training_free)]
+             ("expert_merging", "adamerging"), ("adamerging", training_free),
+             *((f"{m}:rank", other) for m in RANK_FAMILY for other in (m, training_free))]
     differences = {}
     for ours, theirs in pairs:
         if ours in by_method and theirs in by_method:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from merging.calibration import Coefficients, calibrate, calibrated_tensors, params_for
 from merging.calibration.adapter_output import check_lora_experts, write_adapter
 from merging.calibration.coefficients import write_calibration_artifacts
+from merging.calibration.components import scaled_experts
 from merging.config import ExpertRef, MergeConfig, describe_validation_error, load_config
 from merging.errors import CheckpointError, ConfigError
 from merging.experts import log_mixed_adapters, open_expert
@@ -279,11 +280,17 @@ def apply_coefficients(coefficients: Coefficients | str | Path, out: str | Path,
     source = str(coefficients) if isinstance(coefficients, str | Path) else "coefficients"
     if isinstance(coefficients, str | Path):
         coefficients = Coefficients.load(coefficients)
-    plan = prepare(coefficients.config, source, method=LearnedCoefficients(coefficients.alpha))
+    # per-component tensors: each adapter's update arrives with its coefficients applied, weighed by 1 here
+    alpha = {name: torch.ones(len(coefficients.expert_names), 1) if name in coefficients.ranks else a
+             for name, a in coefficients.alpha.items()}
+    plan = prepare(coefficients.config, source, method=LearnedCoefficients(alpha))
     unknown = [name for name in coefficients.alpha if name not in plan.base.tensors]
     if unknown:
         raise ConfigError(f"{source}: tensors.{unknown[0]}: the base {plan.config.base} has no such tensor")
     plan.merged_names = set(coefficients.alpha)
+    if coefficients.ranks:
+        plan.experts = scaled_experts(plan.experts, coefficients.expert_names, coefficients.alpha,
+                                      coefficients.ranks, source)
 
     def artifacts(writer: CheckpointWriter) -> None:
         write_calibration_artifacts(writer, coefficients, report, kept)

@@ -3,7 +3,8 @@
 The dense merge of a calibrated tensor is θ0 + Σk diag(c_k)·s_k·B_k@A_k, with c_k expert k's coefficient per
 row (row blocks: merging/methods/learned.py) and s_k its PEFT scale. That update is B_cat@A_cat with
 A_cat = [A_1; …; A_K] (stacked rows) and B_cat = [c_1·s_1·B_1, …, c_K·s_K·B_K] (side by side): rank Σ r_k, saved
-with lora_alpha = rank so PEFT's scale is 1. An embedding's update is (B@A)ᵀ, its rows are A's columns, so there
+with lora_alpha = rank so PEFT's scale is 1. Per-component coefficients (params.coefficients: rank) scale B_k's
+columns instead: B_cat = [B_1·diag(α_1·s_1), …]. An embedding's update is (B@A)ᵀ, its rows are A's columns, so there
 c_k·s_k scales A_k's columns instead. A module with a calibrated tensor that is not low-rank (an adapter's
 modules_to_save copy, a lora_B bias) is written whole, with its merged values, through PEFT's modules_to_save.
 Tensors without coefficients keep the base's value in the dense merge, so the adapter leaves them out.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from merging.calibration.coefficients import Coefficients, write_calibration_artifacts
+from merging.calibration.components import ComponentScaled, scaled_b, split
 from merging.errors import ConfigError
 from merging.experts import ADAPTER_CONFIG, PEFT_PREFIX, Expert, LoraAdapter, LoraFactors, TensorChange
 from merging.io.checkpoint import CheckpointReader, CheckpointWriter
@@ -83,10 +85,12 @@ def dense_modules(experts: list[LoraAdapter], calibrated: set[str], base: Checkp
             if name in calibrated and _moves_beyond_factors(change, name, base)}
 
 
-def merged_factors(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str,
-                   rows: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """(A_cat, B_cat, is_embedding) of one tensor, or None when no adapter has factors on it."""
-    coefficient = row_coefficients(alpha.float(), rows)  # (K, rows)
+def merged_factors(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str, rows: int,
+                   ranks: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(A_cat, B_cat, is_embedding) of one tensor, or None when no adapter has factors on it. RANKS: alpha is
+    one coefficient per component (calibration/components.py): they scale B_k's columns."""
+    components = None if ranks is None else split(alpha, ranks)
+    coefficient = None if ranks is not None else row_coefficients(alpha.float(), rows)  # (K, rows)
     a_parts, b_parts, embedding = [], [], False
     for k, expert in enumerate(experts):
         change = expert.changes.get(tensor)
@@ -94,6 +98,10 @@ def merged_factors(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str,
             continue  # this adapter leaves the tensor alone: it adds no rank here
         lora = change.factors
         a, b = read_tensor(lora.a).float(), read_tensor(lora.b).float()
+        if components is not None:
+            a_parts.append(a)
+            b_parts.append(scaled_b(b, components[k], lora.scale))
+            continue
         scale = lora.scale * coefficient[k]
         embedding = _is_embedding(lora)
         a_parts.append(a * scale[None, :] if embedding else a)
@@ -103,10 +111,18 @@ def merged_factors(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str,
     return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1), embedding
 
 
-def merged_tensor(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str,
-                  base: CheckpointReader) -> torch.Tensor:
-    """θ0 + Σk c_k·τ_k, each row of τ_k times its coefficient: the dense merge's value of one tensor (float32)."""
+def merged_tensor(alpha: torch.Tensor, experts: list[LoraAdapter], tensor: str, base: CheckpointReader,
+                  ranks: list[int] | None = None) -> torch.Tensor:
+    """θ0 + Σk c_k·τ_k, each row of τ_k times its coefficient: the dense merge's value of one tensor (float32);
+    with RANKS, θ0 + Σk B_k·diag(α_k·s_k)·A_k."""
     theta0 = base.read(tensor).float()
+    if ranks is not None:
+        merged = theta0.clone()
+        for expert, part in zip(experts, split(alpha, ranks), strict=True):
+            vector = ComponentScaled(expert, {tensor: part} if part.numel() else {}).read_task_vector(tensor, theta0)
+            if vector is not None:
+                merged.add_(vector)
+        return merged
     rows = theta0.shape[0] if theta0.dim() else 1
     coefficient = row_coefficients(alpha.float(), rows)
     merged = theta0.clone()
@@ -138,13 +154,14 @@ def adapter_tensors(coefficients: Coefficients, experts: list[LoraAdapter],
         module = _module(name)
         if module in whole:
             # peft loads a modules_to_save module's every tensor: the merged value, or the base's where not merged
-            tensors[PEFT_PREFIX + name] = (merged_tensor(coefficients.alpha[name], experts, name, base)
+            tensors[PEFT_PREFIX + name] = (merged_tensor(coefficients.alpha[name], experts, name, base,
+                                                         coefficients.ranks.get(name))
                                            if name in calibrated else base.read(name).float())
             continue
         if name not in calibrated:
             continue
         rows = (base.tensors[name].shape or (1,))[0]
-        factors = merged_factors(coefficients.alpha[name], experts, name, rows)
+        factors = merged_factors(coefficients.alpha[name], experts, name, rows, coefficients.ranks.get(name))
         if factors is None:
             continue  # no adapter touches it: the dense merge leaves it at θ0 too
         a, b, embedding = factors

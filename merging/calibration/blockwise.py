@@ -55,6 +55,7 @@ class BlockwiseRunner:
         self.base, self.experts, self.names, self.samples = base, experts, names, samples
         self.task_weights, self.params, self.seed, self.device, self.dtype = task_weights, params, seed, device, dtype
         self.task_vector_l1: dict[str, torch.Tensor] = {}
+        self.components: dict[str, torch.Tensor] = {}  # per-component coefficients need factors: never here
         self.peak_task_vectors_mb = 0.0
         self.hidden_cache_mb = 0.0
 

@@ -13,6 +13,7 @@ import torch
 
 from merging.calibration.blockwise import BlockwiseRunner
 from merging.calibration.coefficients import Coefficients
+from merging.calibration.components import check_warm, is_components, per_component, ranks_of
 from merging.calibration.expert_merging import StageReport, inverse_activation, raw_of
 from merging.calibration.full_model import FullModelRunner
 from merging.calibration.gamma_choice import choose_gamma
@@ -53,25 +54,38 @@ def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[st
           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[StageReport]]:
     """Stage 1 (one α per tensor and expert); for EM++ the chunk allocation and stage 2. -> (α, chunks, reports)
 
+    params.coefficients: rank (runner.components: the tensors it reaches): expert_merging trains one α per LoRA
+    component there from the start; EM++ trains stage 1 per tensor, and in stage 2 a tensor the allocation gives
+    any chunk (m ≥ 1) trains its components instead of m row blocks, each from its tensor's stage-1 α.
     With `warm` (an earlier calibration's coefficients, rows in this merge's expert order, new experts at init):
-    stage 1 starts from them; for EM++ whose warm coefficients have chunks, only stage 2 runs, on those chunks.
-    The last stage keeps α after each epoch of params.keep_epochs (in its report)."""
+    stage 1 starts from them (a component from its tensor's α); for EM++ whose warm coefficients have chunks or
+    components, only stage 2 runs, on those. The last stage keeps α after each epoch of params.keep_epochs."""
+    components = runner.components
     last = frozenset(params.keep_epochs)
     start = torch.full((experts, 1), inverse_activation(params.activation, params.init), device=device)
-    if warm is not None and method == "expert_merging_pp" and any(a.shape[1] > 1 for a in warm.alpha.values()):
-        chunks = {n: warm.alpha[n].shape[1] if warm.trained.get(n, True) else 0 for n in names}
+    if warm is not None and method == "expert_merging_pp" and any(
+            is_components(a) or a.shape[1] > 1 for a in warm.alpha.values()):
+        chunks = {n: _width(warm.alpha[n]) if warm.trained.get(n, True) else 0 for n in names}
         raw = {n: raw_of(params.activation, warm.alpha[n].to(device)) for n in names if chunks[n]}
         fixed = {n: warm.alpha[n].to(device) for n in names if not chunks[n]}
         second = runner.run("expert_merging_pp", raw, fixed, last)
         return second.alpha, chunks, second.reports
+
+    def widened(name: str, raw: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """A per-tensor raw r as the start of a finer family: each component (or row block) at its value."""
+        if name in components and not is_components(raw):
+            return per_component(raw, components[name])
+        return raw if chunks == 1 else raw.expand(-1, chunks).contiguous()
+
     starts = {n: raw_of(params.activation, warm.alpha[n].to(device)) if warm else start for n in names}
-    first = runner.run(method if method == "adamerging" else "expert_merging", starts, {},
-                       last if method != "expert_merging_pp" else frozenset())
     if method != "expert_merging_pp":
+        first = runner.run(method if method == "adamerging" else "expert_merging",
+                           {n: widened(n, r) for n, r in starts.items()}, {}, last)
         return first.alpha, dict.fromkeys(names, 1), first.reports
+    first = runner.run("expert_merging", starts, {}, frozenset())
     chunks = allocate_chunks(importance(first.alpha, runner.task_vector_l1), rows, params.budget, params.kappa)
     from_stage1 = params.stage2_init == "stage1"
-    raw = {n: (first.raw[n] if from_stage1 else start).expand(-1, m).contiguous() for n, m in chunks.items() if m > 0}
+    raw = {n: widened(n, first.raw[n] if from_stage1 else start, m) for n, m in chunks.items() if m > 0}
     fixed = {n: first.alpha[n] if from_stage1 else torch.full_like(first.alpha[n], params.init)
              for n, m in chunks.items() if m == 0}
     if not raw:
@@ -82,10 +96,28 @@ def learn(runner: FullModelRunner | BlockwiseRunner, method: str, names: list[st
     return second.alpha, chunks, first.reports + second.reports
 
 
+def _width(alpha: torch.Tensor) -> int:
+    """Chunks of a (K, m) α; 1 for a tensor's components (a refined tensor, as EM++'s allocation counts it)."""
+    return 1 if is_components(alpha) else alpha.shape[1]
+
+
+def family_report(params: CalibrationParams, alpha: dict[str, torch.Tensor], components: dict) -> dict:
+    """What calibration.json says of the coefficient family: how many tensors got components, and the counts."""
+    refined = [a for a in alpha.values() if is_components(a)]
+    return {"family": params.coefficients, "rank_eligible_tensors": len(components),
+            "per_component_tensors": len(refined), "components": sum(a.numel() for a in refined),
+            "total": sum(a.numel() for a in alpha.values())}
+
+
 def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointReader,
               experts: list[Expert], names: list[str], source: str) -> CalibrationResult:
     """Learn the coefficients of `config.method` for the tensors `names`."""
     started = time.perf_counter()
+    if params.coefficients == "rank" and (params.mode == "blockwise" or params.task_vectors == "resident"):
+        held = "mode: blockwise" if params.mode == "blockwise" else "task_vectors: resident"
+        raise ConfigError(f"{source}: params.coefficients: rank weighs each LoRA component through the adapters' "
+                          f"factors, which {held} does not keep; use mode: full with task_vectors: auto (or "
+                          "streamed), or coefficients: tensor")
     device = params.torch_device()
     dtype = params.torch_dtype(device)
     if device.type == "cuda":
@@ -106,10 +138,12 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         runner = FullModelRunner(config.method, config.base, base, experts, names, samples, layers, task_weights,
                                  params, seed, device, dtype, source)
     rows = {name: (base.tensors[name].shape or (1,))[0] for name in names}
+    ranks = {name: ranks_of(of, len(experts)) for name, of in runner.components.items()}
     warm, new_experts = None, []
     if params.warm_start is not None:
         earlier = Coefficients.load(params.warm_start)
-        warm = earlier.warm_start(expert_names, names, params.init, source)
+        check_warm({n: a for n, a in earlier.alpha.items() if n in names}, runner.components, source)
+        warm = earlier.warm_start(expert_names, names, params.init, source, ranks)
         new_experts = [name for name in expert_names if name not in earlier.expert_names]
 
     def train(subset: list, candidate: CalibrationParams) -> dict[str, torch.Tensor]:
@@ -122,8 +156,10 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
     runner.params = params  # γ as chosen
     alpha, chunks, stages = learn(runner, config.method, names, rows, len(experts), params, device, warm)
     trained = {n: chunks[n] > 0 for n in names}
-    coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained)
-    kept = {epoch: Coefficients(config, expert_names, {n: a.float().cpu() for n, a in earlier.items()}, trained)
+    ranks = {n: counts for n, counts in ranks.items() if is_components(alpha[n])}
+    coefficients = Coefficients(config, expert_names, {n: alpha[n].float().cpu() for n in names}, trained, ranks)
+    kept = {epoch: Coefficients(config, expert_names, {n: a.float().cpu() for n, a in earlier.items()}, trained,
+                                ranks)
             for epoch, earlier in _kept_alpha(stages, alpha, names).items()}
     if isinstance(runner, BlockwiseRunner):
         memory = {"task_vectors_mb": round(runner.peak_task_vectors_mb, 2),
@@ -146,8 +182,9 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         "hidden_layers": layers if params.mode == "full" else "every block",
         "tensors": len(names),
         "chunks": chunks,
-        "stages": [{"name": s.name, "trained_per_expert": s.trained_per_expert, "seconds": round(s.seconds, 3),
-                    "steps": s.steps} for s in stages],
+        "coefficients": family_report(params, alpha, runner.components),
+        "stages": [{"name": s.name, "trained_per_expert": s.trained_per_expert, "trained_coefficients": s.trained,
+                    "seconds": round(s.seconds, 3), "steps": s.steps} for s in stages],
         "seconds": round(time.perf_counter() - started, 3),
         **memory,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),

@@ -40,10 +40,11 @@ ALPHA = "alpha:"  # prefix of the entries of a Weights dict that carry a layer's
 @dataclass
 class StageReport:
     name: str
-    trained_per_expert: int
+    trained_per_expert: int  # L of the pull: a tensor's per-component coefficients count as one
     steps: list[dict] = field(default_factory=list)  # one row per optimizer step
     seconds: float = 0.0
     kept: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch -> α after it
+    trained: int = 0  # every trained coefficient
 
 
 @dataclass
@@ -141,13 +142,17 @@ class TrainableCoefficients(torch.nn.Module):
     sigmoid (Expert Merging): α = sigmoid(r), in (0, 1). clamp (AdaMerging): α = clamp(r, 0, 1).
     """
 
-    def __init__(self, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], activation: str = "sigmoid"):
+    def __init__(self, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], activation: str = "sigmoid",
+                 pull: dict[str, torch.Tensor] | None = None):
+        """pull[name]: (R,) each component's weight in the L1 pull, for the tensors whose raw r is per component
+        (1-D): components.pull_weights."""
         super().__init__()
         self.names = list(raw) + list(fixed)
         self.raw = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(r.clone()) for n, r in raw.items()})
         self.trained = list(raw)
         self.fixed = fixed
         self.activation = ACTIVATIONS[activation]
+        self.pull = {n: pull[n] for n in raw if raw[n].dim() == 1} if pull else {}
 
     def alpha(self) -> dict[str, torch.Tensor]:
         return {name: self.activation(self.raw[_key(name)]) for name in self.trained} | self.fixed
@@ -155,12 +160,15 @@ class TrainableCoefficients(torch.nn.Module):
     def raw_value(self, name: str) -> torch.Tensor:
         return self.raw[_key(name)].detach()
 
+    def per_expert(self) -> int:
+        """L: trained coefficients per expert as the pull counts them (a tensor's components count as one)."""
+        return sum(1 if name in self.pull else self.raw[_key(name)].shape[1] for name in self.trained)
+
     def regulariser(self, alpha: dict[str, torch.Tensor], init: float) -> torch.Tensor:
         """Σk Σℓ |α − ᾱ| / L over the trained tensors, L = trained coefficients per expert (the released code's
-        scaling)."""
-        trained = [alpha[name] for name in self.trained]
-        per_expert = sum(a.shape[1] for a in trained)
-        return sum((a - init).abs().sum() for a in trained) / per_expert
+        scaling); an expert's components on a tensor count as one coefficient: their mean |α − ᾱ|."""
+        return sum(((alpha[name] - init).abs() * self.pull[name]).sum() if name in self.pull
+                   else (alpha[name] - init).abs().sum() for name in self.trained) / self.per_expert()
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -222,7 +230,7 @@ def train_stage(name: str, coefficients: TrainableCoefficients, samples: list[Sa
     detached copies of them, and their summed gradients go through the merge once (the same gradient, a
     K-fold merge cost saved per sample). α after each epoch in `keep_epochs` is kept in the report.
     """
-    report = StageReport(name, sum(coefficients.raw[_key(n)].shape[1] for n in coefficients.trained))
+    report = StageReport(name, coefficients.per_expert(), trained=sum(p.numel() for p in coefficients.raw.values()))
     trainable = list(coefficients.raw.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(

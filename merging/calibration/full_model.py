@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from merging.calibration.components import component_experts, pull_weights
 from merging.calibration.expert_merging import (
     MergedModel,
     StageResult,
@@ -121,6 +122,9 @@ class FullModelRunner:
         self.megabytes = {"base_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                           **sources.megabytes, "teacher_cache_mb": 0.0}
         self.model = MergedModel(model, sources.sources, len(experts))
+        # tensor -> the expert of each LoRA component, where params.coefficients: rank trains one α per component
+        self.components = component_experts(sources.sources, len(experts)) if params.coefficients == "rank" else {}
+        self.pull = {name: pull_weights(experts) for name, experts in self.components.items()}
         self.task_vector_l1 = {n: s.l1.to(device) for n, s in sources.sources.items()}
         self.teachers = None
         if policy is not None:
@@ -135,7 +139,7 @@ class FullModelRunner:
 
     def run(self, name: str, raw: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
             keep_epochs: frozenset[int] = frozenset()) -> StageResult:
-        coefficients = TrainableCoefficients(raw, fixed, self.params.activation)
+        coefficients = TrainableCoefficients(raw, fixed, self.params.activation, self.pull)
         report = train_stage(name, coefficients, self.samples, self.student, self.task_weights, self.params,
                              self.seed, keep_epochs)
         return StageResult({n: a.detach() for n, a in coefficients.alpha().items()},

@@ -44,6 +44,10 @@ class CalibrationParams(MethodParams):
     budget: float = Field(1.0, gt=0, description="EM++: chunk coefficients per expert ≈ budget × tensors")
     kappa: float = Field(1.0, ge=0, description="EM++: importance exponent; higher concentrates chunks")
     stage2_init: Literal["stage1", "init"] = Field("stage1", description="EM++: warm start of stage 2")
+    coefficients: Literal["tensor", "rank"] = Field(
+        "tensor", description="tensor: one α per (tensor, expert) (EM++: per row block); rank: one α per rank-1 "
+        "component of each LoRA adapter on the tensors whose every expert update is LoRA factors (EM++: stage 1 per "
+        "tensor, stage 2 per component on the tensors the allocation picks); other tensors keep per-tensor α")
     activation: Literal["sigmoid", "clamp"] = Field(
         "sigmoid", description="α from the trained r: sigmoid(r) (Expert Merging) or clamp(r, 0, 1) (AdaMerging)")
     keep_epochs: list[int] = Field(default_factory=list, description="also write the coefficients after these "
@@ -144,6 +148,7 @@ class AdaMergingParams(CalibrationParams):
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; null: no clipping (the paper)")
     activation: Literal["sigmoid", "clamp"] = Field("clamp", description="α from r: clamp(r, 0, 1) as the paper")
     mode: Literal["full"] = Field("full", description="the entropy needs the whole model's logits")
+    coefficients: Literal["tensor"] = Field("tensor", description="one α per (tensor, expert), as the paper")
 
 
 def params_for(method: str) -> type[CalibrationParams]:

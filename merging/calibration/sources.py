@@ -30,7 +30,10 @@ class LowRank:
     scale: torch.Tensor  # (R,) s_k of each rank row
 
     def scale_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
-        """α (K, m) -> the rank-space scale: (1, R) when m = 1, else (out, R) (row blocks scale rows of B)."""
+        """α (K, m) -> the rank-space scale: (1, R) when m = 1, else (out, R) (row blocks scale rows of B);
+        α (R,), one per component (calibration/components.py) -> (1, R)."""
+        if alpha.dim() == 1:
+            return (alpha * self.scale).unsqueeze(0)
         if alpha.shape[1] == 1:
             return (alpha[self.experts, 0] * self.scale).unsqueeze(0)
         return (row_coefficients(alpha, self.b.shape[0])[self.experts] * self.scale[:, None]).T
