@@ -183,14 +183,10 @@ def register_version(config: PipelineConfig, job: MergeJob, merged: MergedModel,
     return version
 
 
-def run_page(run_id: str, settings: Settings) -> str:
-    return run_link(run_id, read_run(run_id).experiment_id, settings)
-
-
-def publish_review(run_id: str, config: PipelineConfig, job: MergeJob, comparison: Comparison, decision: Decision,
+def publish_review(page: str, config: PipelineConfig, job: MergeJob, comparison: Comparison, decision: Decision,
                    version: str, crowned: Crowning, lineage: dict[str, Lineage], settings: Settings) -> str:
-    """The review, as the version's description and the flow run's markdown artifact."""
-    review = review_markdown(config, job, comparison, decision, version, crowned, lineage, run_page(run_id, settings),
+    """The review (linking the run's PAGE), as the version's description and the flow run's markdown artifact."""
+    review = review_markdown(config, job, comparison, decision, version, crowned, lineage, page,
                              {name: tree_hash(path) for name, path in job.calibration.items()})
     describe_version(config.base.name, version, review, settings=settings)
     create_markdown_artifact(review, key=f"merge-{slug(config.base.name)}",
@@ -254,7 +250,8 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
     lineage = expert_lineages(job, settings)
     version = register_version(config, job, merged, uri, run_id, scores.macro_ce, champion, crowned.crowned, lineage,
                                settings)
-    review = publish_review(run_id, config, job, comparison, decision, version, crowned, lineage, settings)
+    page = run_link(run_id, read_run(run_id).experiment_id, settings)
+    review = publish_review(page, config, job, comparison, decision, version, crowned, lineage, settings)
     clock.lap("register")
     stages = {"merge": merged.cost, "evaluate": scores.cost}
     metrics = run_metrics(scores, base_scores, comparison, decision, k, stages, clock) | calibration_metrics(merged)
@@ -273,5 +270,5 @@ def conclude(run_id: str, job: MergeJob, merged: MergedModel, data: LocalCheckpo
                   RUN_NOTE_TAG: decision_sentence(config, job, comparison, decision, version, crowned)})
     return Outcome(run_id=run_id, merge_key=merged.key, model_path=merged.path, experts=merged.experts,
                    macro_ce=scores.macro_ce, decision=decision, merged_uri=uri, version=version,
-                   champion=crowned.crowned, verdict=crowned.verdict, run_page=run_page(run_id, settings),
+                   champion=crowned.crowned, verdict=crowned.verdict, run_page=page,
                    incremental=merged.incremental, stages=stages)
