@@ -147,8 +147,11 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         new_experts = [name for name in expert_names if name not in earlier.expert_names]
 
     def train(subset: list, candidate: CalibrationParams) -> dict[str, torch.Tensor]:
+        # EM++'s γ is chosen on its first stage (Expert Merging), as the bench chose it, at half the cost; a warm
+        # start runs EM++'s second stage alone
+        method = "expert_merging" if config.method == "expert_merging_pp" and warm is None else config.method
         with runner.trained_on(subset, candidate):
-            return learn(runner, config.method, names, rows, len(experts), candidate, device, warm)[0]
+            return learn(runner, method, names, rows, len(experts), candidate, device, warm)[0]
 
     unscorable = "mode blockwise has no whole model to score" if isinstance(runner, BlockwiseRunner) else None
     params, gamma_choice = choose_gamma(params, samples, unscorable, train,

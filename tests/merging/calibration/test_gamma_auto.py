@@ -51,6 +51,19 @@ def test_auto_picks_the_gamma_with_the_lowest_held_out_ce_then_trains_on_every_s
     assert json.loads((tmp_path / "fixed" / "calibration.json").read_text())["gamma_choice"] is None
 
 
+def test_expert_merging_pp_chooses_gamma_on_its_first_stage(em_config, tmp_path, run_cli):
+    """EM++ scores each γ with Expert Merging (its stage 1) alone: the held-out CEs are Expert Merging's."""
+    reports = {}
+    for method in ("expert_merging", "expert_merging_pp"):
+        config = em_config(gamma_grid=[0.0, 5.0], epochs=1)
+        config.write_text(config.read_text().replace("method: expert_merging", f"method: {method}"))
+        status, _, err = run_cli("merge", config, tmp_path / method)
+        assert status == 0, err
+        reports[method] = json.loads((tmp_path / method / "calibration.json").read_text())
+    assert reports["expert_merging_pp"]["gamma_choice"] == reports["expert_merging"]["gamma_choice"]
+    assert [s["name"] for s in reports["expert_merging_pp"]["stages"]] == ["expert_merging", "expert_merging_pp"]
+
+
 @pytest.mark.parametrize(("params", "reason"), [
     ({"samples_per_expert": 1}, "no expert has two calibration samples to hold one out"),
     ({"mode": "blockwise"}, "mode blockwise has no whole model to score"),
