@@ -160,6 +160,11 @@ def main() -> None:
                         help="the calibrated section's methods; expert_merging:rank, expert_merging_pp:rank: the "
                              "same with params.coefficients: rank (one α per LoRA component), rows labelled "
                              "'expert_merging (rank) (...)'")
+    parser.add_argument("--defaults", action="store_true",
+                        help="the calibrated section runs each method at the product's defaults (params: {} but the "
+                             "family: γ auto, ᾱ 0.3, 1 epoch), rows labelled 'METHOD (product defaults)'")
+    parser.add_argument("--ceiling-family", choices=("tensor", "rank"), default="tensor",
+                        help="the ceiling section's coefficients: one per (tensor, expert) or per LoRA component")
     parser.add_argument("--curve-samples", default="1,2,5,10", help="the curves section's samples per domain")
     parser.add_argument("--curve-gammas", default="0,0.8,5", help="the curves section's γ values")
     parser.add_argument("--sections", default="main,select,gamma,calibrated,paired,matrix",
@@ -203,23 +208,27 @@ def main() -> None:
     def calibrated_label(method: str, family: str = "") -> str:
         gamma = pull(method).get("gamma")
         named = f"{method} ({family})" if family else method
+        if args.defaults:
+            return f"{named} (product defaults)"
         return f"{named} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'})"
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
-        results, seconds, memory = [], [], []
-        params = {"init": tuned_lambda(), **params}
+        results, seconds, memory, gammas = [], [], [], []
+        params = params if args.defaults else {"init": tuned_lambda(), **params}
         family = "-rank" if params.get("coefficients") == "rank" else ""
         for seed in seeds:
             started = time.perf_counter()
             folder, report = bench.merge_in_child(f"{method}{family}-{seed}", method, params, seed)
             seconds.append(report["seconds"])
             memory.append(report["peak_memory_mb"])
+            gammas.append((report.get("gamma_choice") or {}).get("chosen"))
             results.append(bench.evaluate(folder, accuracy=accuracy))
             print(f"    {label} seed {seed}: calibration {report['seconds']:.1f} s, peak RSS "
-                  f"{report['peak_memory_mb']:.0f} MB, merge {time.perf_counter() - started:.1f} s", flush=True)
+                  f"{report['peak_memory_mb']:.0f} MB, merge {time.perf_counter() - started:.1f} s, "
+                  f"γ {report['params'].get('gamma')}{' (auto)' if gammas[-1] is not None else ''}", flush=True)
         record(label, results, method=method, params=params,
                calibration_seconds=statistics.median(seconds), calibration_seconds_all=seconds,
-               peak_memory_mb=max(memory))
+               peak_memory_mb=max(memory), **({"gamma_chosen": gammas} if any(g is not None for g in gammas) else {}))
 
     for section in sections:
         if section == "main":
@@ -239,8 +248,8 @@ def main() -> None:
                     parser.error(f"--methods: {entry!r} is not one of {', '.join(CALIBRATED)} (or "
                                  f"{':rank, '.join(RANK_FAMILY)}:rank)")
                 coefficients = {"coefficients": family} if family else {}
-                calibrated(method, {"epochs": epochs(), **pull(method), **coefficients},
-                           calibrated_label(method, family))
+                chosen = {} if args.defaults else {"epochs": epochs(), **pull(method)}
+                calibrated(method, {**chosen, **coefficients}, calibrated_label(method, family))
         elif section == "paired":
             labels = [calibrated_label(m) for m in CALIBRATED] + [calibrated_label(m, "rank") for m in RANK_FAMILY]
             rows["paired differences"] = paired_rows(rows, labels)
@@ -258,8 +267,9 @@ def main() -> None:
                 calibrated("expert_merging_pp", {"epochs": epochs(), "gamma": gamma}, f"em++ gamma={gamma}",
                            accuracy=False)
         elif section == "ceiling":
-            folder, training = supervised_ceiling(bench, tuned_lambda())
-            record("supervised ceiling (α fit to labels)", [bench.evaluate(folder)], **training)
+            folder, training = supervised_ceiling(bench, tuned_lambda(), args.ceiling_family)
+            family = "" if args.ceiling_family == "tensor" else ", one α per LoRA component"
+            record(f"supervised ceiling (α fit to labels{family})", [bench.evaluate(folder)], **training)
         else:
             parser.error(f"--sections: unknown section {section!r}")
     shutil.rmtree(args.out / "models", ignore_errors=True)
@@ -349,16 +359,17 @@ def paired_rows(rows: dict, calibrated: list[str]) -> dict:
     return differences
 
 
-def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path, dict]:
-    """Not a merging method: one α per (tensor, expert) fit to the labelled response CE of the calibration
-    split's first --tune-examples examples per domain, by the calibration loop itself (8-sample steps, Adam at a
-    constant lr 0.05, no pull, no clipping): what the same per-tensor coefficients reach when labels are given.
-    Not a bound: 8 labelled responses per domain carry less signal than the teachers' distributions over every
-    token, and chunk-wise coefficients have more freedom.
+def supervised_ceiling(bench: Bench, init: float, family: str, epochs: int = 8) -> tuple[Path, dict]:
+    """Not a merging method: one α per (tensor, expert) (FAMILY tensor) or per LoRA component (rank), fit to the
+    labelled response CE of the calibration split's first --tune-examples examples per domain, by the calibration
+    loop itself (8-sample steps, Adam at a constant lr 0.05, no pull, no clipping): what the same coefficients reach
+    when labels are given. Not a bound: 8 labelled responses per domain carry less signal than the teachers'
+    distributions over every token, and chunk-wise coefficients have more freedom.
     Returns the merged folder and the training's seconds and mean labelled CE per epoch."""
     import torch
 
     from merging.calibration import CalibrationParams, Coefficients, calibrated_tensors
+    from merging.calibration.components import component_experts, per_component, ranks_of
     from merging.calibration.expert_merging import (
         MergedModel,
         Student,
@@ -395,12 +406,17 @@ def supervised_ceiling(bench: Bench, init: float, epochs: int = 8) -> tuple[Path
 
     student = Student(model.merged, losses)
     start = inverse_activation("sigmoid", init)
-    coefficients = TrainableCoefficients({n: torch.full((len(bench.experts), 1), start) for n in names}, {})
+    experts = len(bench.experts)
+    components = component_experts(layout.sources, experts) if family == "rank" else {}
+    per_tensor = torch.full((experts, 1), start)
+    coefficients = TrainableCoefficients(
+        {n: per_component(per_tensor, components[n]) if n in components else per_tensor for n in names}, {})
     params = CalibrationParams(init=init, gamma=0.0, lr=0.05, weight_decay=0.0, epochs=epochs, grad_clip=None,
                                min_lr_ratio=1.0)
     report = train_stage("ceiling", coefficients, samples, student, [1.0] * len(bench.experts), params, seed=0)
     learned = Coefficients(bench.config("expert_merging", {}, 0), bench.domains,
-                           {n: a.detach() for n, a in coefficients.alpha().items()})
+                           {n: a.detach() for n, a in coefficients.alpha().items()},
+                           ranks={n: ranks_of(of, experts) for n, of in components.items()})
     epoch_ce = [statistics.mean(s["loss"] for s in report.steps if s["epoch"] == e) for e in range(1, epochs + 1)]
     return (apply_coefficients(learned, bench.out / "models" / "ceiling", overwrite=True),
             {"calibration_seconds": report.seconds, "train_ce_per_epoch": epoch_ce})
