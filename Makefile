@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test test-slow test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean demo-real
+.PHONY: demo test test-slow test-cluster test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean demo-real
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 # The cases marked slow (whole flow runs with each service killed midway), left out of `make test`.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The production topology on loopback: a Dask scheduler and workers, Prefect work-pool workers, PostgreSQL.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 # mergeplan against mergekit itself on the same YAML files (mergekit in its own venv, run through its CLI).
 test-mergekit: $(STAMP) $(BENCH_STAMP)
