@@ -44,8 +44,10 @@ BOOTSTRAP_REPS = 10_000
 
 
 class Bench:
-    def __init__(self, zoo: Path, out: Path, accuracy_samples: int, max_examples: int | None, tune_examples: int):
+    def __init__(self, zoo: Path, out: Path, accuracy_samples: int, max_examples: int | None, tune_examples: int,
+                 eval_dtype: str = "float32", eval_batch_size: int = 32):
         self.zoo, self.out = zoo.resolve(), out  # absolute: the child merges' configs live under `out`
+        self.eval_dtype, self.eval_batch_size = eval_dtype, eval_batch_size
         self.experts = expert_folders(self.zoo)
         self.domains = [p.name for p in self.experts]
         self.accuracy_samples, self.max_examples, self.tune_examples = accuracy_samples, max_examples, tune_examples
@@ -54,7 +56,8 @@ class Bench:
                  accuracy: bool = True) -> EvalResult:
         """Eval split: CE and (when `accuracy`) exact match; the calib split: CE only, for tuning."""
         held_out = split == "eval"
-        return evaluate(folder, self.zoo / "data", domains, split=split,
+        return evaluate(folder, self.zoo / "data", domains, split=split, dtype=self.eval_dtype,
+                        batch_size=self.eval_batch_size,
                         accuracy_samples=self.accuracy_samples if held_out and accuracy else 0,
                         max_examples=self.max_examples if held_out else self.tune_examples)
 
@@ -143,6 +146,9 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="eval examples per domain (default all)")
     parser.add_argument("--tune-examples", type=int, default=None,
                         help="calib-split examples per domain used for every choice (default all)")
+    parser.add_argument("--eval-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="every evaluation's dtype (bfloat16 at batch 8 on Gemma's 262k vocabulary: 1.5x faster)")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--curve-epochs", default="1,2,3,5,10",
                         help="epochs at which seed 0's Expert Merging snapshot is scored (one run to the largest)")
     parser.add_argument("--select-epochs", default="1,2,3",
@@ -176,7 +182,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
     sections = args.sections.split(",")
-    bench = Bench(args.zoo, args.out, args.accuracy_samples, args.max_examples, args.tune_examples)
+    bench = Bench(args.zoo, args.out, args.accuracy_samples, args.max_examples, args.tune_examples, args.eval_dtype,
+                  args.eval_batch_size)
     results_path = args.out / "results.json"
     rows: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
     args.out.mkdir(parents=True, exist_ok=True)
