@@ -127,6 +127,7 @@ def main() -> int:
     parser.add_argument("--eval-examples", type=int, default=64, help="eval examples per domain")
     parser.add_argument("--sizes-methods", type=lambda s: tuple(s.split(",")), default=("average", "task_arithmetic"))
     parser.add_argument("--sizes-design", default="balanced")
+    parser.add_argument("--sizes-max-subsets", type=int, help="sizes zoo, design all or diverse: subsets per k at most")
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2, help="sweep processes, 1 torch thread each (default 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
@@ -165,7 +166,8 @@ def main() -> int:
             checks[f"{name}: whole {len(settings.methods)}-method sweep under 30 minutes"] = timing["seconds"] < 1800
     if not args.skip_sizes:
         settings = SweepSettings(methods=args.sizes_methods, design=args.sizes_design,
-                                 eval_examples=args.eval_examples, workers=args.workers)
+                                 max_subsets=args.sizes_max_subsets, eval_examples=args.eval_examples,
+                                 workers=args.workers)
         timing, document = sweep_and_fit("sizes", args.sizes, args.out, settings, args.resamples)
         timing = timing_of_whole_sweep(timing, results.get("sizes"))
         joint = sizes_results(document)
