@@ -287,7 +287,10 @@ def main_rows(bench: Bench, seeds: list[int], record) -> None:
     record("base", [bench.evaluate(bench.zoo / "base")])
     own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
     record("each expert on its own domain", [EvalResult("experts", "eval", [r.domains[0] for r in own])])
-    record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
+    if (bench.zoo / "mixture").is_dir():
+        record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
+    else:
+        print(f"  {bench.zoo / 'mixture'}: not built (the zoo build stopped before it); no mixture row", flush=True)
     record("average", [bench.evaluate(bench.merge("average", "average", {}))], method="average", params={})
     for method in ("task_arithmetic", "ties"):
         params, folder = bench.tune(method)

@@ -1,5 +1,5 @@
 """The pipeline's commands (up, down, status, expert upload/register/download/list, data upload, run, reconcile,
-cache gc, serve): their handlers, which reach the services through infra/ and flows/, and their subparsers."""
+cache gc, serve, deploy): their handlers, which reach the services through infra/ and flows/, and their subparsers."""
 
 from __future__ import annotations
 
@@ -183,6 +183,33 @@ def _serve(args: argparse.Namespace) -> None:
         serve_pipeline(config, settings, args.cron, reconcile_first=not args.no_reconcile)
 
 
+def _deploy(args: argparse.Namespace) -> None:
+    from flows.deployments import deploy_pipeline
+    from flows.pipeline_config import load_pipeline_config
+    from flows.reconcile import reconcile_through_pool
+    from flows.runtime import prefect_api
+    from infra.registry import check_reachable
+
+    if args.unresponsive_after < 60:
+        raise ConfigError(f"--unresponsive-after: at least 60 s (two of Prefect's shortest heartbeat intervals), "
+                          f"got {args.unresponsive_after:g}")
+    if args.retries < 0:
+        raise ConfigError(f"--retries: a count, 0 or more, got {args.retries}")
+    settings = environment_settings()
+    config = load_pipeline_config(args.config)
+    if not args.no_reconcile:
+        check_reachable(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)  # before anything is registered
+    with prefect_api(settings):
+        names = deploy_pipeline(config, settings, args.pool, args.cron, args.unresponsive_after, args.retries)
+        for name in names:
+            print(f"deployed {name} to work pool {args.pool}")
+        run = None if args.no_reconcile else reconcile_through_pool(config, settings)
+    if run is not None:
+        print(f"registered experts no run has taken: flow run {run.name} of {names[0]} merges them, oldest first")
+    print(f"start a worker (MERGEPLAN_* and the credentials in its environment): prefect worker start --pool "
+          f"{args.pool}")
+
+
 def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     """Add the pipeline's commands to the top-level parser's COMMANDS."""
     stack_up = commands.add_parser(
@@ -243,6 +270,24 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-reconcile", action="store_true",
                        help="do not first merge the registered experts no run has taken (see `mergeplan reconcile`)")
     serve.set_defaults(run=_serve)
+    deploy = commands.add_parser(
+        "deploy", help="register the deployments of `serve` to a Prefect process work pool, for its workers to run",
+        description="Registers on-new-expert (event trigger) and the nightly scaling sweep (cron) with the same "
+                    "parameters and limits as `serve`, to a process work pool (created when missing), and the "
+                    "automations that reschedule a run whose worker died. Each `prefect worker start --pool NAME` "
+                    "(MERGEPLAN_* and the credentials in its environment) then runs them. See "
+                    "docs/production-workers.md.", epilog=STACK_HELP)
+    deploy.add_argument("config", type=Path, help="pipeline YAML: the base, method and settings the flows use")
+    deploy.add_argument("--pool", default="mergeplan", help="the process work pool (default: mergeplan)")
+    deploy.add_argument("--cron", default="0 2 * * *", help="schedule of the scaling sweep (default: nightly, 02:00)")
+    deploy.add_argument("--unresponsive-after", type=float, default=600, metavar="SECONDS",
+                        help="a run without a heartbeat this long is marked Crashed (default 600; the flow-run "
+                             "processes' PREFECT_FLOWS_HEARTBEAT_FREQUENCY must be well below it)")
+    deploy.add_argument("--retries", type=int, default=2,
+                        help="how many times a crashed run is rescheduled for any worker (default 2)")
+    deploy.add_argument("--no-reconcile", action="store_true",
+                        help="do not start a run for the registered experts no run has taken (see `reconcile`)")
+    deploy.set_defaults(run=_deploy)
 
     expert = commands.add_parser("expert", help="the S3 expert store and the MLflow registry")
     expert_commands = expert.add_subparsers(dest="expert_command", required=True, metavar="EXPERT_COMMAND")
