@@ -212,15 +212,19 @@ def run_metrics(scores: Scores, base_scores: Scores, comparison: Comparison, dec
 
 
 def calibration_metrics(merged: MergedModel) -> dict[str, float]:
-    """A calibrated merge's γ (as given or as `gamma: auto` chose it) and the held-out CE of each γ it tried."""
+    """A calibrated merge's γ and ᾱ (as given or as `gamma: auto` and `init: auto` chose them), the held-out CE of
+    each γ it tried and the calibration-sample CE of each ᾱ."""
     report_file = merged.path / CALIBRATION_FILE
     if not report_file.is_file():
         return {}
     report = json.loads(report_file.read_text())
-    choice = report.get("gamma_choice") or {}
-    metrics = {"calibration.gamma": float(report["params"]["gamma"]), "calibration.seconds": report["seconds"]}
-    tried = choice.get("held_out_ce", {})
-    return metrics | {f"calibration.held_out_ce.gamma_{gamma}": ce for gamma, ce in tried.items()}
+    params = report["params"]
+    metrics = {"calibration.gamma": float(params["gamma"]), "calibration.init": float(params["init"]),
+               "calibration.seconds": report["seconds"]}
+    gammas = (report.get("gamma_choice") or {}).get("held_out_ce", {})
+    inits = (report.get("init_choice") or {}).get("ce", {})
+    return (metrics | {f"calibration.held_out_ce.gamma_{gamma}": ce for gamma, ce in gammas.items()}
+            | {f"calibration.ce.init_{init}": ce for init, ce in inits.items()})
 
 
 def run_files(merged: MergedModel, decision: Decision) -> list[tuple[str, Path]]:

@@ -18,6 +18,7 @@ from merging.calibration.expert_merging import StageReport, inverse_activation, 
 from merging.calibration.full_model import FullModelRunner
 from merging.calibration.gamma_choice import choose_gamma
 from merging.calibration.importance import allocate_chunks, importance
+from merging.calibration.init_choice import choose_init
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import load_samples
 from merging.config import MergeConfig
@@ -137,6 +138,13 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
     else:
         runner = FullModelRunner(config.method, config.base, base, experts, names, samples, layers, task_weights,
                                  params, seed, device, dtype, source)
+    unscorable = "mode blockwise has no whole model to score" if isinstance(runner, BlockwiseRunner) else None
+
+    def uniform(value: float, chosen_on: list) -> float:
+        return runner.merged_ce({n: torch.full((len(experts), 1), value, device=device) for n in names}, chosen_on)
+
+    params, init_choice = choose_init(params, samples, unscorable, uniform)
+    runner.params = params  # ᾱ as chosen
     rows = {name: (base.tensors[name].shape or (1,))[0] for name in names}
     ranks = {name: ranks_of(of, len(experts)) for name, of in runner.components.items()}
     warm, new_experts = None, []
@@ -153,7 +161,6 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         with runner.trained_on(subset, candidate):
             return learn(runner, method, names, rows, len(experts), candidate, device, warm)[0]
 
-    unscorable = "mode blockwise has no whole model to score" if isinstance(runner, BlockwiseRunner) else None
     params, gamma_choice = choose_gamma(params, samples, unscorable, train,
                                         lambda alpha, held: runner.merged_ce(alpha, held))
     runner.params = params  # γ as chosen
@@ -175,6 +182,7 @@ def calibrate(config: MergeConfig, params: CalibrationParams, base: CheckpointRe
         "warm_start": None if warm is None else {"from": str(params.warm_start),
                                                    "new_experts": new_experts},
         "params": params.model_dump(mode="json"),
+        "init_choice": init_choice,
         "gamma_choice": gamma_choice,
         "seed": seed,
         "device": str(device),

@@ -1,4 +1,5 @@
-"""`gamma: auto`: γ chosen on held-out calibration samples, then trained on all of them; the fallbacks."""
+"""`gamma: auto`: γ chosen on held-out calibration samples, then trained on all of them; `init: auto`: ᾱ chosen as
+the Task Arithmetic λ with the lowest CE on the calibration samples; the fallbacks."""
 
 import json
 import logging
@@ -64,6 +65,22 @@ def test_expert_merging_pp_chooses_gamma_on_its_first_stage(em_config, tmp_path,
     assert [s["name"] for s in reports["expert_merging_pp"]["stages"]] == ["expert_merging", "expert_merging_pp"]
 
 
+def test_auto_init_is_the_task_arithmetic_lambda_with_the_lowest_calibration_ce(em_config, tmp_path, run_cli):
+    status, _, err = run_cli("merge", em_config(gamma=0.0, init_grid=[0.1, 0.5, 0.9]), tmp_path / "auto")
+    assert status == 0, err
+    report = json.loads((tmp_path / "auto" / "calibration.json").read_text())
+    tried = {float(value): ce for value, ce in report["init_choice"]["ce"].items()}
+    assert list(tried) == [0.1, 0.5, 0.9] and len(set(tried.values())) == 3
+    assert report["init_choice"]["chosen"] == min(tried, key=tried.get) == report["params"]["init"]
+    assert report["init_choice"]["samples"] == 9
+
+    # the same as asking for the chosen ᾱ
+    status, _, err = run_cli("merge", em_config(gamma=0.0, init=report["params"]["init"]), tmp_path / "fixed")
+    assert status == 0, err
+    auto, fixed = (Coefficients.load(tmp_path / name / "coefficients.json") for name in ("auto", "fixed"))
+    assert all(torch.equal(auto.alpha[name], fixed.alpha[name]) for name in fixed.alpha)
+
+
 @pytest.mark.parametrize(("params", "reason"), [
     ({"samples_per_expert": 1}, "no expert has two calibration samples to hold one out"),
     ({"mode": "blockwise"}, "mode blockwise has no whole model to score"),
@@ -77,6 +94,15 @@ def test_when_nothing_can_be_scored_auto_falls_back_to_the_papers_gamma_with_a_w
     report = json.loads((tmp_path / "m" / "calibration.json").read_text())
     assert report["gamma_choice"] == {"chosen": 0.8, "fallback": reason, "held_out_ce": {}}
     assert report["params"]["gamma"] == 0.8
+    if params.get("mode") == "blockwise":
+        assert f"init: auto: {reason}; using ᾱ = 0.3" in caplog.text
+        assert report["init_choice"] == {"chosen": 0.3, "fallback": reason, "ce": {}}
+
+
+def test_an_init_outside_0_1_in_the_grid_is_refused(em_config, tmp_path, run_cli):
+    status, _, err = run_cli("merge", em_config(init_grid=[0.5, 1.0]), tmp_path / "m")
+    assert status == 2 and "params.init_grid" in err and "less than 1" in err, err
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_negative_gamma_in_the_grid_is_refused(em_config, tmp_path, run_cli):
