@@ -2,13 +2,15 @@
 paper, and it matters: on LoRA experts that interfere strongly (SmolLM2's nine) the bench's tuned λ was 0.1, and
 Expert Merging from 0.3 (1 epoch) reached 0.997 held-out macro CE where from 0.1 (2 epochs) it reached 0.890. So it
 is chosen per merge as the bench chose it: for each λ of the grid, every coefficient at λ, and the merge with the
-lowest next-token CE on the calibration samples wins. Nothing is trained: one forward pass over the samples per λ."""
+lowest next-token CE on the samples `gamma: auto` holds out wins (all of them when none can be held out). Nothing is
+trained: one forward pass over those samples per λ, a quarter of an epoch's forward passes each."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
+from merging.calibration.gamma_choice import held_out_split
 from merging.calibration.params import CalibrationParams
 from merging.calibration.samples import Sample
 
@@ -29,9 +31,10 @@ def choose_init(params: CalibrationParams, samples: list[Sample], unsupported: s
         log.warning("init: auto: %s; using ᾱ = %g", unsupported, FALLBACK_INIT)
         return params.model_copy(update={"init": FALLBACK_INIT}), {
             "chosen": FALLBACK_INIT, "fallback": unsupported, "ce": {}}
-    scores = {value: score(value, samples) for value in params.init_grid}
+    held = held_out_split(samples, params.holdout)[1] or samples
+    scores = {value: score(value, held) for value in params.init_grid}
     chosen = min(params.init_grid, key=lambda value: scores[value])  # ties: the first in the grid
     log.info("init: auto chose ᾱ = %g (CE %s on %d calibration samples)", chosen,
-             ", ".join(f"{value:g}: {ce:.4f}" for value, ce in scores.items()), len(samples))
+             ", ".join(f"{value:g}: {ce:.4f}" for value, ce in scores.items()), len(held))
     return params.model_copy(update={"init": chosen}), {
-        "chosen": chosen, "ce": {str(value): round(ce, 6) for value, ce in scores.items()}, "samples": len(samples)}
+        "chosen": chosen, "ce": {str(value): round(ce, 6) for value, ce in scores.items()}, "samples": len(held)}

@@ -66,13 +66,13 @@ def test_expert_merging_pp_chooses_gamma_on_its_first_stage(em_config, tmp_path,
 
 
 def test_auto_init_is_the_task_arithmetic_lambda_with_the_lowest_calibration_ce(em_config, tmp_path, run_cli):
-    status, _, err = run_cli("merge", em_config(gamma=0.0, init_grid=[0.1, 0.5, 0.9]), tmp_path / "auto")
+    status, _, err = run_cli("merge", em_config(gamma=0.0, init="auto", init_grid=[0.1, 0.5, 0.9]), tmp_path / "auto")
     assert status == 0, err
     report = json.loads((tmp_path / "auto" / "calibration.json").read_text())
     tried = {float(value): ce for value, ce in report["init_choice"]["ce"].items()}
     assert list(tried) == [0.1, 0.5, 0.9] and len(set(tried.values())) == 3
     assert report["init_choice"]["chosen"] == min(tried, key=tried.get) == report["params"]["init"]
-    assert report["init_choice"]["samples"] == 9
+    assert report["init_choice"]["samples"] == 3  # the samples gamma: auto holds out, one per expert
 
     # the same as asking for the chosen ᾱ
     status, _, err = run_cli("merge", em_config(gamma=0.0, init=report["params"]["init"]), tmp_path / "fixed")
@@ -83,7 +83,7 @@ def test_auto_init_is_the_task_arithmetic_lambda_with_the_lowest_calibration_ce(
 
 @pytest.mark.parametrize(("params", "reason"), [
     ({"samples_per_expert": 1}, "no expert has two calibration samples to hold one out"),
-    ({"mode": "blockwise"}, "mode blockwise has no whole model to score"),
+    ({"mode": "blockwise", "init": "auto"}, "mode blockwise has no whole model to score"),
 ])
 def test_when_nothing_can_be_scored_auto_falls_back_to_the_papers_gamma_with_a_warning(
         em_config, tmp_path, run_cli, caplog, params, reason):
@@ -100,7 +100,7 @@ def test_when_nothing_can_be_scored_auto_falls_back_to_the_papers_gamma_with_a_w
 
 
 def test_an_init_outside_0_1_in_the_grid_is_refused(em_config, tmp_path, run_cli):
-    status, _, err = run_cli("merge", em_config(init_grid=[0.5, 1.0]), tmp_path / "m")
+    status, _, err = run_cli("merge", em_config(init="auto", init_grid=[0.5, 1.0]), tmp_path / "m")
     assert status == 2 and "params.init_grid" in err and "less than 1" in err, err
     assert not (tmp_path / "m").exists()
 
