@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra import postgres
 from infra.errors import StackError
 from infra.settings import (
     AWS_ENV,
@@ -35,13 +37,17 @@ class Service:
     address: str  # what a person opens or configures: a UI or an endpoint
     other_ports: tuple[int, ...] = ()  # taken by the service's own components
     install_hint: str = ""  # what to do when argv[0] is not installed
-    stop_grace_s: float = STOP_GRACE_S  # SIGTERM to SIGKILL
-    data: Path | None = None  # the file or folder it keeps its state in (None: in memory, or none)
+    stop_grace_s: float = STOP_GRACE_S  # stop_signal to SIGKILL
+    stop_signal: int = signal.SIGTERM  # what `down` sends the process group first
+    data: Path | str | None = None  # the file or folder it keeps its state in, or where (None: in memory, or none)
+    run_as: tuple[int, int] | None = None  # (uid, gid) when not this process's user
 
 
 def service_definitions(settings: Settings) -> dict[str, Service]:
-    """The four services of the local stack, on the configured ports."""
+    """The services of the local stack, on the configured ports."""
     state = settings.state_dir.resolve()
+    mlflow_store, mlflow_data = _store(settings, "mlflow", "sqlite", "")
+    prefect_store, prefect_data = _store(settings, "prefect", "sqlite+aiosqlite", "asyncpg")
     python = sys.executable
     mlflow_env = _mlflow_s3_env(settings) | {
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # job workers would triple the server's memory
@@ -52,27 +58,48 @@ def service_definitions(settings: Settings) -> dict[str, Service]:
     }
     prefect_env = {
         "PREFECT_HOME": str(state / "prefect"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state / 'prefect.db'}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": prefect_store,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     url = {name: f"http://{LOOPBACK}:{getattr(settings, f'{name}_port')}" for name in SERVICES}
     return {
         "s3": _s3_service(settings, url["s3"]),
+        "postgres": _postgres_service(settings),
         "mlflow": Service("mlflow", settings.mlflow_port,
-                          [python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+                          [python, "-m", "mlflow", "server", "--backend-store-uri", mlflow_store,
                            "--artifacts-destination", f"s3://{settings.bucket}/mlflow", "--host", LOOPBACK,
                            "--port", str(settings.mlflow_port), "--workers", "1",
                            *(["--app-name", "basic-auth"] if settings.mlflow_auth == "basic" else [])],
-                          mlflow_env, f"{url['mlflow']}/health", url["mlflow"], data=settings.state_dir / "mlflow.db"),
+                          mlflow_env, f"{url['mlflow']}/health", url["mlflow"], data=mlflow_data),
         "prefect": Service("prefect", settings.prefect_port,
                            [python, "-m", "prefect", "server", "start", "--host", LOOPBACK,
                             "--port", str(settings.prefect_port)],
-                           prefect_env, f"{url['prefect']}/api/health", url["prefect"],
-                           data=settings.state_dir / "prefect.db"),
+                           prefect_env, f"{url['prefect']}/api/health", url["prefect"], data=prefect_data),
         "webhook": Service("webhook", settings.webhook_port, [python, "-m", "infra.webhook"],
                            settings.as_env(), f"http://{settings.webhook_host}:{settings.webhook_port}/health",
                            settings.webhook_url),
     }
+
+
+def _store(settings: Settings, name: str, sqlite_scheme: str, driver: str) -> tuple[str, Path | str]:
+    """The SQLAlchemy URL of service NAME's database (never with a password) and where its data is, for status."""
+    if settings.db == "sqlite":
+        path = settings.state_dir / f"{name}.db"
+        return f"{sqlite_scheme}:///{path.resolve()}", path
+    return postgres.database_url(settings, name, driver), f"database {name} of {postgres.server(settings)}"
+
+
+def _postgres_service(settings: Settings) -> Service:
+    """The local cluster (MERGEPLAN_DB=postgres): TCP on loopback only, no socket file, logins by scram-sha-256."""
+    port = settings.postgres_port
+    argv = [postgres.binary("postgres"), "-D", str(settings.postgres_data_dir.resolve()),
+            "-c", f"listen_addresses={LOOPBACK}", "-c", f"port={port}", "-c", "unix_socket_directories="]
+    # SIGINT: a fast shutdown, which ends the sessions of a still running MLflow or Prefect (SIGTERM would wait for
+    # them) and then checkpoints every dirty page
+    return Service("postgres", port, argv, {}, f"postgresql://{LOOPBACK}:{port}",
+                   f"postgresql://{postgres.LOCAL_USER}@{LOOPBACK}:{port}", install_hint=postgres.INSTALL_HINT,
+                   stop_grace_s=30, stop_signal=signal.SIGINT, data=settings.postgres_data_dir,
+                   run_as=postgres.server_user())
 
 
 def _s3_service(settings: Settings, url: str) -> Service:
@@ -114,12 +141,19 @@ def _mlflow_s3_env(settings: Settings) -> dict[str, str]:
 
 def generated_env(service: Service, settings: Settings) -> dict[str, str]:
     """Keys generated on first use: only when starting, so that `status` and `down` create no files."""
+    database = postgres.client_env(settings) if settings.db != "sqlite" else {}
     if service.name == "prefect":
-        return _prefect_auth_env() if settings.prefect_auth == "basic" else {}
+        return database | (_prefect_auth_env() if settings.prefect_auth == "basic" else {})
     if service.name != "mlflow":
         return {}
-    env = {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)}
+    env = {"MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": resolve_mlflow_encryption_key(settings)} | database
     return env | (_basic_auth_env(settings) if settings.mlflow_auth == "basic" else {})
+
+
+def prepare_start(service: Service, settings: Settings, log: Path) -> None:
+    """What must exist before SERVICE's first start: the local PostgreSQL cluster."""
+    if service.name == "postgres":
+        postgres.init_cluster(settings, log)
 
 
 def _prefect_auth_env() -> dict[str, str]:

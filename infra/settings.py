@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 LOOPBACK = "127.0.0.1"
 ENV_PREFIX = "MERGEPLAN_"
@@ -28,7 +28,8 @@ LOCAL_S3_KEY = "mergeplan-local"
 # Ports after MERGEPLAN_S3_PORT that the SeaweedFS server's own components take (master, volume, filer, admin).
 S3_INTERNAL_PORTS = 9
 WEBHOOK_PATH = "/mlflow-webhook"
-SERVICES = ("s3", "mlflow", "prefect", "webhook")
+# In start-up order: MLflow and Prefect migrate their schemas into the database as they start.
+SERVICES = ("s3", "postgres", "mlflow", "prefect", "webhook")
 URL_FIELDS = {"s3": "s3_endpoint", "mlflow": "mlflow_tracking_uri", "prefect": "prefect_api_url",
               "webhook": "webhook_url"}
 
@@ -47,7 +48,8 @@ def local_url(service: str, port: int | str) -> str:
 class Settings(BaseModel):
     """The resolved settings; build with Settings.from_env(), or directly in tests."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected value may be a credential (a database URL with its password)
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     state_dir: Path = Path(".mergeplan")
     s3_port: int = Field(9000, ge=1, le=65535 - S3_INTERNAL_PORTS)
@@ -56,6 +58,15 @@ class Settings(BaseModel):
     mlflow_port: int = Field(5000, ge=1, le=65535)
     prefect_port: int = Field(4200, ge=1, le=65535)
     webhook_port: int = Field(8787, ge=1, le=65535)
+    # 5432 is left to a system PostgreSQL, which the distributions' packages start there
+    postgres_port: int = Field(5433, ge=1, le=65535)
+    # MLflow's and Prefect's database: sqlite (a file each in STATE), postgres (a local PostgreSQL cluster in
+    # STATE/postgres that `up` runs) or postgresql://USER@HOST:PORT (that server); on PostgreSQL they use the
+    # databases mlflow and prefect
+    db: str = "sqlite"
+    # the database user's password, never in the URL; unset: generated once for the local cluster, ~/.pgpass (read
+    # by libpq and asyncpg themselves) for a given server
+    db_password: SecretStr | None = None
     # None means AWS itself (boto3's default endpoint for the region).
     s3_endpoint: str | None
     aws_region: str = "us-east-1"
@@ -86,6 +97,22 @@ class Settings(BaseModel):
     aws_secret_access_key: SecretStr | None = None
     aws_session_token: SecretStr | None = None
 
+    @field_validator("db")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if value in ("sqlite", "postgres"):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme != "postgresql" or not parts.hostname:
+            raise ValueError("choose sqlite, postgres (a local PostgreSQL) or a server, postgresql://USER@HOST:PORT")
+        if parts.password is not None:
+            raise ValueError("the URL carries a password: put it in MERGEPLAN_DB_PASSWORD (or ~/.pgpass) instead, "
+                             "where it is never printed")
+        if parts.path.strip("/") or parts.query:
+            raise ValueError("name the server alone, postgresql://USER@HOST:PORT: MLflow and Prefect use its "
+                             "databases mlflow and prefect")
+        return value.rstrip("/")
+
     @model_validator(mode="before")
     @classmethod
     def _local_defaults(cls, data: Any) -> Any:
@@ -114,7 +141,9 @@ class Settings(BaseModel):
         return cls(**values)
 
     def is_local(self, service: str) -> bool:
-        """Whether SERVICE (s3, mlflow, prefect, webhook) is the loopback one that `mergeplan up` runs."""
+        """Whether SERVICE (s3, postgres, mlflow, prefect, webhook) is the loopback one that `mergeplan up` runs."""
+        if service == "postgres":
+            return self.db == "postgres"
         return getattr(self, URL_FIELDS[service]) == local_url(service, getattr(self, f"{service}_port"))
 
     @property
@@ -154,12 +183,27 @@ class Settings(BaseModel):
         """Where the local SeaweedFS server keeps every object."""
         return self.state_dir / "s3"
 
+    @property
+    def postgres_data_dir(self) -> Path:
+        """The local PostgreSQL cluster (MERGEPLAN_DB=postgres)."""
+        return self.state_dir / "postgres"
+
 
 def resolve_webhook_secret(settings: Settings) -> str:
     """MERGEPLAN_WEBHOOK_SECRET, or a random secret generated once and kept (mode 0600) in the stack folder."""
     if settings.webhook_secret is not None:
         return settings.webhook_secret.get_secret_value()
     return _kept_secret(settings.stack_dir / "webhook-secret", lambda: secrets.token_urlsafe(32))
+
+
+def resolve_db_password(settings: Settings) -> str | None:
+    """MERGEPLAN_DB_PASSWORD; else, for the local cluster, a password generated once and kept (mode 0600) in the
+    stack folder; else None: libpq and asyncpg then look in ~/.pgpass themselves."""
+    if settings.db_password is not None:
+        return settings.db_password.get_secret_value()
+    if settings.db == "postgres":
+        return _kept_secret(settings.stack_dir / "postgres-password", lambda: secrets.token_urlsafe(32))
+    return None
 
 
 def resolve_mlflow_encryption_key(settings: Settings, environ: Mapping[str, str] | None = None) -> str:

