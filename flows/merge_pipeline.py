@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.conclusion import Outcome, conclude, eval_job, job_params, score_metrics
+from flows.conclusion import Outcome, conclude, job_params, score_metrics
 from flows.inputs import fetch_data, fetch_many, merge_job, run_tags, start_flow
 from flows.pipeline_config import PipelineConfig
+from flows.runtime import needing
 from tasks.caching import fresh
-from tasks.evaluate import evaluate_merged
+from tasks.evaluate import MergeAndEvaluate, merge_and_evaluate
 from tasks.fetch import LocalCheckpoint
 from tasks.merge import MergeJob, merge_full
 from tasks.tracking import MERGE_KEY_TAG, NestedRun, log_nested_runs, tracked_run
@@ -22,14 +23,19 @@ FLOW_NAME = "merge-pipeline"
 
 
 def measure_prefixes(run_id: str, job: MergeJob, data: LocalCheckpoint, config: PipelineConfig) -> None:
-    """Nested runs for the first k experts, k in law.prefix_points below the full count: points for the law."""
+    """Nested runs for the first k experts, k in law.prefix_points below the full count: points for the law. Each
+    is merged and evaluated on one worker (on a GPU worker when its calibration asks for cuda)."""
     ks = [k for k in config.law.prefix_points if k < len(job.experts)]
-    prefixes = [merge_job(config, job.base, job.experts[:k], data) for k in ks]
-    merged = [future.result() for future in [fresh(merge_full, job).submit(job) for job in prefixes]]
-    scores = [future.result() for future in evaluate_merged.map([eval_job(m, data, config) for m in merged])]
-    runs = [NestedRun(name=f"k={len(prefix.experts)}", params=job_params(prefix, data),
-                      metrics=score_metrics(score, len(prefix.experts)), tags={MERGE_KEY_TAG: model.key})
-            for prefix, model, score in zip(prefixes, merged, scores, strict=True)]
+    prefixes = [MergeAndEvaluate(merge=merge_job(config, job.base, job.experts[:k], data), data=data,
+                                 evaluation=config.eval.model_dump(mode="json")) for k in ks]
+    futures = []
+    for prefix in prefixes:
+        with needing(prefix.merge.resources):
+            futures.append(merge_and_evaluate.submit(prefix))
+    measured = [future.result() for future in futures]
+    runs = [NestedRun(name=f"k={prefix.k}", params=job_params(prefix.merge, data),
+                      metrics=score_metrics(result.scores, prefix.k), tags={MERGE_KEY_TAG: result.model.key})
+            for prefix, result in zip(prefixes, measured, strict=True)]
     if runs:
         log_nested_runs(run_id, config.experiment_name, run_tags(config, FLOW_NAME), runs)
 

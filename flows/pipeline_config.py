@@ -21,6 +21,7 @@ Relative paths are taken from the YAML file's folder. Errors are one line naming
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,14 +88,25 @@ class ChampionRule(BaseModel):
 
 
 class RunnerSettings(BaseModel):
-    """Where tasks run: threads in the flow's process, or a Dask cluster (a new LocalCluster or a scheduler)."""
+    """Where tasks run: threads in the flow's process, or a Dask cluster (a new LocalCluster or a scheduler, which
+    deals the tasks to whichever of its workers is free)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["threads", "dask"] = "threads"
     max_workers: int | None = Field(None, ge=1)  # threads
     address: str | None = None  # dask: tcp://HOST:PORT of a running scheduler
-    n_workers: int = Field(2, ge=1)  # dask: workers of a new LocalCluster; with address, tasks per sweep method
-    threads_per_worker: int = Field(1, ge=1)
+    n_workers: int = Field(2, ge=1)  # dask: workers of a new LocalCluster (a scheduler has the workers it has)
+    threads_per_worker: int = Field(1, ge=1)  # dask: of a new LocalCluster
+    # dask with address: how often a run whose tasks wait for a resource no worker declares (GPU) says so
+    report_waits_s: float = Field(60.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        if address is not None and not re.fullmatch(r"tcp://[^\s/]+:\d+", address):
+            raise ValueError(f"{address!r} is not a Dask scheduler address; write tcp://HOST:PORT (`dask scheduler` "
+                             "prints it)")
+        return address
 
     @model_validator(mode="after")
     def _dask_only(self) -> RunnerSettings:

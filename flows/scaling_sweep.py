@@ -1,7 +1,7 @@
-"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (tasks per method
-and share of the expert counts k, spread over the task runner's workers), fit the law on the joined table, and plan.
-One MLflow run with a nested run per merged subset; the sweep table, the fit and its plots and the plan are its
-artifacts.
+"""`scaling-sweep`: merge and evaluate subsets of the base's experts with each method of `sweep:` (a task per
+subset, dealt to the task runner's workers), fit the law on the table of their rows, and plan. One MLflow run with
+a nested run per merged subset; the sweep table, the fit and its plots and the plan are its artifacts. A sweep run
+again after a failure measures only the subsets it had not finished (each subset's rows are a cached task result).
 
 Run as a script with a Dask runner, this module needs its `if __name__ == "__main__"` guard: Dask's worker
 processes import the main module again.
@@ -16,15 +16,14 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.inputs import run_tags, start_flow
-from flows.pipeline_config import PipelineConfig, RunnerSettings, load_pipeline_config
+from flows.pipeline_config import PipelineConfig, load_pipeline_config
 from flows.runtime import configured, prefect_api
 from infra.settings import Settings
 from merging.scaling_law.advice import PlanRequest, plan_from_fit
 from merging.scaling_law.sweep_curves import MACRO
-from merging.sweep.table import read_table
 from tasks.caching import fresh
 from tasks.fetch import data_ref
-from tasks.sweep import FitJob, SweepFit, SweepPart, SweepTable, fit_tables, sweep_method
+from tasks.sweep import FitJob, SweepFit, SweepMerge, fit_tables, release_family, sweep_jobs, sweep_merge
 from tasks.tracking import DECISION_TAG, REASON_TAG, NestedRun, json_tag, log_nested_runs, log_run, tracked_run
 
 FLOW_NAME = "scaling-sweep"
@@ -38,26 +37,16 @@ class SweepOutcome(BaseModel):
     plan: dict[str, str]  # method -> sentence
 
 
-def k_shares(runner: RunnerSettings, ks: list[int]) -> list[list[int]]:
-    """The expert counts of each task of one method's sweep. Every task holds all the experts' task vectors, so
-    threads get one task per method; a Dask cluster gets one per worker (a worker fetches its own inputs), with k
-    dealt round-robin so that the shares cost about the same."""
-    shares = 1 if runner.kind == "threads" else runner.n_workers
-    return [ks[start::shares] for start in range(min(shares, len(ks)))]
-
-
-def merge_runs(tables: list[SweepTable]) -> list[NestedRun]:
+def merge_runs(merges: list[SweepMerge]) -> list[NestedRun]:
     """One nested run per merged subset: its CE per domain and their macro mean."""
-    merges: dict[tuple[str, str], dict] = {}
-    for table in tables:
-        columns = read_table(table.path)
-        for row in (dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)):
-            merge = merges.setdefault((row["method"], row["subset"]), {"k": row["k"], "ce": {}})
-            merge["ce"][row["domain"]] = row["ce"]
-    return [NestedRun(name=f"{method} {subset}", params={"method": method, "subset": subset, "k": merge["k"]},
-                      metrics={"experts": merge["k"], "macro_ce": sum(merge["ce"].values()) / len(merge["ce"])}
-                      | {f"ce.{domain}": ce for domain, ce in merge["ce"].items()})
-            for (method, subset), merge in merges.items()]
+    runs = []
+    for merge in merges:
+        method, subset, k = (merge.rows[0][name] for name in ("method", "subset", "k"))
+        ce = {row["domain"]: row["ce"] for row in merge.rows}
+        runs.append(NestedRun(name=f"{method} {subset}", params={"method": method, "subset": subset, "k": k},
+                              metrics={"experts": k, "macro_ce": sum(ce.values()) / len(ce)}
+                              | {f"ce.{domain}": value for domain, value in ce.items()}))
+    return runs
 
 
 def plan_markdown(plan: dict[str, str], fit: SweepFit) -> str:
@@ -74,28 +63,25 @@ def scaling_sweep(config: PipelineConfig) -> SweepOutcome:
     sweep = config.sweep
     tags = run_tags(config, FLOW_NAME)
     with tracked_run(config.experiment_name, f"sweep {'+'.join(sweep.methods)} M={len(experts)}", tags) as run_id:
-        data = data_ref(config.data, settings)
-        ks = list(sweep.ks or range(1, len(experts) + 1))
-        parts = [SweepPart(base=base, experts=experts, data=data, method=method,
-                           settings=sweep.model_dump(mode="json", exclude={"methods"}) | {"ks": part_ks})
-                 for method in sweep.methods for part_ks in k_shares(config.runner, ks)]
-        tables = [future.result() for future in [fresh(sweep_method, part).submit(part) for part in parts]]
+        jobs = sweep_jobs(base, experts, data_ref(config.data, settings), sweep)
+        swept = [future.result() for future in [sweep_merge.submit(job) for job in jobs]]
+        release_family()
         clock.lap("sweep")
-        job = FitJob(tables=tables, settings={"seed": config.seed})
+        job = FitJob(merges=swept, settings={"seed": config.seed})
         fit = fresh(fit_tables, job)(job)
         clock.lap("fit")
         request = PlanRequest(target_loss=config.law.target_loss, epsilon=config.law.epsilon,
                               min_gain=config.law.min_gain)
         plan = {line.method: line.sentence for line in plan_from_fit(fit.fit, request)}
-        merges = merge_runs(tables)
+        merges = merge_runs(swept)
         log_nested_runs(run_id, config.experiment_name, tags | {"mergeplan.sweep_merge": "true"}, merges)
         clock.lap("log")
         metrics = {f"law.{row['method']}.{name}": row[name] for row in fit.summary if row["domain"] == MACRO
                    for name in ("floor", "amplitude", "offset", "r_squared")}
         metrics |= {f"stage.{stage}.seconds": seconds for stage, seconds in clock.seconds.items()}
-        for part, table in zip(parts, tables, strict=True):
-            key = f"stage.sweep.{part.method}.compute_seconds"
-            metrics[key] = metrics.get(key, 0.0) + table.cost.seconds
+        for sweep_job, merge in zip(jobs, swept, strict=True):
+            key = f"stage.sweep.{sweep_job.method}.compute_seconds"
+            metrics[key] = metrics.get(key, 0.0) + merge.cost.seconds + merge.load_seconds
         metrics |= {"merges": len(merges), "flow.seconds": clock.total}
         decision = plan.get(config.method, next(iter(plan.values())))
         log_run(run_id, params={"methods": ",".join(sweep.methods), "design": sweep.design,

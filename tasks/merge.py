@@ -27,13 +27,14 @@ from infra.settings import Settings
 from merging.calibration.coefficients import COEFFICIENTS_FILE
 from merging.config import ExpertRef, MergeConfig
 from merging.merger import add_experts, merge
-from merging.methods.registry import methods_of_kind
+from merging.methods.registry import is_calibrated, methods_of_kind
 from tasks.caching import RESULT_SERIALIZER, content_cache, content_hash, tree_hash
-from tasks.fetch import LocalCheckpoint
+from tasks.fetch import LocalCheckpoint, local_copy
 from tasks.retrying import IO_TASK_OPTIONS
 from tasks.stages import StageCost, measured
 
 log = logging.getLogger("mergeplan")
+GPU = "GPU"  # the Dask worker resource of a GPU: `dask worker ADDRESS --resources GPU=1`
 
 
 def merge_folder(key: str) -> Path:
@@ -100,6 +101,22 @@ class MergeJob(BaseModel):
 
     def extended(self, expert: LocalCheckpoint) -> MergeJob:
         return self.model_copy(update={"experts": [*self.experts, expert]})
+
+    @property
+    def resources(self) -> dict[str, float]:
+        """The Dask worker resources the merge needs: a GPU when its calibration asks for a cuda device."""
+        device = str(self.params.get("device", "auto"))
+        return {GPU: 1} if is_calibrated(self.method) and device.startswith("cuda") else {}
+
+    def fetched_here(self, data_there: Path, data_here: Path) -> MergeJob:
+        """This merge with its base and experts fetched to this machine's cache (a local folder stays as it is), and
+        its calibration files that lie in the evaluation data's copy DATA_THERE (where the job was made) read from
+        this machine's copy DATA_HERE: how a task on any Dask worker gets the job's inputs."""
+        calibration = {name: data_here / path.relative_to(data_there) if path.is_relative_to(data_there) else path
+                       for name, path in self.calibration.items()}
+        return self.model_copy(update={"base": local_copy(self.base.ref),
+                                       "experts": [local_copy(e.ref) for e in self.experts],
+                                       "calibration": calibration})
 
 
 def merged_coefficients(merge_key: str, s3_uri: str) -> tuple[Path | None, str]:

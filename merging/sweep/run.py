@@ -68,8 +68,7 @@ class SweepSettings(BaseModel):
     seed: int = 0
     flush_seconds: float = Field(30.0, ge=0, description="write the table at most this often while sweeping")
     workers: int = Field(1, ge=1, description="processes merging and evaluating subsets in parallel, 1 thread each")
-    ks: tuple[int, ...] | None = Field(None, description="only these expert counts (default every k = 1 … M): one "
-                                       "part of a sweep that is spread over machines")
+    ks: tuple[int, ...] | None = Field(None, description="only these expert counts (default every k = 1 … M)")
 
     @field_validator("ks")
     @classmethod
@@ -143,14 +142,18 @@ class SweepReport:
         return 60 * self.computed / self.seconds if self.seconds > 0 else float("nan")
 
 
+def planned_merges(pool_size: int, settings: SweepSettings) -> list[tuple[str, int, Subset]]:
+    """Every (method, k, subset) a sweep of a pool of POOL_SIZE experts measures, in order: methods as given, k
+    ascending, the design's subsets in its order."""
+    designs = design_subsets(settings.design, pool_size, settings.max_subsets, settings.seed)
+    return [(method, k, subset) for method in settings.methods for k, subsets in designs.items()
+            if settings.ks is None or k in settings.ks for subset in subsets]
+
+
 def sweep_groups(families: list[SizeFamily], settings: SweepSettings) -> list[Group]:
-    """Every (size, method, subset) to measure, in order: sizes as given, methods as given, k ascending."""
-    groups = []
-    for family in families:
-        designs = design_subsets(settings.design, len(family.experts), settings.max_subsets, settings.seed)
-        groups += [Group(family, method, k, subset) for method in settings.methods
-                   for k, subsets in designs.items() if settings.ks is None or k in settings.ks for subset in subsets]
-    return groups
+    """Every (size, method, subset) to measure, in order: sizes as given, then as planned_merges orders them."""
+    return [Group(family, method, k, subset) for family in families
+            for method, k, subset in planned_merges(len(family.experts), settings)]
 
 
 class _Sweep:
@@ -275,7 +278,7 @@ def _measure(family: SizeFamily, groups: list[Group], data: Path,
     if not groups:
         return
     if settings.workers == 1:
-        evaluator = _FamilyEvaluator(family, data, settings)
+        evaluator = FamilyEvaluator(family, data, settings)
         for group in groups:
             yield group, evaluator.rows(group)
         return
@@ -288,8 +291,12 @@ def _measure(family: SizeFamily, groups: list[Group], data: Path,
         pool.shutdown(cancel_futures=True)
 
 
-class _FamilyEvaluator:
-    """One size loaded for measuring: its task vectors, the base model whose weights are swapped, the eval data."""
+class FamilyEvaluator:
+    """One size loaded for measuring: its task vectors, the base model whose weights are swapped, the eval data.
+
+    A group's rows do not depend on the groups measured before it (every merged tensor is overwritten), so groups
+    may be measured in any order and spread over processes or machines: on the same hardware and torch build, the
+    table is the same bit for bit."""
 
     def __init__(self, family: SizeFamily, data: Path, settings: SweepSettings):
         self.family, self.settings = family, settings
@@ -326,14 +333,14 @@ class _FamilyEvaluator:
         return rows
 
 
-_worker_evaluator: _FamilyEvaluator | None = None  # one per worker process
+_worker_evaluator: FamilyEvaluator | None = None  # one per worker process
 
 
 def _start_worker(family: SizeFamily, data: Path, settings: SweepSettings) -> None:
     global _worker_evaluator
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it saves the table and stops the pool
     torch.set_num_threads(1)  # the workers are the parallelism; more threads each would oversubscribe the cores
-    _worker_evaluator = _FamilyEvaluator(family, data, settings)
+    _worker_evaluator = FamilyEvaluator(family, data, settings)
 
 
 def _worker_rows(group: Group) -> list[Row]:

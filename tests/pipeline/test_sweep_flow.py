@@ -11,7 +11,7 @@ from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config
 
 from flows.pipeline_config import RunnerSettings
 from flows.runtime import configured
-from flows.scaling_sweep import k_shares, scaling_sweep
+from flows.scaling_sweep import scaling_sweep
 from infra.s3 import expert_uri
 
 METHODS = ["average", "task_arithmetic"]
@@ -57,8 +57,3 @@ def test_mergeplan_run_runs_the_sweep_now_and_prints_the_plan(pipeline_env, pref
     assert [line.split(":")[0] for line in lines[1:4]] == [*METHODS, "recommended"]
     assert lines[4].startswith("MLflow run ")
 
-
-def test_each_dask_worker_gets_a_share_of_the_expert_counts():
-    assert k_shares(RunnerSettings(), [1, 2, 3, 4, 5]) == [[1, 2, 3, 4, 5]]
-    assert k_shares(RunnerSettings(kind="dask", n_workers=2), [1, 2, 3, 4, 5]) == [[1, 3, 5], [2, 4]]
-    assert k_shares(RunnerSettings(kind="dask", n_workers=4), [1, 2]) == [[1], [2]]
