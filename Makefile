@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: demo test test-slow test-cluster test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean demo-real
+.PHONY: demo test test-slow test-cluster test-postgres test-mergekit test-real lint bench bench-equality zoo-real zoo-real-gemma clean demo-real
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: $(STAMP)
 # The production topology on loopback: a Dask scheduler and workers, Prefect work-pool workers, PostgreSQL.
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster
+
+# The pipeline tests (S3, MLflow, Prefect, flows) again with MLflow and Prefect on a local PostgreSQL cluster.
+test-postgres: $(STAMP)
+	MERGEPLAN_TEST_DB=postgres $(BIN)/python -m pytest -q tests/pipeline
 
 # mergeplan against mergekit itself on the same YAML files (mergekit in its own venv, run through its CLI).
 test-mergekit: $(STAMP) $(BENCH_STAMP)

@@ -213,17 +213,19 @@ def _deploy(args: argparse.Namespace) -> None:
 def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
     """Add the pipeline's commands to the top-level parser's COMMANDS."""
     stack_up = commands.add_parser(
-        "up", help="start the local stack on 127.0.0.1: S3 (SeaweedFS, on disk), MLflow, Prefect, webhook receiver",
+        "up", help="start the local stack on 127.0.0.1: S3 (SeaweedFS, on disk), PostgreSQL (MERGEPLAN_DB=postgres), "
+                   "MLflow, Prefect, webhook receiver",
         description="Starts each service not yet running, waits until healthy, creates the bucket and MLflow's "
                     "webhook; pids and logs in .mergeplan/stack/. Services given a remote URL are not started.",
         epilog=STACK_HELP)
     stack_up.add_argument("services", nargs="*", metavar="SERVICE",
-                          help="s3, mlflow, prefect, webhook (default: every one whose URL is local)")
+                          help="s3, postgres, mlflow, prefect, webhook (default: every one whose URL is local; "
+                               "postgres only with MERGEPLAN_DB=postgres)")
     stack_up.set_defaults(run=_up)
     stack_down = commands.add_parser("down", help="stop the local stack's processes (exactly those of `up`)",
                                      epilog=STACK_HELP)
     stack_down.add_argument("services", nargs="*", metavar="SERVICE",
-                            help="s3, mlflow, prefect, webhook (default: all)")
+                            help="s3, postgres, mlflow, prefect, webhook (default: all)")
     stack_down.set_defaults(run=_down)
     stack_status = commands.add_parser("status", help="each service: running, pid, healthy, address",
                                        epilog=STACK_HELP)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +45,21 @@ def stack_settings(state_dir: Path, **overrides) -> Settings:
               "aws_access_key_id": SecretStr(ACCESS_KEY), "aws_secret_access_key": SecretStr(SECRET_KEY),
               "webhook_secret": SecretStr(WEBHOOK_SECRET), "startup_timeout_s": 180}
     return Settings(**fields | overrides)
+
+
+@contextlib.contextmanager
+def postgres_reachable_folder(fallback: Path) -> Iterator[Path]:
+    """A folder for a stack's state that the database server's user can enter: as root, PostgreSQL runs as the
+    `postgres` user, to whom pytest's own folders (mode 0700) are closed. Else FALLBACK."""
+    if os.geteuid() != 0:
+        yield fallback
+        return
+    root = Path(tempfile.mkdtemp(prefix="mergeplan-postgres-test-"))
+    root.chmod(0o711)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def one_tensor_checkpoint(folder: Path, megabytes: int, seed: int = 0) -> Path:

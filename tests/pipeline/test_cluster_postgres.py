@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
-from mlops_support import free_port, stack_settings
+from mlops_support import free_port, postgres_reachable_folder, stack_settings
 from pipeline_support import BASE, PIPELINE_DOMAINS, pipeline_config, store_zoo
 
 from infra import postgres, stack
@@ -42,17 +40,8 @@ FINISHED_STAGES = ("fetch", "merge", "add", "evaluate", "upload", "fit")
 
 @pytest.fixture(scope="module")
 def state_root(tmp_path_factory) -> Iterator[Path]:
-    """A folder for the stack's state that the server's user can enter: as root, PostgreSQL runs as the `postgres`
-    user, to whom pytest's own folders (mode 0700) are closed."""
-    if os.geteuid() != 0:
-        yield tmp_path_factory.mktemp("postgres-stack")
-        return
-    root = Path(tempfile.mkdtemp(prefix="mergeplan-postgres-test-"))
-    root.chmod(0o711)
-    try:
+    with postgres_reachable_folder(tmp_path_factory.mktemp("postgres-stack")) as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
