@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true",
                         help="the calibrated section runs each method at the product's defaults (params: {} but the "
                              "family: γ auto, ᾱ 0.3, 1 epoch), rows labelled 'METHOD (product defaults)'")
+    parser.add_argument("--with", dest="extra", type=json.loads, default={},
+                        help="JSON params added to every calibrated merge, named in its row's label, e.g. "
+                             "'{\"init\": \"auto\"}' with --defaults: 'METHOD (product defaults, init=auto)'")
     parser.add_argument("--ceiling-family", choices=("tensor", "rank"), default="tensor",
                         help="the ceiling section's coefficients: one per (tensor, expert) or per LoRA component")
     parser.add_argument("--curve-samples", default="1,2,5,10", help="the curves section's samples per domain")
@@ -177,7 +180,7 @@ def main() -> None:
                         help="main (references, training-free), select (epoch curve and choice), gamma (γ choice), "
                              "calibrated (EM, EM++, AdaMerging over seeds), paired, matrix, curves (EM++ sample "
                              "count and gamma), ceiling (α fit to the labels of the --tune-examples); rows are added "
-                             "to an existing results.json")
+                             "to an existing results.json (main keeps the rows it has: delete one to remeasure)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -215,31 +218,35 @@ def main() -> None:
     def calibrated_label(method: str, family: str = "") -> str:
         gamma = pull(method).get("gamma")
         named = f"{method} ({family})" if family else method
+        extra = "".join(f", {key}={value}" for key, value in args.extra.items())
         if args.defaults:
-            return f"{named} (product defaults)"
-        return f"{named} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'})"
+            return f"{named} (product defaults{extra})"
+        return f"{named} (ᾱ={tuned_lambda()}, {epochs()} epochs{'' if gamma is None else f', γ={gamma}'}{extra})"
 
     def calibrated(method: str, params: dict, label: str, accuracy: bool = True) -> None:
-        results, seconds, memory, gammas = [], [], [], []
+        results, seconds, memory, gammas, inits = [], [], [], [], []
         params = params if args.defaults else {"init": tuned_lambda(), **params}
         family = "-rank" if params.get("coefficients") == "rank" else ""
+        family += "".join(f"-{key}-{value}" for key, value in args.extra.items())
         for seed in seeds:
             started = time.perf_counter()
             folder, report = bench.merge_in_child(f"{method}{family}-{seed}", method, params, seed)
             seconds.append(report["seconds"])
             memory.append(report["peak_memory_mb"])
             gammas.append((report.get("gamma_choice") or {}).get("chosen"))
+            inits.append((report.get("init_choice") or {}).get("chosen"))
             results.append(bench.evaluate(folder, accuracy=accuracy))
             print(f"    {label} seed {seed}: calibration {report['seconds']:.1f} s, peak RSS "
                   f"{report['peak_memory_mb']:.0f} MB, merge {time.perf_counter() - started:.1f} s, "
                   f"γ {report['params'].get('gamma')}{' (auto)' if gammas[-1] is not None else ''}", flush=True)
         record(label, results, method=method, params=params,
                calibration_seconds=statistics.median(seconds), calibration_seconds_all=seconds,
-               peak_memory_mb=max(memory), **({"gamma_chosen": gammas} if any(g is not None for g in gammas) else {}))
+               peak_memory_mb=max(memory), **({"gamma_chosen": gammas} if any(g is not None for g in gammas) else {}),
+               **({"init_chosen": inits} if any(i is not None for i in inits) else {}))
 
     for section in sections:
         if section == "main":
-            main_rows(bench, seeds, record)
+            main_rows(bench, seeds, record, rows)
         elif section == "select":
             curve, allowed = ([int(e) for e in text.split(",")] for text in (args.curve_epochs, args.select_epochs))
             rows["epoch selection"] = select_epochs(bench, tuned_lambda(), curve, allowed, pull("expert_merging"))
@@ -256,7 +263,7 @@ def main() -> None:
                                  f"{':rank, '.join(RANK_FAMILY)}:rank)")
                 coefficients = {"coefficients": family} if family else {}
                 chosen = {} if args.defaults else {"epochs": epochs(), **pull(method)}
-                calibrated(method, {**chosen, **coefficients}, calibrated_label(method, family))
+                calibrated(method, {**chosen, **coefficients, **args.extra}, calibrated_label(method, family))
         elif section == "paired":
             labels = [calibrated_label(m) for m in CALIBRATED] + [calibrated_label(m, "rank") for m in RANK_FAMILY]
             rows["paired differences"] = paired_rows(rows, labels)
@@ -283,22 +290,31 @@ def main() -> None:
     print(f"wrote {results_path}")
 
 
-def main_rows(bench: Bench, seeds: list[int], record) -> None:
-    record("base", [bench.evaluate(bench.zoo / "base")])
-    own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
-    record("each expert on its own domain", [EvalResult("experts", "eval", [r.domains[0] for r in own])])
-    if (bench.zoo / "mixture").is_dir():
-        record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
-    else:
+def main_rows(bench: Bench, seeds: list[int], record, rows: dict) -> None:
+    """The references and the tuned training-free methods; a row (or method) already in ROWS, from an earlier run
+    that stopped, is kept, not measured again."""
+    done = set(rows) | {row.get("method") for row in rows.values()}
+    if "base" not in done:
+        record("base", [bench.evaluate(bench.zoo / "base")])
+    if "each expert on its own domain" not in done:
+        own = [bench.evaluate(folder, domains=[folder.name]) for folder in bench.experts]
+        record("each expert on its own domain", [EvalResult("experts", "eval", [r.domains[0] for r in own])])
+    if not (bench.zoo / "mixture").is_dir():
         print(f"  {bench.zoo / 'mixture'}: not built (the zoo build stopped before it); no mixture row", flush=True)
-    record("average", [bench.evaluate(bench.merge("average", "average", {}))], method="average", params={})
+    elif "mixture (multitask training)" not in done:
+        record("mixture (multitask training)", [bench.evaluate(bench.zoo / "mixture")])
+    if "average" not in done:
+        record("average", [bench.evaluate(bench.merge("average", "average", {}))], method="average", params={})
     for method in ("task_arithmetic", "ties"):
-        params, folder = bench.tune(method)
-        record(label(method, params), [bench.evaluate(folder)], method=method, params=params)
-    params, folder = bench.tune("dare_ties", seeds[0])
-    dare = [bench.evaluate(folder if seed == seeds[0] else bench.merge(f"dare_ties-{seed}", "dare_ties", params, seed))
-            for seed in seeds]
-    record(label("dare_ties", params), dare, method="dare_ties", params=params)
+        if method not in done:
+            params, folder = bench.tune(method)
+            record(label(method, params), [bench.evaluate(folder)], method=method, params=params)
+    if "dare_ties" not in done:
+        params, folder = bench.tune("dare_ties", seeds[0])
+        dare = [bench.evaluate(folder if seed == seeds[0] else bench.merge(f"dare_ties-{seed}", "dare_ties", params,
+                                                                           seed))
+                for seed in seeds]
+        record(label("dare_ties", params), dare, method="dare_ties", params=params)
 
 
 def label(method: str, params: dict) -> str:
