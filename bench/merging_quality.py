@@ -168,7 +168,8 @@ def main() -> None:
                              "'expert_merging (rank) (...)'")
     parser.add_argument("--defaults", action="store_true",
                         help="the calibrated section runs each method at the product's defaults (params: {} but the "
-                             "family: γ auto, ᾱ 0.3, 1 epoch), rows labelled 'METHOD (product defaults)'")
+                             "family: γ auto, ᾱ auto (AdaMerging 0.3), 1 epoch), rows labelled 'METHOD (product "
+                             "defaults)'")
     parser.add_argument("--with", dest="extra", type=json.loads, default={},
                         help="JSON params added to every calibrated merge, named in its row's label, e.g. "
                              "'{\"init\": \"auto\"}' with --defaults: 'METHOD (product defaults, init=auto)'")

@@ -27,8 +27,9 @@ def choose_init(params: CalibrationParams, samples: list[Sample], unsupported: s
     here (blockwise mode has no whole model), or is None."""
     if params.init != "auto":
         return params, None
-    if unsupported is not None:
-        log.warning("init: auto: %s; using ᾱ = %g", unsupported, FALLBACK_INIT)
+    if unsupported is not None:  # a warning when asked for; the default's fallback is only noted
+        report = log.warning if "init" in params.model_fields_set else log.info
+        report("init: auto: %s; using ᾱ = %g", unsupported, FALLBACK_INIT)
         return params.model_copy(update={"init": FALLBACK_INIT}), {
             "chosen": FALLBACK_INIT, "fallback": unsupported, "ce": {}}
     held = held_out_split(samples, params.holdout)[1] or samples

@@ -23,7 +23,7 @@ class CalibrationParams(MethodParams):
 
     samples_per_expert: int = Field(8, gt=0, description="calibration samples drawn per expert (seeded)")
     init: float | Literal["auto"] = Field(
-        0.3, description="ᾱ: every coefficient starts here; the L1 pull aims here. auto: the Task Arithmetic λ of "
+        "auto", description="ᾱ: every coefficient starts here; the L1 pull aims here. auto: the Task Arithmetic λ of "
         "init_grid whose merge has the lowest CE on the held-out calibration samples (the paper's ᾱ is the TA "
         "coefficient)")
     init_grid: list[Coefficient] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 0.9], min_length=1,
@@ -151,6 +151,8 @@ class AdaMergingParams(CalibrationParams):
     """`params:` of adamerging: layer-wise α = clamp(r, 0, 1) that minimise the entropy of the merged model's
     next-token predictions on the same unlabeled samples; no teachers, no pull (AdaMerging, Yang et al. 2024)."""
 
+    init: float | Literal["auto"] = Field(0.3, description="every α starts here (the paper's 0.3); auto: as for "
+                                          "expert_merging")
     gamma: Gamma = Field(0.0, description="weight of an L1 pull towards init (AdaMerging has "
                                            "none); auto picks it as for expert_merging")
     hidden_layers: list[HiddenLayer] = Field(default_factory=list, description="unused: no teachers")

@@ -114,7 +114,10 @@ def test_a_calibrated_method_learns_on_the_data_calib_split_and_logs_its_coeffic
     tried = {float(g): ce for g, ce in choice["held_out_ce"].items()}
     assert choice["chosen"] == min(tried, key=tried.get) and len(tried) == 3
     assert all(metrics[f"calibration.held_out_ce.gamma_{g}"] == ce for g, ce in choice["held_out_ce"].items())
-    assert metrics["calibration.init"] == learned["params"]["init"] == 0.3 and learned["init_choice"] is None
+    # init: auto (the default) scored each λ of the grid on those held-out samples and started from the best
+    inits = {float(value): ce for value, ce in learned["init_choice"]["ce"].items()}
+    assert metrics["calibration.init"] == learned["params"]["init"] == min(inits, key=inits.get) and len(inits) == 6
+    assert all(metrics[f"calibration.ce.init_{value}"] == ce for value, ce in learned["init_choice"]["ce"].items())
     nested = client.search_runs([client.get_run(outcome.run_id).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{outcome.run_id}'")
     assert [r.data.params["experts"] for r in nested] == ["algebra,analysis"]  # the prefix learns on its own two

@@ -109,3 +109,20 @@ def test_a_negative_gamma_in_the_grid_is_refused(em_config, tmp_path, run_cli):
     status, _, err = run_cli("merge", em_config(gamma_grid=[0.0, -1.0]), tmp_path / "m")
     assert status == 2 and "merge.yaml: params.gamma_grid: every γ must be >= 0" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_init_auto_is_expert_mergings_default_and_not_adamergings():
+    from merging.calibration.params import params_for
+
+    assert params_for("expert_merging")().init == params_for("expert_merging_pp")().init == "auto"
+    assert params_for("adamerging")().init == 0.3  # the paper's
+
+
+def test_the_default_init_falls_back_in_blockwise_mode_without_a_warning(em_config, tmp_path, run_cli, caplog):
+    with caplog.at_level(logging.INFO, logger="mergeplan"):
+        status, _, err = run_cli("merge", em_config(mode="blockwise", gamma=0.8), tmp_path / "m")
+    assert status == 0, err
+    report = json.loads((tmp_path / "m" / "calibration.json").read_text())
+    assert report["init_choice"]["chosen"] == report["params"]["init"] == 0.3
+    notes = [r for r in caplog.records if r.getMessage().startswith("init: auto: mode blockwise")]
+    assert [r.levelno for r in notes] == [logging.INFO]
