@@ -19,6 +19,7 @@ from typing import Any
 import dask
 from distributed import KilledWorker, get_worker
 from distributed.client import FutureCancelledError
+from distributed.comm.core import CommClosedError
 from prefect import Flow
 from prefect.context import FlowRunContext
 from prefect.logging.loggers import flow_run_logger
@@ -76,8 +77,9 @@ class _ClusterFuture(PrefectDaskFuture):
     def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
         try:
             return super().result(timeout=timeout, raise_on_failure=raise_on_failure)
-        except FutureCancelledError as exc:
-            if exc.reason != "scheduler-connection-lost":
+        except (FutureCancelledError, CommClosedError) as exc:
+            # the loss shows as a cancelled future, or (when it drops while results are gathered) a closed comm
+            if isinstance(exc, FutureCancelledError) and exc.reason != "scheduler-connection-lost":
                 raise
             raise StackError(f"the Dask scheduler at {self.scheduler} went away mid-run; start it and its workers "
                              "again and rerun: tasks that finished come back from the cache") from None
