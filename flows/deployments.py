@@ -4,10 +4,11 @@ its own process, `mergeplan deploy` registers them to a Prefect process work poo
 
 Schedules and event triggers need a Prefect server (`mergeplan up` starts one); the ephemeral API runs neither.
 
-A worker's flow-run process imports its deployment's entrypoint, a module path; the flows it names here
-(WORKER_ENTRYPOINTS) are configured there as `serve` configures them in-process (flows.runtime.configured): the task
-runner the deployment names in its job variables (RUNNER_ENV, the only variable it sets), results under the state
-folder of the worker's own settings. Everything else the flow-run process needs (MERGEPLAN_*, the credentials) it
+A flow-run process (of `serve` or of a worker) imports its deployment's entrypoint, a module path; the flows it names
+here (WORKER_ENTRYPOINTS) are configured there (flows.runtime.configured): the task runner named by RUNNER_ENV (the
+deployment's one job variable on a pool; set by `serve` in its own environment), results under the state folder of
+that process's settings. (Loaded from its file instead, a served flow would persist its results in Prefect's default
+storage, ~/.prefect/storage, shared by every state folder on the machine.) Everything else the flow-run process needs (MERGEPLAN_*, the credentials) it
 inherits from the worker's environment: no secret is stored in the deployment. docs/production-workers.md.
 
 A run whose process dies with its machine stays Running in Prefect: `deploy` adds two automations that find it by
@@ -89,16 +90,18 @@ def pipeline_deployments(config: PipelineConfig, settings: Settings, cron: str =
     One run at a time of each (the others wait): two experts registered together are added one after the other,
     the second to the champion the first left, not both to the same one."""
     parameters = {"config": config.as_parameters()}
-    placement = {} if pool is None else {"work_pool_name": pool, "entrypoint_type": EntrypointType.MODULE_PATH,
-                                         "job_variables": {"env": {RUNNER_ENV: config.runner.model_dump_json()}}}
+    # Served or pooled, a flow run's process imports the flow by module path, configured there from its environment
+    # (task runner, result storage under the state folder): the flow's own file would give Prefect's default storage.
+    placement = {"entrypoint_type": EntrypointType.MODULE_PATH} if pool is None else {
+        "work_pool_name": pool, "entrypoint_type": EntrypointType.MODULE_PATH,
+        "job_variables": {"env": {RUNNER_ENV: config.runner.model_dump_json()}}}
     new_expert = configured(on_new_expert, config.runner, settings).to_deployment(
         name=config.base.name, parameters=parameters, triggers=[expert_trigger(config.base.name)], concurrency_limit=1,
         description=f"Merge each new expert of {config.base.name} into the champion", **placement)
     sweep = configured(scaling_sweep, config.runner, settings).to_deployment(
         name=config.base.name, parameters=parameters, cron=cron, concurrency_limit=1,
         description=f"Sweep subsets of {config.base.name}'s experts and refit the law", **placement)
-    if pool is not None:
-        new_expert.entrypoint, sweep.entrypoint = worker_entrypoint(on_new_expert), worker_entrypoint(scaling_sweep)
+    new_expert.entrypoint, sweep.entrypoint = worker_entrypoint(on_new_expert), worker_entrypoint(scaling_sweep)
     return [new_expert, sweep]
 
 
@@ -108,6 +111,7 @@ def serve_pipeline(config: PipelineConfig, settings: Settings, cron: str = NIGHT
     otherwise, merge the registered experts whose events no run took while nothing was serving (flows.reconcile)."""
     if reconcile_first:
         configured(reconcile, config.runner, settings)(config)
+    os.environ[RUNNER_ENV] = config.runner.model_dump_json()  # the flow-run processes inherit it (a worker's: above)
     serve(*pipeline_deployments(config, settings, cron), print_starting_message=True)
 
 

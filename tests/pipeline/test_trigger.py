@@ -25,6 +25,7 @@ from infra.registry import WEBHOOK_NAME, ensure_webhook, mlflow_client
 from infra.settings import local_url
 from infra.webhook import WebhookServer, prefect_emitter
 from mergeplan.pipeline_demo import wait_until
+from tasks.caching import result_storage
 
 
 def served_deployment(api_url: str, name: str):
@@ -88,3 +89,6 @@ def test_registering_an_expert_runs_on_new_expert_and_logs_its_decision(pipeline
     assert run.data.tags["mergeplan.reason"].startswith(run.data.tags["mergeplan.decision"])
     assert run.data.tags["mergeplan.incremental"] == "true"
     assert run.data.params["expert.discrete.sha256"] == added.sha256
+    # the served flow run kept its task results under the state folder, not in Prefect's default storage
+    assert (result_storage(pipeline_env) / f"fetch-checkpoint-{added.sha256}").is_file()
+    assert not list((tmp_path / "prefect").glob("storage/fetch-checkpoint-*"))
