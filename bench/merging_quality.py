@@ -396,7 +396,7 @@ def supervised_ceiling(bench: Bench, init: float, family: str, epochs: int = 8) 
     import torch
 
     from merging.calibration import CalibrationParams, Coefficients, calibrated_tensors
-    from merging.calibration.components import component_experts, per_component, ranks_of
+    from merging.calibration.components import component_experts, per_component, pull_weights, ranks_of
     from merging.calibration.expert_merging import (
         MergedModel,
         Student,
@@ -437,7 +437,8 @@ def supervised_ceiling(bench: Bench, init: float, family: str, epochs: int = 8) 
     components = component_experts(layout.sources, experts) if family == "rank" else {}
     per_tensor = torch.full((experts, 1), start)
     coefficients = TrainableCoefficients(
-        {n: per_component(per_tensor, components[n]) if n in components else per_tensor for n in names}, {})
+        {n: per_component(per_tensor, components[n]) if n in components else per_tensor for n in names}, {},
+        pull={n: pull_weights(of) for n, of in components.items()})  # γ is 0: it only counts components as one
     params = CalibrationParams(init=init, gamma=0.0, lr=0.05, weight_decay=0.0, epochs=epochs, grad_clip=None,
                                min_lr_ratio=1.0)
     report = train_stage("ceiling", coefficients, samples, student, [1.0] * len(bench.experts), params, seed=0)
