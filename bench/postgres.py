@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shutil
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import date
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -35,18 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("sqlite", "postgres")
 DOMAINS = ["algebra", "analysis", "biology"]
 BASE = "bench-base"
-
-
-@contextmanager
-def state_root() -> Iterator[Path]:
-    """A folder for both stacks' state; as root, PostgreSQL runs as the `postgres` user, who must be able to enter
-    it (a mkdtemp folder is mode 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="mergeplan-bench-postgres-"))
-    root.chmod(0o711)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def backend_settings(root: Path, backend: str):
@@ -198,7 +183,9 @@ def main() -> None:
         from merging.zoo.build import build_zoo
 
         build_zoo("tiny", zoo)
-    with state_root() as root:
+    from infra.postgres import enterable_temp_folder
+
+    with enterable_temp_folder("mergeplan-bench-postgres-") as root:
         text = report(measure(zoo, args.repeats, root), args.repeats)
     (args.workdir / "postgres.md").write_text(text)
     print(text)

@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,15 @@ def _reason(exc: Exception, settings: Settings) -> str:
     text = re.sub(r"^FATAL: +", "", text)
     password = resolve_db_password(settings)
     return text.replace(password, "***") if password else text
+
+
+@contextlib.contextmanager
+def enterable_temp_folder(prefix: str) -> Iterator[Path]:
+    """A new temporary folder the server's user can enter (mode 0711: as root, PostgreSQL runs as `postgres`, to whom a
+    mkdtemp folder, mode 0700, is closed), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o711)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

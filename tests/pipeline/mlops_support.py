@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from safetensors.torch import save_file
 
+from infra.postgres import enterable_temp_folder
 from infra.settings import S3_INTERNAL_PORTS, Settings
 from infra.stack import free_port_block
 from infra.webhook import EVENT_NAME
@@ -49,17 +48,13 @@ def stack_settings(state_dir: Path, **overrides) -> Settings:
 
 @contextlib.contextmanager
 def postgres_reachable_folder(fallback: Path) -> Iterator[Path]:
-    """A folder for a stack's state that the database server's user can enter: as root, PostgreSQL runs as the
-    `postgres` user, to whom pytest's own folders (mode 0700) are closed. Else FALLBACK."""
+    """A folder for a stack's state that the database server's user can enter: a new one when root (PostgreSQL then
+    runs as the `postgres` user, to whom pytest's own folders, mode 0700, are closed), else FALLBACK."""
     if os.geteuid() != 0:
         yield fallback
         return
-    root = Path(tempfile.mkdtemp(prefix="mergeplan-postgres-test-"))
-    root.chmod(0o711)
-    try:
+    with enterable_temp_folder("mergeplan-postgres-test-") as root:
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def one_tensor_checkpoint(folder: Path, megabytes: int, seed: int = 0) -> Path:
